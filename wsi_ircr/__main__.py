@@ -1,0 +1,3 @@
+from wsi_ircr.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""File input/output helpers shared by training, evaluation and the slide pipeline."""

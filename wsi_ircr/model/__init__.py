@@ -1,0 +1,1 @@
+"""IRCR-Net network, post-processing, checkpoints and batched inference (no training code)."""
