@@ -1,0 +1,134 @@
+"""Checkpoints that carry their own architecture, input mpp, post-processing and priors.
+
+A checkpoint is a ``torch.save`` dict (loadable with ``weights_only=True``)::
+
+    {"format": "wsi-ircr-checkpoint", "version": 1, "arch": "lite-s",
+     "model": state_dict, "mpp": 0.25, "postprocess": {...}, "priors": {...} | None,
+     "meta": {"config": ..., "data": ..., "metrics": ..., "versions": ...},
+     "train_state": {...} | None}   # optimiser, teacher, step: only in resumable files
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsi_ircr.errors import UserError
+from wsi_ircr.model.postprocess import PostProcessConfig
+
+FORMAT = "wsi-ircr-checkpoint"
+VERSION = 1
+BUNDLED_NAME = "ircr-monuseg-lite-s.pt"
+
+
+def bundled_model_path() -> Path:
+    """Path of the model shipped inside the package (trained on MoNuSeg; CC BY-NC-SA 4.0)."""
+    return Path(__file__).resolve().parent.parent / "weights" / BUNDLED_NAME
+
+
+def file_hash(path: Path) -> str:
+    """First 16 hex digits of the file's SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint; ``build()`` gives the network in eval mode on the CPU."""
+
+    arch: str
+    model_state: dict
+    mpp: float
+    postprocess: PostProcessConfig
+    priors: dict | None = None
+    meta: dict = field(default_factory=dict)
+    train_state: dict | None = None
+    path: Path | None = None
+    model_hash: str = ""
+
+    def build(self):
+        from wsi_ircr.model.net import build_model
+
+        net = build_model(self.arch)
+        try:
+            net.load_state_dict(self.model_state)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise UserError(f"{self.path}: weights do not fit architecture {self.arch!r} ({first})") from None
+        return net.eval()
+
+    def describe(self) -> dict[str, Any]:
+        """Short JSON-ready description for summaries and evaluation reports."""
+        return {
+            "path": str(self.path) if self.path else None,
+            "hash": self.model_hash,
+            "arch": self.arch,
+            "mpp": self.mpp,
+            "postprocess": dataclasses.asdict(self.postprocess),
+            "data": self.meta.get("data"),
+            "metrics": self.meta.get("metrics"),
+        }
+
+
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> str:
+    """Write ``checkpoint`` atomically to ``path``; return the file hash."""
+    import torch
+
+    from wsi_ircr.io.atomic import atomic_path
+
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "arch": checkpoint.arch,
+        "model": {k: v.detach().cpu() for k, v in checkpoint.model_state.items()},
+        "mpp": float(checkpoint.mpp),
+        "postprocess": dataclasses.asdict(checkpoint.postprocess),
+        "priors": checkpoint.priors,
+        "meta": checkpoint.meta,
+        "train_state": checkpoint.train_state,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return file_hash(Path(path))
+
+
+def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
+    """Load a checkpoint; ``None`` loads the bundled model. Not-ours files are ``UserError``s."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    from wsi_ircr.config import from_dict
+
+    path = Path(path) if path is not None else bundled_model_path()
+    if not path.exists():
+        raise UserError(f"{path}: model file not found; pass --model PATH to a wsi-ircr checkpoint (.pt)")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; pass --model PATH to a wsi-ircr checkpoint file (.pt)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as e:
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a readable wsi-ircr checkpoint ({reason}); train one with 'wsi-ircr train'") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path}: not a wsi-ircr checkpoint (no '{FORMAT}' header); train one with 'wsi-ircr train'")
+    if payload.get("version") != VERSION:
+        raise UserError(f"{path}: checkpoint version {payload.get('version')} is not supported (expected {VERSION}); upgrade wsi-ircr")
+    return Checkpoint(
+        arch=payload["arch"],
+        model_state=payload["model"],
+        mpp=float(payload["mpp"]),
+        postprocess=from_dict(PostProcessConfig, payload["postprocess"], f"{path}: postprocess"),
+        priors=payload.get("priors"),
+        meta=payload.get("meta") or {},
+        train_state=payload.get("train_state"),
+        path=path,
+        model_hash=file_hash(path),
+    )

@@ -1,0 +1,94 @@
+"""Batched NP/HV inference and segmentation of tiles and whole images."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from wsi_ircr.errors import UserError
+from wsi_ircr.model.checkpoint import Checkpoint
+from wsi_ircr.model.postprocess import instances_from_maps
+
+_ALIGN = 16
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is a ``UserError``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"--device {device}: expected auto, cpu or cuda")
+    return torch.device(device)
+
+
+def predict_maps_tensor(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``net`` on float (N, 3, H, W) in [0, 1]; pad to a multiple of 16 by reflection.
+
+    Returns nucleus probability (N, H, W) and HV (N, 2, H, W), float32.
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % _ALIGN, (-w) % _ALIGN
+    if ph or pw:
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        x = F.pad(x, (0, pw, 0, ph), mode=mode)
+    out = net(x)
+    prob = torch.softmax(out["np"].float(), dim=1)[:, 1, :h, :w]
+    return prob, out["hv"].float()[:, :, :h, :w]
+
+
+class Predictor:
+    """A checkpoint's network on a device, with its post-processing.
+
+    ``predict_maps`` / ``segment_tiles`` take uint8 (N, H, W, 3) RGB at ``self.mpp``.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, device: str = "auto", batch_size: int = 8):
+        self.checkpoint = checkpoint
+        self.device = resolve_device(device)
+        self.batch_size = batch_size
+        self.mpp = checkpoint.mpp
+        self.postprocess = checkpoint.postprocess
+        self.model_hash = checkpoint.model_hash
+        self.net = checkpoint.build().to(self.device).to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def predict_maps(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, H, W, 3) -> probability float32 (N, H, W), HV float32 (N, 2, H, W)."""
+        probs, hvs = [], []
+        use_amp = self.device.type == "cuda"
+        for start in range(0, len(tiles), self.batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(tiles[start : start + self.batch_size]))
+            x = batch.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                prob, hv = predict_maps_tensor(self.net, x)
+            probs.append(prob.cpu().numpy())
+            hvs.append(hv.cpu().numpy())
+        return np.concatenate(probs), np.concatenate(hvs)
+
+    def segment_tiles(self, tiles: np.ndarray) -> list[np.ndarray]:
+        """uint8 (N, H, W, 3) -> N int32 (H, W) instance maps."""
+        probs, hvs = self.predict_maps(tiles)
+        return [instances_from_maps(p, h, self.postprocess) for p, h in zip(probs, hvs)]
+
+    def segment_image(self, image: np.ndarray, window_px: int = 1024, overlap_px: int = 64) -> np.ndarray:
+        """uint8 (H, W, 3) -> int32 (H, W): maps from overlapping windows, one post-processing."""
+        h, w = image.shape[:2]
+        if h <= window_px and w <= window_px:
+            prob, hv = self.predict_maps(image[None])
+            return instances_from_maps(prob[0], hv[0], self.postprocess)
+        prob = np.zeros((h, w), np.float32)
+        hv = np.zeros((2, h, w), np.float32)
+        step = window_px - 2 * overlap_px
+        for r0 in range(0, h, step):
+            for c0 in range(0, w, step):
+                rr0, cc0 = max(r0 - overlap_px, 0), max(c0 - overlap_px, 0)
+                rr1, cc1 = min(r0 + step + overlap_px, h), min(c0 + step + overlap_px, w)
+                p, v = self.predict_maps(image[rr0:rr1, cc0:cc1][None])
+                r1, c1 = min(r0 + step, h), min(c0 + step, w)
+                prob[r0:r1, c0:c1] = p[0, r0 - rr0 : r1 - rr0, c0 - cc0 : c1 - cc0]
+                hv[:, r0:r1, c0:c1] = v[0, :, r0 - rr0 : r1 - rr0, c0 - cc0 : c1 - cc0]
+        return instances_from_maps(prob, hv, self.postprocess)
