@@ -1,0 +1,80 @@
+"""Supervised NP / HV losses (HoVer-Net) and the per-pixel consistency shared by MIAC and PIAC."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_SMOOTH = 1e-3
+
+
+def np_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft Dice on the nucleus channel plus cross-entropy.
+
+    Args:
+        logits: float (N, 2, H, W), channels (background, nucleus).
+        target: long (N, H, W), 1 = nucleus, 0 = background.
+        weight: optional float (N, H, W) pixel weights >= 0; a 0 removes a pixel from
+            both terms. Without it every pixel weighs 1.
+
+    Returns:
+        scalar: weighted mean CE + (1 - Dice), Dice over the whole batch as in HoVer-Net.
+    """
+    if weight is None:
+        weight = torch.ones_like(target, dtype=logits.dtype)
+    ce = F.cross_entropy(logits, target, reduction="none")
+    ce = (weight * ce).sum() / weight.sum().clamp_min(1e-8)
+    prob = torch.softmax(logits, dim=1)[:, 1]
+    tgt = target.to(prob.dtype)
+    inter = (weight * prob * tgt).sum()
+    denom = (weight * prob).sum() + (weight * tgt).sum()
+    dice = 1.0 - (2.0 * inter + _SMOOTH) / (denom + _SMOOTH)
+    return ce + dice
+
+
+def _sobel_kernels(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """HoVer-Net's ``size`` x ``size`` Sobel-like kernels, (2, 1, size, size): d/dx then d/dy.
+
+    Entry (i, j) of the x kernel is x / (x^2 + y^2) with x = j - size // 2 (columns) and
+    y = i - size // 2 (rows); the y kernel is its transpose. Both respond positively to
+    a map that increases along their axis (``conv2d`` is a correlation).
+    """
+    r = torch.arange(size, device=device, dtype=dtype) - size // 2
+    y, x = torch.meshgrid(r, r, indexing="ij")
+    norm = x * x + y * y + 1e-15
+    return torch.stack([x / norm, y / norm])[:, None]
+
+
+def hv_gradients(hv: torch.Tensor) -> torch.Tensor:
+    """d(h)/dx and d(v)/dy of HV maps (N, 2, H, W) by 5 x 5 Sobel, zero-padded: (N, 2, H, W)."""
+    kernels = _sobel_kernels(5, hv.device, hv.dtype)
+    return F.conv2d(hv, kernels, padding=2, groups=2)
+
+
+def hv_loss(pred: torch.Tensor, target: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+    """HoVer-Net HV loss: MSE over all pixels + MSGE (squared Sobel-gradient error) inside ``fg``.
+
+    Args:
+        pred, target: float (N, 2, H, W), channel 0 horizontal (x), 1 vertical (y), in [-1, 1].
+        fg: (N, H, W) nucleus mask (0/1 or soft weights) where the gradient term counts.
+
+    Returns:
+        scalar; the gradient term is 0 when ``fg`` is empty.
+    """
+    mse = torch.mean((pred - target) ** 2)
+    diff = (hv_gradients(pred) - hv_gradients(target)) ** 2
+    focus = fg.to(pred.dtype)[:, None]
+    msge = (focus * diff).sum() / (2.0 * focus.sum()).clamp_min(1e-8)
+    return mse + msge
+
+
+def consistency_map(student_out: dict[str, torch.Tensor], teacher_out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-pixel squared student-teacher difference, the teacher detached: float (N, H, W).
+
+    ``(p_s - p_t)^2 + ((h_s - h_t)^2 + (v_s - v_t)^2) / 2`` with p the softmax nucleus
+    probability of the ``"np"`` logits and h, v the ``"hv"`` channels.
+    """
+    p_s = torch.softmax(student_out["np"], dim=1)[:, 1]
+    p_t = torch.softmax(teacher_out["np"].detach(), dim=1)[:, 1]
+    hv = (student_out["hv"] - teacher_out["hv"].detach()) ** 2
+    return (p_s - p_t) ** 2 + hv.mean(dim=1)
