@@ -1,0 +1,102 @@
+"""Training configuration: one dataclass tree, loaded from ``configs/train/*.yaml``.
+
+Supervised-only, Mean Teacher, +MIAC, +PIAC and full IRCR are the same code with
+different weights: ``mt_weight`` (plain teacher-student consistency on every pixel),
+``miac_weight`` (gamma2) and ``piac_weight`` (gamma1); with all three 0 the teacher is
+still kept (EMA) but no unlabelled data is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from wsi_ircr.model.postprocess import PostProcessConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the tiles are and which of them are labelled, validation or excluded.
+
+    images/labels: folders of RGB tiles and instance maps with the same stems.
+    unlabelled: optional folder of extra RGB tiles (no labels).
+    include: if not empty, only these stems of ``images`` are used (e.g. a training pool).
+    val: stems held out for checkpoint selection (never trained on).
+    labelled: how many of the remaining stems keep their labels (``null`` = all); the
+        rest join the unlabelled pool. Chosen with ``label_seed``.
+    labelled_fraction: the same as a fraction of the pool (rounded, at least 1 tile);
+        set at most one of ``labelled`` and ``labelled_fraction``.
+    mpp: resolution of the tiles (microns per pixel), stored in the checkpoint.
+    """
+
+    images: str = ""
+    labels: str = ""
+    unlabelled: str | None = None
+    include: tuple[str, ...] = ()
+    val: tuple[str, ...] = ()
+    labelled: int | None = None
+    labelled_fraction: float | None = None
+    label_seed: int = 0
+    mpp: float = 0.25
+
+    def __post_init__(self):
+        if self.labelled is not None and self.labelled < 1:
+            raise ValueError(f"labelled must be >= 1 or null, got {self.labelled}")
+        if self.labelled_fraction is not None and not 0.0 < self.labelled_fraction <= 1.0:
+            raise ValueError(f"labelled_fraction must be in (0, 1], got {self.labelled_fraction}")
+        if self.labelled is not None and self.labelled_fraction is not None:
+            raise ValueError("set only one of labelled and labelled_fraction")
+        if self.mpp <= 0:
+            raise ValueError(f"mpp must be > 0, got {self.mpp}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """All knobs of ``wsi-ircr train`` (see configs/train/*.yaml)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    arch: str = "lite-s"
+    steps: int = 2000
+    batch_size: int = 8
+    unlabelled_batch_size: int = 8
+    crop_px: int = 192
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0
+    ema_alpha: float = 0.95
+    mt_weight: float = 0.0
+    miac_weight: float = 0.0
+    piac_weight: float = 0.0
+    rampup_steps: int = 500
+    unsup_start_step: int = 0
+    miac_max_dist_px: float = 12.0
+    miac_beta: float = 0.5
+    miac_band_px: int = 2
+    piac_tau: float = 0.35
+    piac_w_good: float = 2.0
+    strong_strength: float = 1.0
+    val_every: int = 250
+    log_every: int = 25
+    postprocess: PostProcessConfig = field(default_factory=PostProcessConfig)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "crop_px", "val_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.crop_px % 16:
+            raise ValueError(f"crop_px must be a multiple of 16, got {self.crop_px}")
+        if not 0.0 <= self.ema_alpha < 1.0:
+            raise ValueError(f"ema_alpha must be in [0, 1), got {self.ema_alpha}")
+        if min(self.mt_weight, self.miac_weight, self.piac_weight) < 0:
+            raise ValueError("mt_weight, miac_weight and piac_weight must be >= 0")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.unlabelled_batch_size < 0 or self.rampup_steps < 0 or self.threads < 0:
+            raise ValueError("unlabelled_batch_size, rampup_steps and threads must be >= 0")
+
+    @property
+    def semi_supervised(self) -> bool:
+        """True when any teacher-student term uses unlabelled data."""
+        return self.unlabelled_batch_size > 0 and (self.mt_weight > 0 or self.miac_weight > 0 or self.piac_weight > 0)

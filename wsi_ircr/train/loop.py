@@ -1,0 +1,306 @@
+"""The IRCR-Net training loop: supervised loss + Mean Teacher, MIAC and PIAC terms.
+
+Per step: a labelled batch (supervised NP Dice+CE, HV MSE+MSGE) and, when any
+unsupervised weight is > 0, an unlabelled batch whose crops are geometrically augmented
+once, then seen weakly by the EMA teacher and strongly by the student.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wsi_ircr.config import to_dict
+from wsi_ircr.errors import UserError
+from wsi_ircr.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from wsi_ircr.model.inference import predict_maps_tensor, resolve_device
+from wsi_ircr.model.net import build_model
+from wsi_ircr.model.postprocess import instances_from_maps
+from wsi_ircr.train.config import TrainConfig
+from wsi_ircr.train.data import CropSampler, TrainData, load_train_data
+
+log = logging.getLogger(__name__)
+
+
+def rampup(step: int, start: int, length: int) -> float:
+    """Sigmoid ramp-up exp(-5 (1 - t)^2) from ``start`` over ``length`` steps (0 before)."""
+    if step < start:
+        return 0.0
+    if length == 0:
+        return 1.0
+    t = min((step - start) / length, 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float) -> None:
+    """teacher = alpha * teacher + (1 - alpha) * student; buffers (BN statistics) copied."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        t.copy_(s)
+
+
+def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+
+
+def _instances(out: dict[str, torch.Tensor], cfg: TrainConfig) -> list[np.ndarray]:
+    prob = torch.softmax(out["np"].detach().float(), dim=1)[:, 1].cpu().numpy()
+    hv = out["hv"].detach().float().cpu().numpy()
+    return [instances_from_maps(p, h, cfg.postprocess) for p, h in zip(prob, hv)]
+
+
+def validate(net: torch.nn.Module, val, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Mean instance metrics of ``net`` on the validation tiles (whole tiles, one pass each)."""
+    from wsi_ircr.metrics import mean_scores, score_instances
+
+    net.eval()
+    scores = []
+    with torch.inference_mode():
+        for image, labels in zip(val.images, val.labels):
+            prob, hv = predict_maps_tensor(net, _to_tensor(image[None], device))
+            pred = instances_from_maps(prob[0].cpu().numpy(), hv[0].cpu().numpy(), cfg.postprocess)
+            scores.append(score_instances(labels, pred))
+    return mean_scores(scores)
+
+
+class Trainer:
+    """Owns the student, teacher, optimiser and data of one run in ``out_dir``."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path, data: TrainData, priors: dict | None):
+        self.cfg, self.out_dir, self.data, self.priors = cfg, out_dir, data, priors
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self.student = build_model(cfg.arch).to(self.device)
+        self.teacher = copy.deepcopy(self.student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+        self.labelled = CropSampler(data.labelled, cfg.crop_px, self.rng)
+        self.unlabelled = CropSampler(data.unlabelled, cfg.crop_px, self.rng) if len(data.unlabelled) and cfg.semi_supervised else None
+        self.step = 0
+        self.best = {"aji": -1.0, "step": 0}
+        self.history: list[dict] = []
+        self.amp = self.device.type == "cuda"
+
+    def state(self) -> dict:
+        return {
+            "step": self.step,
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "best": self.best,
+            "history": self.history,
+            "rng": json.dumps(self.rng.bit_generator.state),
+            "torch_rng": torch.get_rng_state(),
+            "gen": self.gen.get_state(),
+        }
+
+    def load_state(self, ckpt: Checkpoint) -> None:
+        s = ckpt.train_state
+        self.student.load_state_dict(ckpt.model_state)
+        self.teacher.load_state_dict(s["teacher"])
+        self.opt.load_state_dict(s["optimizer"])
+        self.sched.load_state_dict(s["scheduler"])
+        self.step, self.best, self.history = s["step"], s["best"], s["history"]
+        self.rng.bit_generator.state = json.loads(s["rng"])
+        torch.set_rng_state(s["torch_rng"])
+        self.gen.set_state(s["gen"])
+
+    def checkpoint(self, net: torch.nn.Module, with_state: bool, metrics: dict | None = None) -> Checkpoint:
+        return Checkpoint(
+            arch=self.cfg.arch,
+            model_state=net.state_dict(),
+            mpp=self.cfg.data.mpp,
+            postprocess=self.cfg.postprocess,
+            priors=self.priors,
+            meta={"config": to_dict(self.cfg), "data": self.data.describe(), "metrics": metrics, "versions": versions()},
+            train_state=self.state() if with_state else None,
+        )
+
+    def eval_net(self) -> torch.nn.Module:
+        """The network to validate and ship: the teacher when a teacher is trained."""
+        return self.teacher if self.cfg.semi_supervised else self.student
+
+    def supervised_loss(self, batch: dict) -> torch.Tensor:
+        from wsi_ircr.train.losses import hv_loss, np_loss
+
+        x = _to_tensor(batch["image"], self.device)
+        target_np = torch.from_numpy((batch["labels"] > 0).astype(np.int64)).to(self.device)
+        target_hv = torch.from_numpy(batch["hv"]).to(self.device)
+        out = self.student(x)
+        return np_loss(out["np"].float(), target_np) + hv_loss(out["hv"].float(), target_hv, target_np.float())
+
+    def unsupervised_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        from wsi_ircr.train.augment import strong_view, weak_view
+
+        cfg = self.cfg
+        x = _to_tensor(batch["image"], self.device)
+        with torch.no_grad():
+            t_out = self.teacher(weak_view(x, self.gen))
+            t_out = {k: v.float() for k, v in t_out.items()}
+        s_out = self.student(strong_view(x, self.gen, cfg.strong_strength))
+        s_out = {k: v.float() for k, v in s_out.items()}
+        total = torch.zeros((), device=self.device)
+        parts = {}
+        if cfg.mt_weight > 0:
+            mt = torch.mean((torch.softmax(s_out["np"], 1) - torch.softmax(t_out["np"], 1)) ** 2) + torch.mean((s_out["hv"] - t_out["hv"]) ** 2)
+            total = total + cfg.mt_weight * mt
+            parts["mt"] = float(mt)
+        if cfg.miac_weight > 0 or cfg.piac_weight > 0:
+            t_inst = _instances(t_out, cfg)
+        if cfg.miac_weight > 0:
+            from wsi_ircr.train.miac import match_instances, matched_masks, miac_loss
+
+            s_inst = _instances(s_out, cfg)
+            inside, band = [], []
+            for t_lab, s_lab in zip(t_inst, s_inst):
+                matches = match_instances(t_lab, s_lab, cfg.miac_max_dist_px)
+                i, b = matched_masks(t_lab, s_lab, matches, cfg.miac_band_px)
+                inside.append(i)
+                band.append(b)
+            inside_t = torch.from_numpy(np.stack(inside)).to(self.device)
+            band_t = torch.from_numpy(np.stack(band)).to(self.device)
+            miac = miac_loss(s_out, t_out, inside_t, band_t, cfg.miac_beta)
+            total = total + cfg.miac_weight * miac
+            parts["miac"] = float(miac)
+        if cfg.piac_weight > 0:
+            from wsi_ircr.train.piac import MorphologyPriors, piac_loss, piac_weight_map
+
+            priors = MorphologyPriors.from_dict(self.priors)
+            weights = [piac_weight_map(lab, img, priors, cfg.piac_tau, cfg.piac_w_good)[0] for lab, img in zip(t_inst, batch["image"])]
+            piac = piac_loss(s_out, t_out, torch.from_numpy(np.stack(weights)).to(self.device))
+            total = total + cfg.piac_weight * piac
+            parts["piac"] = float(piac)
+        return total, parts
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.student.train()
+        self.teacher.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            sup = self.supervised_loss(self.labelled.sample(cfg.batch_size))
+            loss = sup
+            record = {"sup": float(sup)}
+            ramp = rampup(self.step, cfg.unsup_start_step, cfg.rampup_steps)
+            if self.unlabelled is not None and ramp > 0:
+                unsup, parts = self.unsupervised_loss(self.unlabelled.sample(cfg.unlabelled_batch_size))
+                loss = loss + ramp * unsup
+                record.update(parts)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 5.0)
+        self.opt.step()
+        self.sched.step()
+        ema_update(self.teacher, self.student, cfg.ema_alpha)
+        self.step += 1
+        record["loss"] = float(loss)
+        return record
+
+    def run(self, progress: bool = True) -> dict:
+        cfg = self.cfg
+        t0 = time.time()
+        start = self.step
+        running: dict[str, float] = {}
+        while self.step < cfg.steps:
+            rec = self.train_step()
+            for k, v in rec.items():
+                running[k] = running.get(k, 0.0) + v
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
+                means = {k: v / n for k, v in running.items()}
+                running = {}
+                rate = (self.step - start) / max(time.time() - t0, 1e-9)
+                eta = (cfg.steps - self.step) / max(rate, 1e-9)
+                if progress:
+                    terms = " ".join(f"{k}={v:.4f}" for k, v in means.items())
+                    print(f"step {self.step}/{cfg.steps} {terms} {rate:.2f} it/s eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
+            if self.step % cfg.val_every == 0 or self.step == cfg.steps:
+                self.validate_and_save(progress)
+        return self.best
+
+    def validate_and_save(self, progress: bool) -> None:
+        net = self.eval_net()
+        metrics = validate(net, self.data.val, self.cfg, self.device) if len(self.data.val) else {}
+        entry = {"step": self.step, **{k: float(v) for k, v in metrics.items()}}
+        self.history.append(entry)
+        if progress and metrics:
+            print(f"val step {self.step}: AJI {metrics['aji']:.4f} Dice {metrics['dice']:.4f} PQ {metrics['pq']:.4f}", file=sys.stderr, flush=True)
+        improved = not metrics or metrics["aji"] > self.best["aji"]
+        if improved:
+            self.best = {"aji": float(metrics.get("aji", -1.0)), "step": self.step, "val": entry}
+            save_checkpoint(self.out_dir / "best.pt", self.checkpoint(net, with_state=False, metrics={"val": entry}))
+        save_checkpoint(self.out_dir / "last.pt", self.checkpoint(self.student, with_state=True, metrics={"val": entry}))
+
+
+def versions() -> dict[str, str]:
+    import platform
+
+    import numpy
+    import skimage
+
+    import wsi_ircr
+
+    return {"wsi_ircr": wsi_ircr.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "scikit_image": skimage.__version__, "python": platform.python_version()}
+
+
+def fit_priors(data: TrainData) -> dict:
+    """PIAC morphology priors fitted on the labelled ground truth (saved with the checkpoint)."""
+    from wsi_ircr.train.piac import MorphologyPriors
+
+    return MorphologyPriors.fit(data.labelled.labels, data.labelled.images).to_dict()
+
+
+def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume: bool = False, progress: bool = True) -> dict:
+    """Train per ``cfg`` into ``out_dir`` (best.pt, last.pt, model.pt, config.yaml, metrics.json)."""
+    import yaml
+
+    from wsi_ircr.io.atomic import atomic_open
+
+    last = out_dir / "last.pt"
+    if resume and not last.exists():
+        raise UserError(f"{out_dir}: nothing to resume (no last.pt); start without --resume")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data = load_train_data(cfg.data, base_dir)
+    if progress:
+        print(f"data: {len(data.labelled)} labelled, {len(data.unlabelled)} unlabelled, {len(data.val)} validation tiles", file=sys.stderr)
+    if cfg.semi_supervised and not len(data.unlabelled):
+        raise UserError("semi-supervised terms are on but there are no unlabelled tiles; set data.unlabelled or data.labelled below the pool size")
+    priors = fit_priors(data)
+    trainer = Trainer(cfg, out_dir, data, priors)
+    if resume:
+        ckpt = load_checkpoint(last)
+        saved = ckpt.meta.get("config")
+        if saved != to_dict(cfg):
+            raise UserError(f"{last}: was trained with a different config; resume with the same config and overrides, or use a new --out")
+        trainer.load_state(ckpt)
+        if progress:
+            print(f"resuming from step {trainer.step}", file=sys.stderr)
+    with atomic_open(out_dir / "config.yaml") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    t0 = time.time()
+    best = trainer.run(progress)
+    seconds = time.time() - t0
+    final = load_checkpoint(out_dir / "best.pt")
+    final.meta["metrics"] = {"val": best.get("val"), "train_seconds": seconds, "history": trainer.history}
+    save_checkpoint(out_dir / "model.pt", final)
+    summary = {"best": best, "train_seconds": seconds, "steps": cfg.steps, "device": str(trainer.device), "data": data.describe()}
+    with atomic_open(out_dir / "metrics.json") as f:
+        json.dump(summary, f, indent=1)
+    return summary
