@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from synthetic_slides import pyramid_levels, synthetic_he, write_aperio_svs, write_pyramidal_tiff
+from wsi_ircr.cli import main
 from wsi_ircr.errors import UserError
 from wsi_ircr.slide import reader as reader_mod
 from wsi_ircr.slide.reader import (
@@ -198,7 +202,7 @@ def test_mpp_from_properties_sources(caplog):
     tiff_inch = {"tiff.ResolutionUnit": "inch", "tiff.XResolution": "50800", "tiff.YResolution": "50800"}
     assert parse(tiff_inch, "s")[0] == pytest.approx(0.5)
     mpp, source = parse({"tiff.ResolutionUnit": "inch", "tiff.XResolution": "72", "tiff.YResolution": "72"}, "s")
-    assert mpp is None and source.startswith("none (ignored implausible")
+    assert mpp is None and source.startswith("none: ignored implausible")
     assert parse({}, "s") == (None, "none")
 
 
@@ -320,3 +324,73 @@ def test_truncated_and_corrupt_copies(shared_slides, tmp_path):
     with open_slide(corrupt) as r:
         with pytest.raises(UserError, match="corrupt.svs: cannot decode level 0 .* corrupt or truncated"):
             r.read_region((0, 2000), 0, (2220, 500))
+
+
+# --- wsi-ircr info -----------------------------------------------------------------------
+
+
+def _run_cli(args, capsys) -> tuple[int, str, str]:
+    """Run ``wsi_ircr.cli.main`` in-process: (exit status, stdout, stderr)."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.openslide
+@pytest.mark.shared
+def test_info_text(shared_slides, capsys):
+    code, out, err = _run_cli(["info", str(shared_slides / "cmu-1-small-region.svs")], capsys)
+    assert code == 0 and err == ""
+    assert "vendor:      aperio" in out
+    assert "mpp:         0.499 um/px (metadata: openslide.mpp-x)" in out
+    assert "objective:   20x" in out
+    assert "0: 2220 x 2967  downsample 1  mpp 0.499" in out
+    assert "associated:  label, macro, thumbnail" in out
+
+
+@pytest.mark.openslide
+@pytest.mark.shared
+def test_info_json_with_override(shared_slides, capsys):
+    code, out, _ = _run_cli(["info", str(shared_slides / "boxes.tiff"), "--json", "--mpp", "0.5"], capsys)
+    d = json.loads(out)
+    assert code == 0 and d["vendor"] == "generic-tiff"
+    assert d["mpp"] == 0.5 and d["mpp_source"] == "override"
+    assert [lv["dimensions_xy"] for lv in d["levels"]] == [[300, 250], [150, 125], [75, 62], [37, 31]]
+    assert d["levels"][1]["mpp"] == pytest.approx(1.0)
+    assert len(d["fingerprint"]) == 32
+
+
+@pytest.mark.openslide
+@pytest.mark.shared
+def test_info_placeholder_resolution_is_unknown_mpp(shared_slides, capsys):
+    code, out, _ = _run_cli(["info", str(shared_slides / "boxes.tiff")], capsys)
+    assert code == 0 and "mpp:         unknown (ignored implausible openslide.mpp-x" in out
+    assert "; pass --mpp" in out
+
+
+@pytest.mark.openslide
+@pytest.mark.shared
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("small_dicom.dcm", "cannot open it"), (".", "is a directory"), ("missing.svs", "no such file")],
+)
+def test_info_bad_inputs_are_one_line_errors(shared_slides, capsys, name, message):
+    code, out, err = _run_cli(["info", str(shared_slides / name)], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.openslide
+@pytest.mark.shared
+def test_info_entry_point_has_no_traceback(shared_slides):
+    proc = subprocess.run(
+        [sys.executable, "-m", "wsi_ircr", "info", str(shared_slides / "small_dicom.dcm")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
+    assert "small_dicom.dcm" in proc.stderr

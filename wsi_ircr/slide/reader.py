@@ -65,12 +65,16 @@ class SlideReader(Protocol):
     def close(self) -> None:
         """Release the file handle."""
 
+    def __enter__(self) -> SlideReader: ...
+
+    def __exit__(self, *exc) -> None: ...
+
 
 def require_mpp(reader: SlideReader) -> float:
     """The slide's level-0 mpp, or a ``UserError`` telling the user to pass ``--mpp``."""
     if reader.mpp is not None:
         return reader.mpp
-    detail = f" ({reader.mpp_source})" if reader.mpp_source.startswith("none (") else ""
+    detail = f" ({reader.mpp_source[6:]})" if reader.mpp_source.startswith("none: ") else ""
     raise UserError(
         f"{reader.path.name} has no mpp metadata{detail}; "
         "pass --mpp 0.25 (microns per pixel at level 0)"
@@ -126,7 +130,7 @@ def _mpp_from_properties(props: Mapping[str, str], name: str) -> tuple[float | N
             source, key = "tiff resolution", "tiff.XResolution"
     if mpp is not None and not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
         log.warning("%s: ignoring implausible level-0 mpp %.4g from %s", name, mpp, key)
-        return None, f"none (ignored implausible {key} = {mpp:.4g} um/px, a placeholder resolution)"
+        return None, f"none: ignored implausible {key} = {mpp:.4g} um/px, a placeholder resolution"
     return mpp, source
 
 
@@ -173,7 +177,8 @@ class OpenSlideReader:
         try:
             self._slide = openslide.OpenSlide(str(self.path))
         except (openslide.OpenSlideError, OSError) as e:
-            raise UserError(_unreadable_message(self.path, fmt, str(e))) from None
+            reason = str(e).removeprefix(f"Reading {self.path}: ")
+            raise UserError(_unreadable_message(self.path, fmt, reason)) from None
         props = self._slide.properties
         self.properties: Mapping[str, str] = dict(props)
         self.dimensions_xy = tuple(self._slide.dimensions)
@@ -467,3 +472,25 @@ def thumbnail(reader: SlideReader, max_size_px: int) -> np.ndarray:
     scale = max(1.0, max(w0, h0) / max_size_px)
     size_rc = (max(1, round(h0 / scale)), max(1, round(w0 / scale)))
     return read_scaled(reader, (0.0, 0.0), size_rc, scale)
+
+
+def describe_slide(reader: SlideReader) -> dict:
+    """JSON-ready summary: vendor, size, mpp and its source, levels (size, downsample, mpp),
+    objective power, associated images and fingerprint."""
+    w, h = reader.dimensions_xy
+    return {
+        "path": str(reader.path),
+        "name": reader.path.name,
+        "vendor": reader.vendor,
+        "dimensions_xy": [w, h],
+        "mpp": reader.mpp,
+        "mpp_source": reader.mpp_source,
+        "size_mm_xy": None if reader.mpp is None else [w * reader.mpp / 1000, h * reader.mpp / 1000],
+        "objective_power": reader.objective_power,
+        "levels": [
+            {"level": i, "dimensions_xy": list(dims), "downsample": ds, "mpp": level_mpp(reader, i)}
+            for i, (dims, ds) in enumerate(zip(reader.level_dimensions_xy, reader.level_downsamples))
+        ],
+        "associated_images": list(reader.associated_images),
+        "fingerprint": reader.fingerprint(),
+    }
