@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_ircr.slide.reader import _downsample2
+from wsi_ircr.slide.reader import downsample_2x
 
 BACKGROUND_RGB = (242, 242, 240)
 TISSUE_RGB = (232, 160, 200)
@@ -20,7 +20,7 @@ def pyramid_levels(image_rgb: np.ndarray, n_levels: int) -> list[np.ndarray]:
     """[image, image/2, image/4, ...] by 2x2 area means (the ``ArrayReader`` pyramid)."""
     levels = [np.ascontiguousarray(image_rgb)]
     for _ in range(1, n_levels):
-        levels.append(_downsample2(levels[-1]))
+        levels.append(downsample_2x(levels[-1]))
     return levels
 
 
@@ -40,7 +40,7 @@ def write_pyramidal_tiff(
 
     path = Path(path)
     kwargs = _compression_kwargs(compression)
-    with tifffile.TiffWriter(path, bigtiff=False) as tif:
+    with tifffile.TiffWriter(path, bigtiff=image_rgb.nbytes > 2**31) as tif:
         for k, level in enumerate(pyramid_levels(image_rgb, n_levels)):
             res = 1e4 / (mpp * 2**k)
             tif.write(
@@ -76,7 +76,7 @@ def write_aperio_svs(
     levels = pyramid_levels(image_rgb, n_levels)
     h, w = image_rgb.shape[:2]
     codec = "JPEG/RGB Q=95" if compression == "jpeg" else "RGB"
-    with tifffile.TiffWriter(path, bigtiff=False) as tif:
+    with tifffile.TiffWriter(path, bigtiff=image_rgb.nbytes > 2**31) as tif:
         for k, level in enumerate(levels):
             desc = (
                 f"Aperio Image Library v12.0.15 \r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) "

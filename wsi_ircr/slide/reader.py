@@ -139,6 +139,8 @@ def _check_slide_path(path: Path) -> None:
         raise UserError(f"{path}: no such file; check the slide path")
     if path.is_dir():
         raise UserError(f"{path} is a directory, not a slide file; pass the slide file itself (e.g. {path}/slide.svs)")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{path}: permission denied; make the slide file readable (chmod +r) or copy it")
 
 
 def _unreadable_message(path: Path, fmt: str | None, reason: str) -> str:
@@ -258,7 +260,7 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> SlideReader
     return OpenSlideReader(path, mpp=mpp)
 
 
-def _downsample2(image: np.ndarray) -> np.ndarray:
+def downsample_2x(image: np.ndarray) -> np.ndarray:
     """2x2 area mean of uint8 (H, W, 3) -> (ceil(H/2), ceil(W/2), 3); odd edges are replicated."""
     h, w = image.shape[0], image.shape[1]
     padded = np.pad(image, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge").astype(np.uint16)
@@ -290,7 +292,7 @@ class ArrayReader:
         self.mpp_source = "array" if mpp is not None else "none"
         self._levels = [np.ascontiguousarray(image)]
         for _ in range(1, n_levels):
-            self._levels.append(_downsample2(self._levels[-1]))
+            self._levels.append(downsample_2x(self._levels[-1]))
         self.dimensions_xy = (image.shape[1], image.shape[0])
         self.level_dimensions_xy = tuple((lv.shape[1], lv.shape[0]) for lv in self._levels)
         self.level_downsamples = tuple(float(2**k) for k in range(n_levels))
@@ -298,6 +300,7 @@ class ArrayReader:
         self.objective_power = None
         self.associated_images: tuple[str, ...] = ()
         self.properties: Mapping[str, str] = {}
+        self._fingerprint: str | None = None
 
     def read_region(
         self, location_xy: tuple[int, int], level: int, size_xy: tuple[int, int]
@@ -323,11 +326,13 @@ class ArrayReader:
         return thumbnail(self, max_size_px)
 
     def fingerprint(self) -> str:
-        """sha256 (32 hex) of the pixels, shape, levels and mpp."""
-        h = hashlib.sha256()
-        h.update(json.dumps([self._levels[0].shape, len(self._levels), self.mpp]).encode())
-        h.update(self._levels[0].tobytes())
-        return h.hexdigest()[:32]
+        """sha256 (32 hex) of the pixels, shape, levels and mpp (computed once)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(json.dumps([self._levels[0].shape, len(self._levels), self.mpp]).encode())
+            h.update(self._levels[0].tobytes())
+            self._fingerprint = h.hexdigest()[:32]
+        return self._fingerprint
 
     def close(self) -> None:
         """Nothing to release."""
