@@ -149,7 +149,7 @@ def _check_iou(iou: float) -> None:
 
 
 def match_instances(ov: Overlap, iou: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One-to-one matches with IoU > ``iou``: 1-based true ids, pred ids, IoUs (each (tp,)).
+    """One-to-one matches with IoU > ``iou``: true and pred object indices of ``ov``, IoUs (each (tp,)).
 
     For ``iou >= 0.5`` the match is unique (two objects of one non-overlapping map cannot
     both cover more than half of the same object); below 0.5 it maximises the total IoU.
