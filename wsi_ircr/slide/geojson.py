@@ -1,0 +1,235 @@
+"""Streaming QuPath GeoJSON: one detection Feature per nucleus, written as it comes.
+
+The file is a ``FeatureCollection`` written incrementally (memory stays flat for millions
+of nuclei), gzip-compressed for ``.gz`` paths (QuPath opens ``.geojson.gz`` by
+drag-and-drop) and atomic: it appears under its final name only when the writer closes
+without an exception. Each feature follows QuPath's format (0.3+)::
+
+    {"type": "Feature", "id": "<uuid4>",
+     "geometry": {"type": "Polygon", "coordinates": [[[x, y], ..., [x0, y0]]]},
+     "properties": {"objectType": "detection",
+                    "classification": {"name": "Nucleus", "color": [r, g, b]},
+                    "measurements": {"Area um^2": 31.2, ...}}}
+
+with (x, y) in level-0 slide pixels rounded to 0.01 px.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip as gzip_module
+import json
+import math
+import os
+import uuid as uuid_module
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO
+
+import shapely
+from shapely.geometry import Polygon
+
+from wsi_ircr.io.atomic import atomic_path
+
+NUCLEUS_CLASS = "Nucleus"
+NUCLEUS_COLOR = (230, 160, 0)
+COORD_DECIMALS = 2
+_HEADER = b'{"type":"FeatureCollection","features":[\n'
+_FOOTER = b"\n]}\n"
+
+
+def feature_uuid(namespace: str, global_id: int) -> str:
+    """A reproducible UUID for nucleus ``global_id`` of one run (e.g. namespace = slide
+    fingerprint + model hash), so a rerun writes the same ids."""
+    return str(uuid_module.uuid5(uuid_module.NAMESPACE_URL, f"wsi-ircr:{namespace}:{int(global_id)}"))
+
+
+def _finite_measurements(measurements: Mapping[str, float]) -> dict[str, float]:
+    """str -> float, dropping NaN and infinite values (QuPath reads a missing one as NaN)."""
+    out = {}
+    for name, value in measurements.items():
+        value = float(value)
+        if math.isfinite(value):
+            out[str(name)] = value
+    return out
+
+
+def _rings(polygon: Polygon) -> list[list[list[float]]]:
+    rings = [polygon.exterior, *polygon.interiors]
+    return [shapely.get_coordinates(ring).round(COORD_DECIMALS).tolist() for ring in rings]
+
+
+class GeoJSONWriter:
+    """Context manager that streams QuPath detection features into ``path``.
+
+    Args:
+        path: output file; ``.gz`` paths are gzip-compressed unless ``gzip`` says otherwise.
+        gzip: compress (default: ``path`` ends in ``.gz``).
+        class_name, class_color: the QuPath classification of every feature (RGB 0-255).
+        compresslevel: gzip level 1 (fast) to 9 (small).
+
+    Example::
+
+        with GeoJSONWriter("slide.geojson.gz") as out:
+            out.write_feature(polygon_xy, {"Area um^2": 31.2})
+        out.count  # features written
+    """
+
+    def __init__(self, path: str | os.PathLike, gzip: bool | None = None, class_name: str = NUCLEUS_CLASS,
+                 class_color: tuple[int, int, int] = NUCLEUS_COLOR, compresslevel: int = 6):
+        self.path = Path(path)
+        self.gzip = self.path.suffix == ".gz" if gzip is None else bool(gzip)
+        color = [int(v) for v in class_color]
+        if len(color) != 3 or not all(0 <= v <= 255 for v in color):
+            raise ValueError(f"class_color must be three integers 0-255, got {class_color!r}")
+        self._classification = {"name": str(class_name), "color": color}
+        self._compresslevel = int(compresslevel)
+        self._stack: contextlib.ExitStack | None = None
+        self._raw: IO[bytes] | None = None
+        self._out: IO[bytes] | None = None
+        self.count = 0
+
+    def __enter__(self) -> GeoJSONWriter:
+        if self._stack is not None:
+            raise RuntimeError(f"{self.path}: writer already open")
+        stack = contextlib.ExitStack()
+        try:
+            tmp = stack.enter_context(atomic_path(self.path))
+            self._raw = stack.enter_context(open(tmp, "wb"))
+            self._out = self._raw
+            if self.gzip:
+                self._out = stack.enter_context(
+                    gzip_module.GzipFile(fileobj=self._raw, mode="wb", compresslevel=self._compresslevel, mtime=0))
+            self._out.write(_HEADER)
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        self.count = 0
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        stack, self._stack = self._stack, None
+        if exc_type is None:
+            try:
+                self._out.write(_FOOTER)
+                if self._out is not self._raw:
+                    self._out.close()
+                self._raw.flush()
+                os.fsync(self._raw.fileno())
+            except BaseException as error:
+                stack.__exit__(type(error), error, error.__traceback__)
+                raise
+        self._out = self._raw = None
+        return stack.__exit__(exc_type, exc, tb)
+
+    def write_feature(self, polygon_xy: Polygon, measurements: Mapping[str, float], uuid: str | None = None) -> str:
+        """Append one detection.
+
+        Args:
+            polygon_xy: a valid Polygon in level-0 (x, y) pixels.
+            measurements: QuPath measurement name -> number; NaN / inf values are dropped.
+            uuid: the feature id (e.g. from :func:`feature_uuid`); a random uuid4 by default.
+
+        Returns:
+            The feature id (write it to the nuclei table too).
+        """
+        if self._out is None:
+            raise RuntimeError(f"{self.path}: use GeoJSONWriter as a context manager ('with')")
+        if not isinstance(polygon_xy, Polygon) or polygon_xy.is_empty:
+            raise ValueError(f"expected a non-empty shapely Polygon, got {polygon_xy!r:.80}")
+        feature_id = str(uuid_module.uuid4()) if uuid is None else str(uuid_module.UUID(str(uuid)))
+        feature = {
+            "type": "Feature",
+            "id": feature_id,
+            "geometry": {"type": "Polygon", "coordinates": _rings(polygon_xy)},
+            "properties": {
+                "objectType": "detection",
+                "classification": self._classification,
+                "measurements": _finite_measurements(measurements),
+            },
+        }
+        text = json.dumps(feature, allow_nan=False, separators=(",", ":"))
+        self._out.write(((",\n" if self.count else "") + text).encode())
+        self.count += 1
+        return feature_id
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"non-finite number {name} (JSON has no NaN or Infinity)")
+
+
+def _open_maybe_gzip(path: Path) -> IO[bytes]:
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    return gzip_module.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+
+
+def _check_feature(feature: object, seen: set[str]) -> None:
+    if not isinstance(feature, dict) or feature.get("type") != "Feature":
+        raise ValueError('not a {"type": "Feature"} object')
+    try:
+        feature_id = str(uuid_module.UUID(str(feature.get("id"))))
+    except ValueError:
+        raise ValueError(f"id {feature.get('id')!r} is not a UUID") from None
+    if feature_id in seen:
+        raise ValueError(f"duplicate id {feature_id}")
+    seen.add(feature_id)
+    geometry = feature.get("geometry")
+    if not isinstance(geometry, dict) or geometry.get("type") != "Polygon":
+        raise ValueError("geometry is not a Polygon")
+    rings = geometry.get("coordinates")
+    if not isinstance(rings, list) or not rings:
+        raise ValueError("Polygon has no rings")
+    for ring in rings:
+        if len(ring) < 4 or ring[0] != ring[-1]:
+            raise ValueError("a ring is not closed or has fewer than 4 positions")
+    polygon = Polygon(rings[0], rings[1:])
+    if polygon.is_empty or not polygon.is_valid:
+        raise ValueError(f"invalid polygon: {shapely.is_valid_reason(polygon)}")
+    properties = feature.get("properties")
+    if not isinstance(properties, dict) or properties.get("objectType") != "detection":
+        raise ValueError('properties.objectType is not "detection"')
+    if "type" in properties or "object_type" in properties:
+        raise ValueError('properties hold a "type" or pre-0.3 "object_type" key')
+    classification = properties.get("classification")
+    if not isinstance(classification, dict) or not isinstance(classification.get("name"), str):
+        raise ValueError("classification has no name")
+    color = classification.get("color")
+    if not (isinstance(color, list) and len(color) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in color)):
+        raise ValueError(f"classification color {color!r} is not [r, g, b] in 0-255")
+    measurements = properties.get("measurements", {})
+    if not isinstance(measurements, dict):
+        raise ValueError("measurements is not an object")
+    for name, value in measurements.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"measurement {name!r} = {value!r} is not a finite number")
+
+
+def validate_qupath_geojson(path: str | os.PathLike) -> int:
+    """Check that a (possibly gzipped) GeoJSON file is a FeatureCollection QuPath imports as
+    nucleus detections; loads the whole file (for tests and spot checks).
+
+    Checks: valid JSON without NaN/Infinity; every feature a Feature with a unique UUID id,
+    a valid non-empty Polygon with closed rings, ``properties.objectType == "detection"``,
+    no ``type``/``object_type`` key in properties, a classification with a name and an RGB
+    color, finite numeric measurements.
+
+    Returns:
+        The number of features. Raises ValueError naming the file and the first bad feature.
+    """
+    path = Path(path)
+    with _open_maybe_gzip(path) as f:
+        try:
+            data = json.load(f, parse_constant=_reject_constant)
+        except ValueError as error:
+            raise ValueError(f"{path}: not valid JSON: {error}") from None
+    if not isinstance(data, dict) or data.get("type") != "FeatureCollection" or not isinstance(data.get("features"), list):
+        raise ValueError(f'{path}: not a {{"type": "FeatureCollection", "features": [...]}} object')
+    seen: set[str] = set()
+    for index, feature in enumerate(data["features"]):
+        try:
+            _check_feature(feature, seen)
+        except ValueError as error:
+            raise ValueError(f"{path}: feature {index}: {error}") from None
+    return len(data["features"])
