@@ -1,15 +1,26 @@
-"""Streaming QuPath GeoJSON writer and its validator."""
+"""Streaming QuPath GeoJSON writer, its validator, and the nuclei table / export (table.py)."""
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import uuid
 
+import numpy as np
 import pytest
-from shapely.geometry import Polygon, box
+from shapely.geometry import Point, Polygon, box
 
 from wsi_ircr.slide.geojson import NUCLEUS_COLOR, GeoJSONWriter, feature_uuid, validate_qupath_geojson
+from wsi_ircr.slide.grid import TileGrid
+from wsi_ircr.slide.stitch import owned_instances, tile_instances
+from wsi_ircr.slide.table import (
+    MEASUREMENTS,
+    TABLE_COLUMNS,
+    NucleiTableWriter,
+    export_tile,
+    nucleus_measurements,
+)
 
 SQUARE = box(100.123, 200.456, 110.789, 212.0)
 
@@ -156,3 +167,88 @@ def test_features_stream_to_disk_before_close(tmp_path):
         [partial] = list(tmp_path.iterdir())
         assert partial.name != path.name and partial.stat().st_size > 100_000
     assert validate_qupath_geojson(path) == 500
+
+
+# --- measurements, nuclei table and export of a tile (table.py) ---------------------------
+
+
+def test_nucleus_measurements_units():
+    features = {"area": 100.0, "perimeter": 40.0, "solidity": 0.9, "circularity": 0.8,
+                "eccentricity": 0.5, "mean_intensity": 70.0, "extent": 0.7}
+    m = nucleus_measurements(features, mpp=0.5, slide_mpp=0.25)
+    assert set(m) == set(MEASUREMENTS)
+    assert m["Area px^2"] == 400.0 and m["Area um^2"] == 25.0 and m["Perimeter um"] == 20.0
+    assert m["Solidity"] == 0.9 and m["Mean intensity"] == 70.0 and np.isnan(m["Score"])
+    arrays = nucleus_measurements({k: np.array([v, 2 * v]) for k, v in features.items()}, 0.25, 0.25)
+    np.testing.assert_allclose(arrays["Area um^2"], [6.25, 12.5])
+    np.testing.assert_allclose(arrays["Area px^2"], [100, 200])
+
+
+def _read_csv(path):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("name", ["nuclei.csv", "nuclei.csv.gz"])
+def test_nuclei_table(tmp_path, name):
+    path = tmp_path / name
+    m = nucleus_measurements({"area": 100.0, "perimeter": 40.0, "solidity": 0.9}, 0.5, 0.25)
+    with NucleiTableWriter(path) as table:
+        table.write_row("id-1", (1234.5678, 99.0), m)
+    assert table.count == 1
+    [row] = _read_csv(path)
+    assert tuple(row) == TABLE_COLUMNS
+    assert row["id"] == "id-1" and row["centroid_x"] == "1234.57" and row["centroid_y"] == "99.00"
+    assert float(row["area_um2"]) == 25.0 and float(row["perimeter_um"]) == 20.0
+    assert row["score"] == "" and row["eccentricity"] == ""
+
+
+def test_nuclei_table_is_atomic(tmp_path):
+    with pytest.raises(KeyError):
+        with NucleiTableWriter(tmp_path / "nuclei.csv") as table:
+            table.write_row("a", (0, 0), {})
+            raise KeyError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _tile_instances(scale):
+    grid = TileGrid((int(60 * scale), int(60 * scale)), 0.25, 0.25 * scale, core_px=40, halo_px=10)
+    labels = np.zeros((grid.tile_px, grid.tile_px), np.int32)
+    labels[12:20, 14:24] = 1
+    labels[30:36, 30:34] = 2
+    labels[2:5, 2:5] = 3  # anchored in the padding above the image: owned by nobody
+    owned = owned_instances(labels, grid, (0, 0))
+    prob = np.full(labels.shape, 0.9)
+    return grid, tile_instances(owned, grid, (0, 0), np_prob=prob)
+
+
+@pytest.mark.parametrize("scale", [2.0, 0.5])
+def test_export_tile_writes_matching_geojson_and_table(tmp_path, scale):
+    grid, instances = _tile_instances(scale)
+    assert instances.count == 2
+    with GeoJSONWriter(tmp_path / "n.geojson.gz") as geo, NucleiTableWriter(tmp_path / "n.csv") as table:
+        ids = export_tile(instances, grid, offset=7, geojson=geo, table=table, namespace="slide-1")
+    assert ids == [feature_uuid("slide-1", 8), feature_uuid("slide-1", 9)]
+    assert validate_qupath_geojson(tmp_path / "n.geojson.gz") == 2
+    features = _load(tmp_path / "n.geojson.gz")["features"]
+    rows = _read_csv(tmp_path / "n.csv")
+    assert [f["id"] for f in features] == [r["id"] for r in rows] == ids
+    for feature, row in zip(features, rows):
+        polygon = Polygon(feature["geometry"]["coordinates"][0])
+        measurements = feature["properties"]["measurements"]
+        assert set(measurements) == set(MEASUREMENTS) - {"Mean intensity"}
+        assert polygon.contains(Point(float(row["centroid_x"]), float(row["centroid_y"])))
+        assert abs(polygon.area - measurements["Area px^2"]) <= 0.6 * scale**2
+        assert float(row["area_um2"]) == pytest.approx(measurements["Area um^2"], rel=1e-5)
+        assert measurements["Score"] == pytest.approx(0.9)
+    # nucleus 1: target rows 2..9, cols 4..13 (window 12..19 / 14..23 minus the 10 px halo)
+    x0, y0, x1, y1 = Polygon(features[0]["geometry"]["coordinates"][0]).bounds
+    assert (x0, y0, x1, y1) == (4 * scale, 2 * scale, 14 * scale, 10 * scale)
+
+
+def test_export_tile_without_namespace_or_table(tmp_path):
+    grid, instances = _tile_instances(1.0)
+    with GeoJSONWriter(tmp_path / "n.geojson") as geo:
+        ids = export_tile(instances, grid, offset=0, geojson=geo)
+    assert len(set(ids)) == 2 and all(uuid.UUID(i).version == 4 for i in ids)

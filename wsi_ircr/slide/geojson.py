@@ -22,7 +22,7 @@ import json
 import math
 import os
 import uuid as uuid_module
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -59,6 +59,20 @@ def _rings(polygon: Polygon) -> list[list[list[float]]]:
     return [shapely.get_coordinates(ring).round(COORD_DECIMALS).tolist() for ring in rings]
 
 
+@contextlib.contextmanager
+def atomic_binary(path: str | os.PathLike, gzip: bool, compresslevel: int = 6) -> Iterator[IO[bytes]]:
+    """A binary file (gzip stream if ``gzip``) that appears at ``path``, fsynced, only when
+    the block ends without an exception; otherwise nothing is left behind."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
+        if gzip:
+            with gzip_module.GzipFile(fileobj=raw, mode="wb", compresslevel=compresslevel, mtime=0) as out:
+                yield out
+        else:
+            yield raw
+        raw.flush()
+        os.fsync(raw.fileno())
+
+
 class GeoJSONWriter:
     """Context manager that streams QuPath detection features into ``path``.
 
@@ -84,44 +98,33 @@ class GeoJSONWriter:
             raise ValueError(f"class_color must be three integers 0-255, got {class_color!r}")
         self._classification = {"name": str(class_name), "color": color}
         self._compresslevel = int(compresslevel)
-        self._stack: contextlib.ExitStack | None = None
-        self._raw: IO[bytes] | None = None
+        self._output: contextlib.AbstractContextManager | None = None
         self._out: IO[bytes] | None = None
         self.count = 0
 
     def __enter__(self) -> GeoJSONWriter:
-        if self._stack is not None:
+        if self._output is not None:
             raise RuntimeError(f"{self.path}: writer already open")
-        stack = contextlib.ExitStack()
-        try:
-            tmp = stack.enter_context(atomic_path(self.path))
-            self._raw = stack.enter_context(open(tmp, "wb"))
-            self._out = self._raw
-            if self.gzip:
-                self._out = stack.enter_context(
-                    gzip_module.GzipFile(fileobj=self._raw, mode="wb", compresslevel=self._compresslevel, mtime=0))
-            self._out.write(_HEADER)
-        except BaseException:
-            stack.close()
-            raise
-        self._stack = stack
+        self._output = atomic_binary(self.path, self.gzip, self._compresslevel)
+        self._out = self._output.__enter__()
         self.count = 0
+        try:
+            self._out.write(_HEADER)
+        except BaseException as error:
+            self.__exit__(type(error), error, error.__traceback__)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        stack, self._stack = self._stack, None
+        output, out = self._output, self._out
+        self._output = self._out = None
         if exc_type is None:
             try:
-                self._out.write(_FOOTER)
-                if self._out is not self._raw:
-                    self._out.close()
-                self._raw.flush()
-                os.fsync(self._raw.fileno())
+                out.write(_FOOTER)
             except BaseException as error:
-                stack.__exit__(type(error), error, error.__traceback__)
+                output.__exit__(type(error), error, error.__traceback__)
                 raise
-        self._out = self._raw = None
-        return stack.__exit__(exc_type, exc, tb)
+        return bool(output.__exit__(exc_type, exc, tb))
 
     def write_feature(self, polygon_xy: Polygon, measurements: Mapping[str, float], uuid: str | None = None) -> str:
         """Append one detection.
