@@ -252,3 +252,12 @@ def test_export_tile_without_namespace_or_table(tmp_path):
     with GeoJSONWriter(tmp_path / "n.geojson") as geo:
         ids = export_tile(instances, grid, offset=0, geojson=geo)
     assert len(set(ids)) == 2 and all(uuid.UUID(i).version == 4 for i in ids)
+
+
+def test_validator_rejects_truncated_gzip(tmp_path):
+    path = tmp_path / "n.geojson.gz"
+    with GeoJSONWriter(path) as out:
+        out.write_feature(SQUARE, {})
+    path.write_bytes(path.read_bytes()[:-12])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        validate_qupath_geojson(path)

@@ -225,9 +225,10 @@ def validate_qupath_geojson(path: str | os.PathLike) -> int:
     with _open_maybe_gzip(path) as f:
         try:
             data = json.load(f, parse_constant=_reject_constant)
-        except ValueError as error:
+        except (ValueError, EOFError, OSError) as error:  # bad JSON, NaN, truncated gzip
             raise ValueError(f"{path}: not valid JSON: {error}") from None
-    if not isinstance(data, dict) or data.get("type") != "FeatureCollection" or not isinstance(data.get("features"), list):
+    if not (isinstance(data, dict) and data.get("type") == "FeatureCollection"
+            and isinstance(data.get("features"), list)):
         raise ValueError(f'{path}: not a {{"type": "FeatureCollection", "features": [...]}} object')
     seen: set[str] = set()
     for index, feature in enumerate(data["features"]):

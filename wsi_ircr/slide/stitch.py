@@ -87,8 +87,11 @@ def owned_instances(labels_tile: np.ndarray, grid: TileGrid, tile: Tile,
     """
     labels = np.asarray(labels_tile)
     n_px = grid.tile_px
+    if on_truncated not in ("raise", "drop"):
+        raise ValueError(f"on_truncated must be 'raise' or 'drop', got {on_truncated!r}")
     if labels.shape != (n_px, n_px) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"tile {tile}: expected an integer ({n_px}, {n_px}) instance map, got {labels.dtype} {labels.shape}")
+        raise ValueError(
+            f"tile {tile}: expected an integer ({n_px}, {n_px}) instance map, got {labels.dtype} {labels.shape}")
     if labels.min(initial=0) < 0:
         raise ValueError(f"tile {tile}: instance labels must be >= 0")
     ids, labels = np.unique(labels, return_inverse=True)
