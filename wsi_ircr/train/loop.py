@@ -40,6 +40,15 @@ def rampup(step: int, start: int, length: int) -> float:
     return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
+def lr_factor(step: int, total: int) -> float:
+    """Linear warm-up over the first 5 % of steps, then cosine decay to 2 % of the peak."""
+    warm = max(1, total // 20)
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(total - warm, 1)
+    return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+
 @torch.no_grad()
 def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float) -> None:
     """teacher = alpha * teacher + (1 - alpha) * student; buffers (BN statistics) copied."""
@@ -88,7 +97,7 @@ class Trainer:
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: lr_factor(step, cfg.steps))
         self.labelled = CropSampler(data.labelled, cfg.crop_px, self.rng)
         self.unlabelled = CropSampler(data.unlabelled, cfg.crop_px, self.rng) if len(data.unlabelled) and cfg.semi_supervised else None
         self.step = 0
@@ -194,7 +203,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             sup = self.supervised_loss(self.labelled.sample(cfg.batch_size))
             loss = sup
-            record = {"sup": float(sup)}
+            record = {"sup": float(sup.detach())}
             ramp = rampup(self.step, cfg.unsup_start_step, cfg.rampup_steps)
             if self.unlabelled is not None and ramp > 0:
                 unsup, parts = self.unsupervised_loss(self.unlabelled.sample(cfg.unlabelled_batch_size))
@@ -254,7 +263,7 @@ def versions() -> dict[str, str]:
 
     import wsi_ircr
 
-    return {"wsi_ircr": wsi_ircr.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+    return {"wsi_ircr": wsi_ircr.__version__, "torch": str(torch.__version__), "numpy": numpy.__version__,
             "scikit_image": skimage.__version__, "python": platform.python_version()}
 
 
