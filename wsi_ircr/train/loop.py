@@ -26,6 +26,7 @@ from wsi_ircr.model.net import build_model
 from wsi_ircr.model.postprocess import instances_from_maps
 from wsi_ircr.train.config import TrainConfig
 from wsi_ircr.train.data import CropSampler, TrainData, load_train_data
+from wsi_ircr.versions import versions
 
 log = logging.getLogger(__name__)
 
@@ -253,18 +254,6 @@ class Trainer:
             self.best = {"aji": float(metrics.get("aji", -1.0)), "step": self.step, "val": entry}
             save_checkpoint(self.out_dir / "best.pt", self.checkpoint(net, with_state=False, metrics={"val": entry}))
         save_checkpoint(self.out_dir / "last.pt", self.checkpoint(self.student, with_state=True, metrics={"val": entry}))
-
-
-def versions() -> dict[str, str]:
-    import platform
-
-    import numpy
-    import skimage
-
-    import wsi_ircr
-
-    return {"wsi_ircr": wsi_ircr.__version__, "torch": str(torch.__version__), "numpy": numpy.__version__,
-            "scikit_image": skimage.__version__, "python": platform.python_version()}
 
 
 def fit_priors(data: TrainData) -> dict:

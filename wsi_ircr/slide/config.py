@@ -1,0 +1,46 @@
+"""Configuration of ``wsi-ircr segment`` (``configs/segment/default.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Knobs of the whole-slide pipeline; tile sizes are in model pixels (at the model's mpp).
+
+    core_px / halo_px: each tile owns a core and is read with a halo on every side; an
+        instance belongs to the tile whose core holds its centroid, so the halo must exceed
+        the largest nucleus (``max_nucleus_um``) for every nucleus to be seen whole.
+    tissue_mask / tissue_mpp: detect tissue at this low resolution and skip empty tiles.
+    batch_tiles: tiles per inference task (one forward batch).
+    workers / threads_per_worker: the local Dask cluster (0 = from the CPU count).
+    gzip: write ``<stem>.geojson.gz`` (QuPath opens it by drag and drop) or plain.
+    """
+
+    model: str | None = None
+    mpp: float | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    core_px: int = 896
+    halo_px: int = 64
+    max_nucleus_um: float = 16.0
+    tissue_mask: bool = True
+    tissue_mpp: float = 8.0
+    batch_tiles: int = 2
+    workers: int = 1
+    threads_per_worker: int = 0
+    gzip: bool = True
+    overlay_crops: int = 3
+
+    def __post_init__(self):
+        if self.core_px < 64 or self.core_px % 16:
+            raise ValueError(f"core_px must be a multiple of 16 and >= 64, got {self.core_px}")
+        if self.halo_px < 0 or self.halo_px % 16:
+            raise ValueError(f"halo_px must be a multiple of 16 and >= 0, got {self.halo_px}")
+        if self.mpp is not None and self.mpp <= 0:
+            raise ValueError(f"mpp must be > 0, got {self.mpp}")
+        if self.tissue_mpp <= 0 or self.max_nucleus_um <= 0:
+            raise ValueError("tissue_mpp and max_nucleus_um must be > 0")
+        if self.batch_tiles < 1 or self.workers < 0 or self.threads_per_worker < 0 or self.overlay_crops < 0:
+            raise ValueError("batch_tiles must be >= 1; workers, threads_per_worker, overlay_crops >= 0")

@@ -1,0 +1,377 @@
+"""``wsi-ircr segment``: slide -> tissue -> tile grid -> zarr tiles -> Dask inference ->
+owned instances per tile -> global ids -> streamed GeoJSON + CSV -> overlay + summary.
+
+Each stage is a function with typed input and output. A run folder ``out/<stem>/`` holds
+``run.json`` (slide fingerprint, model hash, resolved config) from the start and
+``summary.json`` only once everything else is written: a folder with ``summary.json`` is a
+finished run; one with only ``run.json`` is an unfinished run that the same command
+resumes (tile store and per-tile results are reused).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wsi_ircr.config import to_dict
+from wsi_ircr.errors import UserError
+from wsi_ircr.io.atomic import atomic_open
+from wsi_ircr.progress import Progress
+from wsi_ircr.slide.config import SegmentConfig
+from wsi_ircr.slide.grid import Tile, TileGrid
+from wsi_ircr.slide.reader import SlideReader, open_slide, require_mpp
+from wsi_ircr.slide.tissue import TissueMask, detect_tissue, full_mask
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
+STORE_DIR = "tiles.zarr"
+WORK_DIR = "work"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver needs to know of the model (the workers load it themselves)."""
+
+    path: str | None
+    hash: str
+    mpp: float
+    description: dict
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """A slide's tissue mask and the tiles to segment at the model's mpp."""
+
+    slide_path: Path
+    fingerprint: str
+    slide_mpp: float
+    mpp_source: str
+    grid: TileGrid
+    tissue: TissueMask
+    tiles: list[Tile]
+
+
+def model_info(config: SegmentConfig) -> ModelInfo:
+    """Load the checkpoint once on the driver to validate it and read its mpp and hash."""
+    from wsi_ircr.model.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(config.model)
+    return ModelInfo(str(ckpt.path) if config.model else None, ckpt.model_hash, ckpt.mpp, ckpt.describe())
+
+
+def plan_slide(reader: SlideReader, config: SegmentConfig, model_mpp: float) -> SlidePlan:
+    """Tissue mask and tile grid; refuses slides without mpp and a halo below the largest nucleus."""
+    slide_mpp = require_mpp(reader)
+    grid = TileGrid(reader.dimensions_xy, slide_mpp, model_mpp, config.core_px, config.halo_px)
+    grid.check_halo(config.max_nucleus_um / model_mpp)
+    if max(grid.shape_rc) < 2 * config.halo_px + 16:
+        raise UserError(
+            f"{reader.path}: {reader.dimensions_xy[0]}x{reader.dimensions_xy[1]} px at {slide_mpp:g} mpp is smaller than "
+            f"one tile's halo ({grid.shape_rc[1]}x{grid.shape_rc[0]} px at the model's {model_mpp:g} mpp); "
+            "segment an image of at least a few hundred pixels"
+        )
+    tissue = detect_tissue(reader, config.tissue_mpp) if config.tissue_mask else full_mask(reader, config.tissue_mpp)
+    return SlidePlan(Path(reader.path), reader.fingerprint(), slide_mpp, reader.mpp_source, grid, tissue,
+                     grid.tissue_tiles(tissue))
+
+
+def _batches(items: list[int], size: int) -> list[list[int]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+@contextmanager
+def dask_client(scheduler: str | None, config: SegmentConfig):
+    """A client of the cluster at ``scheduler`` or of a new local cluster (no dashboard).
+
+    The local cluster gets ``workers`` processes (0 = one per 4 cores; 1 = threads inside
+    this process) of ``threads_per_worker`` threads (0 = all cores / workers); with
+    ``device: cuda`` each worker declares ``resources={"GPU": 1}``.
+    """
+    import os
+
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError) as e:
+            raise UserError(f"--scheduler {scheduler}: cannot reach a Dask scheduler there ({type(e).__name__}); start one with 'dask scheduler' or drop --scheduler") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    cores = os.cpu_count() or 1
+    workers = config.workers or max(1, cores // 4)
+    threads = config.threads_per_worker or max(1, cores // workers)
+    resources = {"GPU": 1} if config.device == "cuda" else None
+    with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=workers > 1,
+                      dashboard_address=None, resources=resources, silence_logs=logging.CRITICAL) as cluster:
+        with Client(cluster) as client:
+            yield client
+
+
+def _run_tasks(client, label: str, func, batches: list[list[int]], args: tuple, key: str, progress: bool,
+               gpu: bool) -> list:
+    """Submit one task per batch, gather as they finish (with a progress bar), in any order."""
+    from distributed import as_completed
+
+    if not batches:
+        return []
+    resources = {"GPU": 1} if gpu else None
+    sizes = {}
+    for batch in batches:
+        future = client.submit(func, args[0], batch, *args[1:], key=f"{key}-{batch[0]}", resources=resources, pure=False)
+        sizes[future] = len(batch)
+    reports = []
+    with Progress(label, sum(sizes.values()), enabled=progress) as bar:
+        for future, report in as_completed(list(sizes), with_results=True):
+            reports.append(report)
+            bar.update(sizes[future])
+    return reports
+
+
+def write_store(client, reader: SlideReader, plan: SlidePlan, store_path: Path, progress: bool) -> dict[str, float]:
+    """Stage: the zarr tile store (resumes a matching store); returns summed task seconds."""
+    from wsi_ircr.slide.store import create_tile_store
+    from wsi_ircr.slide.tasks import write_tiles
+
+    store = create_tile_store(store_path, plan.grid, plan.tiles, fingerprint=plan.fingerprint,
+                              slide_name=plan.slide_path.name)
+    pending = store.pending()
+    reports = _run_tasks(client, "tiles", write_tiles, _batches(pending, 4), (str(store_path), reader),
+                         f"tiles-{plan.fingerprint[:12]}", progress, gpu=False)
+    return {"read_decode": sum(r.seconds["read_decode"] for r in reports)}
+
+
+def segment_store(client, plan: SlidePlan, store_path: Path, work_dir: Path, model: ModelInfo, config: SegmentConfig,
+                  progress: bool) -> tuple[dict[Tile, int], dict[str, float]]:
+    """Stage: inference + post-processing of every tile without a saved result."""
+    from wsi_ircr.slide.store import TileStore
+    from wsi_ircr.slide.tasks import load_result, result_path, segment_tiles
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    store = TileStore.open(store_path)
+    counts: dict[Tile, int] = {}
+    pending = []
+    for i, tile in enumerate(store.tiles):
+        if result_path(work_dir, tile).exists():
+            counts[tile] = load_result(work_dir, tile).count
+        else:
+            pending.append(i)
+    reports = _run_tasks(client, "segment", segment_tiles, _batches(pending, config.batch_tiles),
+                         (str(store_path), model.path, config.device, str(work_dir)),
+                         f"segment-{plan.fingerprint[:12]}-{model.hash}", progress, gpu=config.device == "cuda")
+    seconds = {"tile_load": 0.0, "inference": 0.0, "postprocess": 0.0}
+    for report in reports:
+        counts.update(report.counts)
+        for k in seconds:
+            seconds[k] += report.seconds[k]
+    return counts, seconds
+
+
+def export_nuclei(plan: SlidePlan, counts: dict[Tile, int], work_dir: Path, geojson_path: Path, table_path: Path,
+                  namespace: str) -> np.ndarray:
+    """Stage: global ids by prefix sum, then stream every tile's nuclei (row-major) to the
+    GeoJSON and CSV. Returns the centroids float (N, 2) level-0 (x, y)."""
+    from wsi_ircr.slide.geojson import GeoJSONWriter
+    from wsi_ircr.slide.stitch import assign_global_ids
+    from wsi_ircr.slide.table import NucleiTableWriter, export_tile
+    from wsi_ircr.slide.tasks import load_result
+
+    offsets = assign_global_ids(counts)
+    centroids = []
+    with GeoJSONWriter(geojson_path) as geojson, NucleiTableWriter(table_path) as table:
+        for tile in sorted(counts):
+            if not counts[tile]:
+                continue
+            instances = load_result(work_dir, tile)
+            export_tile(instances, plan.grid, offsets[tile], geojson, table, namespace=namespace)
+            centroids.append(plan.grid.target_to_level0_xy(instances.centroid_rc))
+    return np.concatenate(centroids) if centroids else np.zeros((0, 2))
+
+
+def _level0_polygons(plan: SlidePlan, counts: dict[Tile, int], work_dir: Path):
+    from wsi_ircr.slide.polygons import to_level0
+    from wsi_ircr.slide.tasks import load_result
+
+    for tile in sorted(counts):
+        if counts[tile]:
+            for polygon in load_result(work_dir, tile).polygons:
+                yield to_level0(polygon, plan.grid)
+
+
+def render_previews(reader: SlideReader, plan: SlidePlan, counts: dict[Tile, int], work_dir: Path,
+                    centroids_xy: np.ndarray, out_dir: Path, n_crops: int) -> None:
+    """Stage: ``tissue.png`` and ``overlay.png`` (thumbnail with tissue and nuclei outlines,
+    plus full-resolution crops where nuclei are densest)."""
+    from wsi_ircr.slide.overlay import pick_crop_windows, polygons_in_window, render_mask_png, render_overlay
+
+    render_mask_png(plan.tissue.mask, out_dir / "tissue.png")
+    thumb = reader.thumbnail(2048)
+    scale = thumb.shape[1] / reader.dimensions_xy[0]
+    crop_px = max(64, int(round(384 * 0.5 / plan.slide_mpp)))
+    windows = pick_crop_windows(centroids_xy, crop_px, n_crops, reader.dimensions_xy)
+    crops = []
+    for x0, y0, x1, y1 in windows:
+        image = reader.read_region((x0, y0), 0, (x1 - x0, y1 - y0))
+        crops.append((image, polygons_in_window(_level0_polygons(plan, counts, work_dir), (x0, y0, x1, y1))))
+    render_overlay(out_dir / "overlay.png", thumb, plan.tissue.mask, _level0_polygons(plan, counts, work_dir), scale,
+                   crops, windows)
+
+
+def _peak_rss_mb(client) -> dict[str, float]:
+    """Peak resident memory of this process and of every worker process, MiB."""
+
+    def peak() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    peaks = {"driver": peak()}
+    try:
+        peaks.update({f"worker {addr}": mb for addr, mb in client.run(peak).items()})
+    except (OSError, TimeoutError):
+        pass
+    return peaks
+
+
+def prepare_run_dir(out_dir: Path, run_key: dict, overwrite: bool) -> bool:
+    """Create, resume or refuse ``out_dir``; returns True when resuming an unfinished run."""
+    run_file, summary = out_dir / RUN_FILE, out_dir / SUMMARY_FILE
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a folder; choose another -o")
+    ours = run_file.exists() or summary.exists()
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not ours:
+            raise UserError(f"{out_dir}: exists and is not a wsi-ircr run folder; choose another -o")
+        if overwrite:
+            shutil.rmtree(out_dir)
+        elif summary.exists():
+            raise UserError(f"{out_dir}: holds a finished run; pass --overwrite to redo it or choose another -o")
+        else:
+            previous = json.loads(run_file.read_text())
+            if previous != run_key:
+                raise UserError(f"{out_dir}: holds an unfinished run of another slide, model or config; pass --overwrite to start over")
+            return True
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_open(run_file) as f:
+        json.dump(run_key, f, indent=1)
+    return False
+
+
+@dataclass(frozen=True)
+class Run:
+    """An opened slide, its plan and its run folder."""
+
+    reader: SlideReader
+    plan: SlidePlan
+    out_dir: Path
+    stem: str
+    resumed: bool
+    plan_seconds: float
+
+
+def start_run(slide_path: str | Path, out_root: Path, config: SegmentConfig, model: ModelInfo, *,
+              overwrite: bool = False, progress: bool = True) -> Run:
+    """Open the slide, plan its tiles and create (or resume) ``out_root/<stem>/``."""
+    import wsi_ircr
+
+    t = time.perf_counter()
+    reader = open_slide(slide_path, mpp=config.mpp)
+    plan = plan_slide(reader, config, model.mpp)
+    plan_seconds = time.perf_counter() - t
+    stem = plan.slide_path.name.split(".")[0] or plan.slide_path.name
+    out_dir = Path(out_root) / stem
+    run_key = {"slide": plan.slide_path.name, "fingerprint": plan.fingerprint, "model_hash": model.hash,
+               "config": to_dict(config), "wsi_ircr": wsi_ircr.__version__}
+    resumed = prepare_run_dir(out_dir, run_key, overwrite)
+    if progress:
+        state = "resuming" if resumed else "starting"
+        print_err(f"{state} {plan.slide_path.name}: {reader.dimensions_xy[0]}x{reader.dimensions_xy[1]} px at "
+                  f"{plan.slide_mpp:g} mpp ({plan.mpp_source}) -> model {model.mpp:g} mpp; tissue "
+                  f"{plan.tissue.area_mm2:.2f} mm^2; {len(plan.tiles)} of {plan.grid.n_tiles} tiles")
+    return Run(reader, plan, out_dir, stem, resumed, plan_seconds)
+
+
+def tile_slide(slide_path: str | Path, out_root: Path, config: SegmentConfig, client, model: ModelInfo, *,
+               overwrite: bool = False, progress: bool = True) -> Run:
+    """``wsi-ircr tile``: tissue mask and tile store only (``segment`` later resumes from them)."""
+    from wsi_ircr.slide.overlay import render_mask_png
+
+    run = start_run(slide_path, out_root, config, model, overwrite=overwrite, progress=progress)
+    render_mask_png(run.plan.tissue.mask, run.out_dir / "tissue.png")
+    write_store(client, run.reader, run.plan, run.out_dir / STORE_DIR, progress)
+    return run
+
+
+def segment_slide(slide_path: str | Path, out_root: Path, config: SegmentConfig, client, model: ModelInfo, *,
+                  overwrite: bool = False, progress: bool = True) -> dict:
+    """Run every stage for one slide into ``out_root/<stem>/``; returns the summary dict."""
+    from wsi_ircr.versions import versions
+
+    t_start = time.perf_counter()
+    run = start_run(slide_path, out_root, config, model, overwrite=overwrite, progress=progress)
+    reader, plan, out_dir, stem, resumed = run.reader, run.plan, run.out_dir, run.stem, run.resumed
+    seconds: dict[str, float] = {"plan_tissue": run.plan_seconds}
+    store_path, work_dir = out_dir / STORE_DIR, out_dir / WORK_DIR
+    t = time.perf_counter()
+    task_seconds = write_store(client, reader, plan, store_path, progress)
+    seconds["tile_store"] = time.perf_counter() - t
+    t = time.perf_counter()
+    counts, segment_seconds = segment_store(client, plan, store_path, work_dir, model, config, progress)
+    seconds["segment_wall"] = time.perf_counter() - t
+    task_seconds.update(segment_seconds)
+    t = time.perf_counter()
+    suffix = ".geojson.gz" if config.gzip else ".geojson"
+    centroids_xy = export_nuclei(plan, counts, work_dir, out_dir / f"{stem}{suffix}", out_dir / "nuclei.csv",
+                                 namespace=f"{plan.fingerprint}:{model.hash}")
+    seconds["stitch_export"] = time.perf_counter() - t
+    t = time.perf_counter()
+    render_previews(reader, plan, counts, work_dir, centroids_xy, out_dir, config.overlay_crops)
+    seconds["overlay"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t_start
+    n = int(len(centroids_xy))
+    area = plan.tissue.area_mm2
+    summary = {
+        "slide": str(plan.slide_path),
+        "out_dir": str(out_dir),
+        "fingerprint": plan.fingerprint,
+        "dimensions_xy": list(reader.dimensions_xy),
+        "slide_mpp": plan.slide_mpp,
+        "mpp_source": plan.mpp_source,
+        "model_mpp": model.mpp,
+        "tissue_area_mm2": area,
+        "tiles": {"total": plan.grid.n_tiles, "segmented": len(plan.tiles), "tile_px": plan.grid.tile_px,
+                  "core_px": plan.grid.core_px, "halo_px": plan.grid.halo_px},
+        "nuclei": n,
+        "nuclei_per_mm2": n / area if area > 0 else 0.0,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "task_seconds": {k: round(v, 3) for k, v in task_seconds.items()},
+        "peak_rss_mb": _peak_rss_mb(client),
+        "resumed": resumed,
+        "outputs": {"geojson": f"{stem}{suffix}", "table": "nuclei.csv", "overlay": "overlay.png",
+                    "tissue": "tissue.png", "tile_store": STORE_DIR},
+        "model": model.description,
+        "config": to_dict(config),
+        "versions": versions(),
+    }
+    with atomic_open(out_dir / SUMMARY_FILE) as f:
+        json.dump(summary, f, indent=1)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    reader.close()
+    return summary
+
+
+def print_err(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
