@@ -169,7 +169,7 @@ class Trainer:
         if cfg.mt_weight > 0:
             mt = torch.mean((torch.softmax(s_out["np"], 1) - torch.softmax(t_out["np"], 1)) ** 2) + torch.mean((s_out["hv"] - t_out["hv"]) ** 2)
             total = total + cfg.mt_weight * mt
-            parts["mt"] = float(mt)
+            parts["mt"] = float(mt.detach())
         if cfg.miac_weight > 0 or cfg.piac_weight > 0:
             t_inst = _instances(t_out, cfg)
         if cfg.miac_weight > 0:
@@ -186,7 +186,7 @@ class Trainer:
             band_t = torch.from_numpy(np.stack(band)).to(self.device)
             miac = miac_loss(s_out, t_out, inside_t, band_t, cfg.miac_beta)
             total = total + cfg.miac_weight * miac
-            parts["miac"] = float(miac)
+            parts["miac"] = float(miac.detach())
         if cfg.piac_weight > 0:
             from wsi_ircr.train.piac import MorphologyPriors, piac_loss, piac_weight_map
 
@@ -194,7 +194,7 @@ class Trainer:
             weights = [piac_weight_map(lab, img, priors, cfg.piac_tau, cfg.piac_w_good)[0] for lab, img in zip(t_inst, batch["image"])]
             piac = piac_loss(s_out, t_out, torch.from_numpy(np.stack(weights)).to(self.device))
             total = total + cfg.piac_weight * piac
-            parts["piac"] = float(piac)
+            parts["piac"] = float(piac.detach())
         return total, parts
 
     def train_step(self) -> dict[str, float]:
@@ -217,7 +217,7 @@ class Trainer:
         self.sched.step()
         ema_update(self.teacher, self.student, cfg.ema_alpha)
         self.step += 1
-        record["loss"] = float(loss)
+        record["loss"] = float(loss.detach())
         return record
 
     def run(self, progress: bool = True) -> dict:

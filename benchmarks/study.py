@@ -1,0 +1,121 @@
+"""The label-ratio study on MoNuSeg (Kumar split): train each method, score it on the test tiles.
+
+Every run is the public CLI: ``wsi-ircr train`` then ``wsi-ircr evaluate`` on the 14 Kumar
+test tiles (never used for training or checkpoint selection). Results go to
+``runs/study/<run>/`` and the table to ``benchmarks/study.md``.
+
+    python benchmarks/study.py --preset cpu      # the reduced CPU study (2 cores)
+    python benchmarks/study.py --preset gpu      # the full protocol (one H100)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("WSI_IRCR_SHARED", REPO.parent / "shared")) / "data" / "monuseg-train"
+METHODS = ("supervised", "mean_teacher", "mt_miac", "mt_piac", "ircr")
+
+PRESETS = {
+    # (method, labelled tiles, seeds); CPU: short runs on small crops.
+    "cpu": {
+        "runs": [(m, 2, s) for m in ("supervised", "mean_teacher", "ircr") for s in (0, 1)]
+        + [(m, 2, 0) for m in ("mt_miac", "mt_piac")]
+        + [(m, 4, s) for m in ("supervised", "mean_teacher", "ircr") for s in (0, 1)]
+        + [("supervised", 14, 0)],
+        "overrides": ["steps=500", "crop_px=128", "batch_size=4", "unlabelled_batch_size=4", "rampup_steps=150",
+                      "val_every=100", "threads=1"],
+        "parallel": 2,
+    },
+    "gpu": {
+        "runs": [(m, n, s) for n in (2, 4) for m in METHODS for s in (0, 1)]
+        + [(m, n, 0) for n in (8, 14) for m in METHODS],
+        "overrides": ["steps=4000", "arch=lite-m", "crop_px=256", "batch_size=16", "unlabelled_batch_size=16",
+                      "rampup_steps=1000", "val_every=500"],
+        "parallel": 1,
+    },
+}
+
+
+def test_folder(out: Path) -> Path:
+    """A folder of links to the 14 Kumar test tiles (images/ and labels/)."""
+    meta = json.loads((DATA / "meta.json").read_text())
+    root = out / "kumar-test"
+    for sub, ext in (("images", ".tif"), ("labels", ".png")):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for stem in meta["kumar_split"]["test"]:
+            link = root / sub / f"{stem}{ext}"
+            if not link.exists():
+                link.symlink_to(DATA / sub / f"{stem}{ext}")
+    return root
+
+
+def run_one(method: str, n_labelled: int, seed: int, overrides: list[str], out: Path, tests: Path) -> dict:
+    name = f"{method}-L{n_labelled}-s{seed}"
+    run_dir = out / name
+    result_file = run_dir / "test.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    train = [sys.executable, "-m", "wsi_ircr", "train", "--config", str(REPO / "configs/train" / f"{method}.yaml"),
+             "--out", str(run_dir), "--seed", str(seed), "--set", f"data.labelled={n_labelled}",
+             "--set", f"data.label_seed={seed}", "--overwrite", "--quiet"]
+    for item in overrides:
+        train += ["--set", item]
+    t0 = time.time()
+    subprocess.run(train, check=True)
+    seconds = time.time() - t0
+    subprocess.run([sys.executable, "-m", "wsi_ircr", "evaluate", "--images", str(tests / "images"), "--labels",
+                    str(tests / "labels"), "--model", str(run_dir / "model.pt"), "--json", str(run_dir / "eval.json"),
+                    "--device", "cpu", "--quiet"], check=True, stdout=subprocess.DEVNULL)
+    scores = json.loads((run_dir / "eval.json").read_text())["mean"]
+    result = {"name": name, "method": method, "labelled": n_labelled, "seed": seed, "train_seconds": seconds, **scores,
+              "command": " ".join(train[1:])}
+    result_file.write_text(json.dumps(result, indent=1))
+    print(f"{name}: AJI {scores['aji']:.4f} Dice {scores['dice']:.4f} PQ {scores['pq']:.4f} ({seconds / 60:.1f} min)",
+          file=sys.stderr, flush=True)
+    return result
+
+
+def table(results: list[dict], preset: str, hardware: str) -> str:
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["labelled"], r["method"]), []).append(r)
+    lines = [f"| labelled tiles (of 16) | method | seeds | AJI | Dice | PQ | F1 | minutes/run |", "|---|---|---|---|---|---|---|---|"]
+    for (n, method) in sorted(groups, key=lambda k: (k[0], METHODS.index(k[1]))):
+        rs = groups[(n, method)]
+        mean = {k: sum(r[k] for r in rs) / len(rs) for k in ("aji", "dice", "pq", "f1", "train_seconds")}
+        lines.append(f"| {n} | {method} | {len(rs)} | {mean['aji']:.4f} | {mean['dice']:.4f} | {mean['pq']:.4f} | "
+                     f"{mean['f1']:.4f} | {mean['train_seconds'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "study")
+    parser.add_argument("--only", help="Comma-separated run names (method-L<n>-s<seed>) to run.")
+    parser.add_argument("--parallel", type=int, help="Concurrent runs (default from the preset).")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        sys.exit(f"error: {DATA} not found; the study needs ../shared/data/monuseg-train")
+    preset = PRESETS[args.preset]
+    tests = test_folder(args.out)
+    runs = preset["runs"]
+    if args.only:
+        wanted = set(args.only.split(","))
+        runs = [r for r in runs if f"{r[0]}-L{r[1]}-s{r[2]}" in wanted]
+    with ThreadPoolExecutor(args.parallel or preset["parallel"]) as pool:
+        results = list(pool.map(lambda r: run_one(*r, preset["overrides"], args.out, tests), runs))
+    (args.out / f"results-{args.preset}.json").write_text(json.dumps(results, indent=1))
+    print(table(results, args.preset, ""))
+
+
+if __name__ == "__main__":
+    main()
