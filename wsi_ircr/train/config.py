@@ -79,6 +79,7 @@ class TrainConfig:
     strong_strength: float = 1.0
     val_every: int = 250
     log_every: int = 25
+    tune_postprocess: bool = True
     postprocess: PostProcessConfig = field(default_factory=PostProcessConfig)
 
     def __post_init__(self):

@@ -297,6 +297,15 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
     seconds = time.time() - t0
     final = load_checkpoint(out_dir / "best.pt")
     final.meta["metrics"] = {"val": best.get("val"), "train_seconds": seconds, "history": trainer.history}
+    if cfg.tune_postprocess and len(data.val):
+        from wsi_ircr.train.tune import tune_postprocess
+
+        final.postprocess, tuned = tune_postprocess(final.build().to(trainer.device), data.val.images, data.val.labels,
+                                                    cfg.postprocess, trainer.device)
+        final.meta["metrics"]["val_aji_tuned_postprocess"] = tuned
+        best["aji_tuned_postprocess"] = tuned
+        if progress:
+            print(f"post-processing tuned on validation: AJI {tuned:.4f} with {final.postprocess}", file=sys.stderr)
     save_checkpoint(out_dir / "model.pt", final)
     summary = {"best": best, "train_seconds": seconds, "steps": cfg.steps, "device": str(trainer.device), "data": data.describe()}
     with atomic_open(out_dir / "metrics.json") as f:

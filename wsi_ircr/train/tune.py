@@ -1,0 +1,42 @@
+"""Choose post-processing thresholds on validation tiles (stored in the checkpoint)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import torch
+
+from wsi_ircr.model.inference import predict_maps_tensor
+from wsi_ircr.model.postprocess import PostProcessConfig, instances_from_maps
+
+GRID = {
+    "np_threshold": (0.4, 0.5),
+    "edge_threshold": (0.2, 0.35, 0.5, 0.8),
+    "marker_radius": (0.3, 0.45, 0.6),
+}
+
+
+def tune_postprocess(net: torch.nn.Module, images: list[np.ndarray], labels: list[np.ndarray],
+                     base: PostProcessConfig, device: torch.device) -> tuple[PostProcessConfig, float]:
+    """The ``GRID`` point with the best mean AJI on (images uint8 (H, W, 3), labels int (H, W)).
+
+    Network maps are computed once per tile; returns (config, its mean AJI).
+    """
+    from wsi_ircr.metrics import aji
+
+    net.eval()
+    maps = []
+    with torch.inference_mode():
+        for image in images:
+            x = torch.from_numpy(image[None]).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+            prob, hv = predict_maps_tensor(net, x)
+            maps.append((prob[0].cpu().numpy(), hv[0].cpu().numpy()))
+    best, best_score = base, -1.0
+    for values in itertools.product(*GRID.values()):
+        candidate = dataclasses.replace(base, **dict(zip(GRID, values)))
+        score = float(np.mean([aji(lab, instances_from_maps(p, h, candidate)) for (p, h), lab in zip(maps, labels)]))
+        if score > best_score:
+            best, best_score = candidate, score
+    return best, best_score
