@@ -7,6 +7,7 @@ values are ``UserError``s that name the file and the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,18 @@ T = TypeVar("T")
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
+
+
+def _exponent_number(text: str) -> float | str:
+    """``"1e-4"`` -> 1e-4: PyYAML (YAML 1.1) reads exponents without a dot as strings.
+
+    Anything else (``"nan"``, ``"inf"``, words) is returned unchanged, to be rejected.
+    """
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return number if math.isfinite(number) and "e" in text.lower() else text
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -59,6 +72,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if tp is float:
+        if isinstance(value, str):
+            value = _exponent_number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{where}: expected a number, found {value!r}")
         return float(value)
@@ -83,7 +98,7 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     """Build dataclass ``cls`` from ``data``; every key must be a field (nested allowed)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
         raise UserError(
             f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(names))}"
@@ -104,10 +119,13 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _parse_scalar(text: str) -> Any:
+def _parse_scalar(text: str, item: str, where: str) -> Any:
     import yaml
 
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise UserError(f"{where} {item!r}: the value is not valid YAML; quote it or fix the brackets") from None
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], where: str = "override") -> dict:
@@ -125,7 +143,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], where: s
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise UserError(f"{where} {item!r}: {p!r} is not a section")
-        node[parts[-1]] = _parse_scalar(text)
+        node[parts[-1]] = _parse_scalar(text, item, where)
     return out
 
 
@@ -138,6 +156,8 @@ def read_yaml(path: str | Path) -> dict:
         raise UserError(f"{path}: config file not found; pass an existing YAML file (see configs/)")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file; pass a YAML config (see configs/)") from None
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         at = f" at line {line + 1}" if line is not None else ""
