@@ -98,11 +98,20 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> str:
     return file_hash(Path(path))
 
 
+def _load_reason(e: Exception) -> str:
+    """A short, printable reason for a failed ``torch.load``."""
+    import pickle
+    import re
+
+    if isinstance(e, pickle.UnpicklingError):
+        return "not a weights-only torch file"
+    lines = str(e).strip().splitlines()
+    text = re.sub(r"\x1b\[[0-9;]*m|[^\x20-\x7e]", "", lines[0]) if lines else ""
+    return text[:120] or type(e).__name__
+
+
 def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     """Load a checkpoint; ``None`` loads the bundled model. Not-ours files are ``UserError``s."""
-    import pickle
-    import zipfile
-
     import torch
 
     from wsi_ircr.config import from_dict
@@ -114,18 +123,22 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
         raise UserError(f"{path}: is a directory; pass --model PATH to a wsi-ircr checkpoint file (.pt)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as e:
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable wsi-ircr checkpoint ({reason}); train one with 'wsi-ircr train'") from None
+    except Exception as e:  # junk files raise anything: struct.error, IndexError, UnpicklingError, ...
+        raise UserError(f"{path}: not a readable wsi-ircr checkpoint ({_load_reason(e)}); train one with 'wsi-ircr train'") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path}: not a wsi-ircr checkpoint (no '{FORMAT}' header); train one with 'wsi-ircr train'")
     if payload.get("version") != VERSION:
         raise UserError(f"{path}: checkpoint version {payload.get('version')} is not supported (expected {VERSION}); upgrade wsi-ircr")
+    try:
+        arch, model_state, mpp = str(payload["arch"]), dict(payload["model"]), float(payload["mpp"])
+        postprocess = dict(payload["postprocess"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: damaged wsi-ircr checkpoint (bad or missing field {e}); train or download it again") from None
     return Checkpoint(
-        arch=payload["arch"],
-        model_state=payload["model"],
-        mpp=float(payload["mpp"]),
-        postprocess=from_dict(PostProcessConfig, payload["postprocess"], f"{path}: postprocess"),
+        arch=arch,
+        model_state=model_state,
+        mpp=mpp,
+        postprocess=from_dict(PostProcessConfig, postprocess, f"{path}: postprocess"),
         priors=payload.get("priors"),
         meta=payload.get("meta") or {},
         train_state=payload.get("train_state"),

@@ -74,12 +74,18 @@ class Predictor:
         probs, hvs = self.predict_maps(tiles)
         return [instances_from_maps(p, h, self.postprocess) for p, h in zip(probs, hvs)]
 
-    def segment_image(self, image: np.ndarray, window_px: int = 1024, overlap_px: int = 64) -> np.ndarray:
-        """uint8 (H, W, 3) -> int32 (H, W): maps from overlapping windows, one post-processing."""
+    def predict_image_maps(self, image: np.ndarray, window_px: int = 1024, overlap_px: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (H, W, 3) -> probability float32 (H, W), HV float32 (2, H, W).
+
+        Images larger than ``window_px`` run as overlapping windows; each window keeps only
+        its centre (``overlap_px`` of context dropped on inner sides).
+        """
+        if overlap_px < 0 or window_px <= 2 * overlap_px:
+            raise ValueError(f"window_px ({window_px}) must exceed 2 * overlap_px ({overlap_px}) and overlap_px be >= 0")
         h, w = image.shape[:2]
         if h <= window_px and w <= window_px:
             prob, hv = self.predict_maps(image[None])
-            return instances_from_maps(prob[0], hv[0], self.postprocess)
+            return prob[0], hv[0]
         prob = np.zeros((h, w), np.float32)
         hv = np.zeros((2, h, w), np.float32)
         step = window_px - 2 * overlap_px
@@ -91,4 +97,9 @@ class Predictor:
                 r1, c1 = min(r0 + step, h), min(c0 + step, w)
                 prob[r0:r1, c0:c1] = p[0, r0 - rr0 : r1 - rr0, c0 - cc0 : c1 - cc0]
                 hv[:, r0:r1, c0:c1] = v[0, :, r0 - rr0 : r1 - rr0, c0 - cc0 : c1 - cc0]
+        return prob, hv
+
+    def segment_image(self, image: np.ndarray, window_px: int = 1024, overlap_px: int = 64) -> np.ndarray:
+        """uint8 (H, W, 3) -> int32 (H, W): maps from overlapping windows, one post-processing."""
+        prob, hv = self.predict_image_maps(image, window_px, overlap_px)
         return instances_from_maps(prob, hv, self.postprocess)
