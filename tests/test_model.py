@@ -238,6 +238,7 @@ def _not_ours(tmp_path, kind):
     return path
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize(
     "kind",
     ["random", "empty", "yaml", "png", "plain_dict", "list", "pickle", "module", "truncated",

@@ -38,8 +38,8 @@ class Progress:
             return
         elapsed = time.monotonic() - self.start
         rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        frac = self.done / self.total if self.total else 1.0
+        eta = max(self.total - self.done, 0) / rate if rate > 0 else 0.0
+        frac = min(self.done / self.total, 1.0) if self.total else 1.0
         bar = "#" * int(frac * 20)
         line = f"{self.label}: [{bar:<20}] {self.done}/{self.total} {self.unit} {_clock(elapsed)} elapsed, ETA {_clock(eta)}"
         if self._tty:

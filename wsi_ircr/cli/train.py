@@ -30,11 +30,10 @@ def train(config_path, out_dir, images, labels, unlabelled, labelled_fraction, s
       wsi-ircr train --config configs/train/ircr.yaml --out runs/ircr --resume
       wsi-ircr train --images tiles/ --labels masks/ --unlabelled more_tiles/ --out runs/mine
     """
-    import shutil
-
     from wsi_ircr.config import apply_overrides, from_dict, read_yaml
     from wsi_ircr.errors import UserError
     from wsi_ircr.train.config import TrainConfig
+    from wsi_ircr.train.loop import RUN_FILES
     from wsi_ircr.train.loop import train as run_training
 
     data = read_yaml(config_path) if config_path else {}
@@ -55,7 +54,8 @@ def train(config_path, out_dir, images, labels, unlabelled, labelled_fraction, s
     if (out_dir / "last.pt").exists() and not resume:
         if not overwrite:
             raise UserError(f"{out_dir}: already holds a training run; pass --resume to continue it or --overwrite to start over")
-        shutil.rmtree(out_dir)
+        for name in RUN_FILES:  # only the run's own files: --out may hold other things
+            (out_dir / name).unlink(missing_ok=True)
     summary = run_training(cfg, out_dir, base_dir=base_dir, resume=resume, progress=not quiet)
     best = summary["best"]
     click.echo(f"model: {out_dir / 'model.pt'} (step {best['step']}, val AJI {best['aji']:.4f}, {summary['train_seconds'] / 60:.1f} min)")

@@ -97,6 +97,11 @@ class CropSampler:
     def __init__(self, tiles: TileSet, crop_px: int, rng: np.random.Generator, margin_px: int = 32):
         if not len(tiles):
             raise ValueError("CropSampler needs at least one tile")
+        small = [(s, im.shape[:2]) for s, im in zip(tiles.stems, tiles.images) if min(im.shape[:2]) < crop_px]
+        if small:
+            stem, (h, w) = small[0]
+            raise UserError(f"tile {stem!r} is {h}x{w} px, smaller than crop_px={crop_px} ({len(small)} such tile(s)); "
+                            f"lower crop_px (a multiple of 16) or remove the small tiles")
         self.tiles, self.crop_px, self.rng, self.margin_px = tiles, crop_px, rng, margin_px
 
     def _window(self, shape_rc: tuple[int, int]) -> tuple[int, int]:

@@ -30,6 +30,8 @@ from wsi_ircr.versions import versions
 
 log = logging.getLogger(__name__)
 
+RUN_FILES = ("model.pt", "best.pt", "last.pt", "metrics.json", "config.yaml")  # what ``train`` writes in out_dir
+
 
 def rampup(step: int, start: int, length: int) -> float:
     """Sigmoid ramp-up exp(-5 (1 - t)^2) from ``start`` over ``length`` steps (0 before)."""
@@ -276,10 +278,10 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = load_train_data(cfg.data, base_dir)
-    if progress:
-        print(f"data: {len(data.labelled)} labelled, {len(data.unlabelled)} unlabelled, {len(data.val)} validation tiles", file=sys.stderr)
     if cfg.semi_supervised and not len(data.unlabelled):
         raise UserError("semi-supervised terms are on but there are no unlabelled tiles; set data.unlabelled or data.labelled below the pool size")
+    if progress:
+        print(f"data: {len(data.labelled)} labelled, {len(data.unlabelled)} unlabelled, {len(data.val)} validation tiles", file=sys.stderr)
     priors = fit_priors(data)
     trainer = Trainer(cfg, out_dir, data, priors)
     if resume:

@@ -1,0 +1,430 @@
+"""Training: data split, crop sampling, the loop (supervised and full IRCR), resume, the CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wsi_ircr.cli import main
+from wsi_ircr.errors import UserError
+from wsi_ircr.io.images import write_label_png
+from wsi_ircr.model.checkpoint import load_checkpoint
+from wsi_ircr.progress import Progress
+from wsi_ircr.train.config import DataConfig
+from wsi_ircr.train.data import CropSampler, TileSet, load_train_data
+from wsi_ircr.train.targets import hv_targets
+
+TILE = 96
+NUCLEUS, BACKGROUND = (90, 40, 130), (235, 190, 215)
+
+
+def tile(seed: int, size: int = TILE) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 RGB dark disks (radius 5-8 px, some touching) on pink, and their int32 instance map."""
+    rng = np.random.default_rng(seed)
+    rr, cc = np.mgrid[:size, :size]
+    labels = np.zeros((size, size), np.int32)
+    for i in range(1, 9):
+        r, c, radius = rng.uniform(8, size - 8), rng.uniform(8, size - 8), rng.uniform(5, 8)
+        labels[(np.hypot(rr - r, cc - c) <= radius) & (labels == 0)] = i
+    image = np.empty((size, size, 3), np.uint8)
+    image[:] = BACKGROUND
+    image[labels > 0] = NUCLEUS
+    return image, labels
+
+
+def write_tiles(root: Path, stems, with_labels: bool = True, seed: int = 0, size: int = TILE) -> tuple[Path, Path]:
+    images, labels = root / "images", root / "labels"
+    images.mkdir(parents=True, exist_ok=True)
+    for k, stem in enumerate(stems):
+        image, lab = tile(seed + k, size)
+        Image.fromarray(image).save(images / f"{stem}.png")
+        if with_labels:
+            write_label_png(labels / f"{stem}.png", lab)
+    return images, labels
+
+
+@pytest.fixture
+def dataset(tmp_path) -> dict[str, Path]:
+    """Six labelled tiles t0..t5 and three unlabelled tiles u0..u2 as PNG files."""
+    images, labels = write_tiles(tmp_path / "lab", [f"t{i}" for i in range(6)])
+    unlabelled, _ = write_tiles(tmp_path / "unl", [f"u{i}" for i in range(3)], with_labels=False, seed=100)
+    return {"images": images, "labels": labels, "unlabelled": unlabelled, "root": tmp_path}
+
+
+# --- load_train_data ----------------------------------------------------------------------
+
+
+def test_split_holds_out_validation_and_keeps_all_labels_by_default(dataset):
+    data = load_train_data(DataConfig(images=str(dataset["images"]), labels=str(dataset["labels"]), val=("t1", "t4")))
+    assert data.val.stems == ["t1", "t4"] and len(data.val.labels) == 2
+    assert data.labelled.stems == ["t0", "t2", "t3", "t5"]
+    assert len(data.unlabelled) == 0 and data.unlabelled.labels is None
+    image, labels = tile(2)
+    np.testing.assert_array_equal(data.labelled.images[1], image)
+    np.testing.assert_array_equal(data.labelled.labels[1], labels)
+    assert data.labelled.labels[1].dtype == np.int32 and data.labelled.images[1].dtype == np.uint8
+    described = data.describe()
+    assert described["val"] == ["t1", "t4"]
+    assert described["n_nuclei_labelled"] == sum(len(np.unique(tile(k)[1])) - 1 for k in (0, 2, 3, 5))
+
+
+@pytest.mark.parametrize("labelled, fraction, n_lab", [(2, None, 2), (None, 0.5, 2), (None, 0.01, 1), (5, None, 5)])
+def test_labelled_count_or_fraction_moves_the_rest_to_unlabelled(dataset, labelled, fraction, n_lab):
+    cfg = DataConfig(images=str(dataset["images"]), labels=str(dataset["labels"]), val=("t0",),
+                     labelled=labelled, labelled_fraction=fraction)
+    data = load_train_data(cfg)
+    assert len(data.labelled) == n_lab and len(data.labelled.labels) == n_lab
+    assert sorted(data.labelled.stems + data.unlabelled.stems) == ["t1", "t2", "t3", "t4", "t5"]
+    assert "t0" not in data.labelled.stems + data.unlabelled.stems
+    assert len(data.unlabelled.images) == 5 - n_lab and data.unlabelled.labels is None
+
+
+def test_label_seed_decides_the_split_deterministically(dataset):
+    def split(seed):
+        cfg = DataConfig(images=str(dataset["images"]), labels=str(dataset["labels"]), labelled=2, label_seed=seed)
+        return tuple(load_train_data(cfg).labelled.stems)
+
+    assert split(3) == split(3)
+    assert len({split(seed) for seed in range(6)}) > 1
+
+
+def test_include_restricts_the_pool_and_relative_paths_use_base_dir(dataset):
+    cfg = DataConfig(images="lab/images", labels="lab/labels", include=("t2", "t3", "t4"), val=("t3",))
+    data = load_train_data(cfg, base_dir=dataset["root"])
+    assert data.labelled.stems == ["t2", "t4"] and data.val.stems == ["t3"]
+
+
+def test_unlabelled_folder_is_added(dataset):
+    cfg = DataConfig(images=str(dataset["images"]), labels=str(dataset["labels"]), labelled=4,
+                     unlabelled=str(dataset["unlabelled"]), val=("t5",))
+    data = load_train_data(cfg)
+    assert len(data.labelled) == 4
+    assert data.unlabelled.stems[-3:] == ["u0", "u1", "u2"] and len(data.unlabelled) == 4
+    np.testing.assert_array_equal(data.unlabelled.images[-1], tile(102)[0])
+
+
+@pytest.mark.parametrize("field", ["val", "include"])
+def test_missing_stems_are_user_errors(dataset, field):
+    cfg = DataConfig(images=str(dataset["images"]), labels=str(dataset["labels"]), **{field: ("t1", "nope")})
+    with pytest.raises(UserError) as e:
+        load_train_data(cfg)
+    assert f"data.{field}" in str(e.value) and "'nope'" in str(e.value)
+
+
+def test_bad_splits_are_user_errors(dataset):
+    images, labels = str(dataset["images"]), str(dataset["labels"])
+    with pytest.raises(UserError, match="data.labelled=7"):
+        load_train_data(DataConfig(images=images, labels=labels, labelled=7))
+    with pytest.raises(UserError, match="no labelled tiles left"):
+        load_train_data(DataConfig(images=images, labels=labels, val=tuple(f"t{i}" for i in range(6))))
+    with pytest.raises(UserError, match="data.images"):
+        load_train_data(DataConfig(labels=labels))
+
+
+def test_images_without_labels_are_user_errors(dataset):
+    write_tiles(dataset["root"] / "lab", ["extra"], with_labels=False)
+    with pytest.raises(UserError) as e:
+        load_train_data(DataConfig(images=str(dataset["images"]), labels=str(dataset["labels"])))
+    assert "extra" in str(e.value) and "no label map" in str(e.value)
+
+
+def test_label_map_of_the_wrong_size_is_a_user_error(dataset):
+    write_label_png(dataset["labels"] / "t3.png", np.zeros((TILE, TILE + 4), np.int32))
+    with pytest.raises(UserError, match="t3.png"):
+        load_train_data(DataConfig(images=str(dataset["images"]), labels=str(dataset["labels"])))
+
+
+# --- CropSampler ----------------------------------------------------------------------------
+
+
+def labelled_tiles(n: int = 3, size: int = TILE) -> TileSet:
+    pairs = [tile(k, size) for k in range(n)]
+    return TileSet([f"t{k}" for k in range(n)], [p[0] for p in pairs], [p[1] for p in pairs])
+
+
+def test_crop_sampler_shapes_and_dtypes():
+    batch = CropSampler(labelled_tiles(), 32, np.random.default_rng(0)).sample(5)
+    assert batch["image"].shape == (5, 32, 32, 3) and batch["image"].dtype == np.uint8
+    assert batch["labels"].shape == (5, 32, 32) and batch["labels"].dtype == np.int32
+    assert batch["hv"].shape == (5, 2, 32, 32) and batch["hv"].dtype == np.float32
+    assert batch["image"].flags.c_contiguous
+    unlabelled = TileSet(["u"], [tile(7)[0]], None)
+    batch = CropSampler(unlabelled, 48, np.random.default_rng(0)).sample(3)
+    assert set(batch) == {"image"} and batch["image"].shape == (3, 48, 48, 3)
+
+
+def test_crops_keep_image_labels_and_hv_aligned():
+    batch = CropSampler(labelled_tiles(), 32, np.random.default_rng(1)).sample(24)
+    dark = batch["image"].sum(-1) < sum(BACKGROUND) - 100
+    np.testing.assert_array_equal(dark, batch["labels"] > 0)  # same geometric transform
+    hv, labels = batch["hv"], batch["labels"]
+    assert np.abs(hv).max() <= 1.0 and (labels > 0).any()
+    assert not (hv * (labels == 0)[:, None]).any()  # background has no offsets
+    assert (np.abs(hv).sum(1) > 0)[labels > 0].mean() > 0.95  # foreground carries offsets
+    for crop_labels, crop_hv in zip(labels, hv):  # nuclei inside the crop: targets of the crop itself
+        inner = hv_targets(crop_labels)
+        for i in np.unique(crop_labels)[1:]:
+            mask = crop_labels == i
+            rows, cols = np.nonzero(mask)
+            if rows.min() > 0 and cols.min() > 0 and rows.max() < 31 and cols.max() < 31:
+                np.testing.assert_allclose(crop_hv[:, mask], inner[:, mask], atol=1e-5)
+
+
+def test_nuclei_cut_by_the_crop_keep_the_targets_of_their_whole_shape():
+    """HV targets come from the crop with a margin: a half-visible nucleus is not re-centred."""
+    batch = CropSampler(labelled_tiles(), 32, np.random.default_rng(2)).sample(24)
+    differs = 0
+    for crop_labels, crop_hv in zip(batch["labels"], batch["hv"]):
+        differs += int(not np.allclose(crop_hv, hv_targets(crop_labels), atol=1e-5))
+    assert differs > 0
+
+
+def test_crop_sampler_is_deterministic_per_rng():
+    tiles = labelled_tiles()
+    a = CropSampler(tiles, 32, np.random.default_rng(5)).sample(4)
+    b = CropSampler(tiles, 32, np.random.default_rng(5)).sample(4)
+    c = CropSampler(tiles, 32, np.random.default_rng(6)).sample(4)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(a["image"], c["image"])
+
+
+def test_tiles_smaller_than_the_crop_are_user_errors():
+    tiles = labelled_tiles(2)
+    tiles.images[1], tiles.labels[1] = tile(1, size=40)
+    with pytest.raises(UserError) as e:
+        CropSampler(tiles, 48, np.random.default_rng(0))
+    assert "t1" in str(e.value) and "crop_px" in str(e.value)
+    with pytest.raises(ValueError):
+        CropSampler(TileSet(), 32, np.random.default_rng(0))
+
+
+# --- the train command -----------------------------------------------------------------------
+
+SMALL = ["--device", "cpu", "--set", "crop_px=32", "--set", "batch_size=2", "--set", "unlabelled_batch_size=2",
+         "--set", "threads=1", "--set", "val_every=2", "--set", "log_every=1", "--set", "lr=0.001"]
+IRCR = ["--set", "mt_weight=1", "--set", "miac_weight=10", "--set", "piac_weight=1", "--set", "rampup_steps=0",
+        "--set", "postprocess.min_area_px=8", "--set", "postprocess.min_marker_px=2"]
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def train_argv(dataset, out: Path, steps: int, *extra: str) -> list[str]:
+    return ["train", "--images", str(dataset["images"]), "--labels", str(dataset["labels"]), "--out", str(out),
+            "--steps", str(steps), *SMALL, "--set", "data.val=[t5]", *extra]
+
+
+def assert_run_folder(out: Path) -> dict:
+    for name in ("model.pt", "best.pt", "last.pt", "metrics.json", "config.yaml"):
+        assert (out / name).is_file(), name
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no partial files
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_train_supervised_end_to_end(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(train_argv(dataset, out, 4, "--set", "tune_postprocess=true"), capsys)
+    assert code == 0, err
+    metrics = assert_run_folder(out)
+    assert metrics["steps"] == 4 and metrics["data"]["val"] == ["t5"] and len(metrics["data"]["labelled"]) == 5
+    assert str(out / "model.pt") in stdout
+    model = load_checkpoint(out / "model.pt")
+    assert model.arch == "lite-s" and model.mpp == 0.25 and model.train_state is None
+    assert model.priors is not None and model.priors["features"]
+    assert model.meta["config"]["steps"] == 4 and model.meta["config"]["crop_px"] == 32
+    assert [h["step"] for h in model.meta["metrics"]["history"]] == [2, 4]
+    assert "val_aji_tuned_postprocess" in model.meta["metrics"]
+    model.build()
+    last = load_checkpoint(out / "last.pt")
+    assert last.train_state["step"] == 4
+    assert "step 4/4 sup=" in err and "miac" not in err and "val step 4" in err
+
+
+def test_train_full_ircr_end_to_end(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = train_argv(dataset, out, 3, "--unlabelled", str(dataset["unlabelled"]), "--set", "data.labelled=2",
+                      "--set", "tune_postprocess=false", *IRCR)
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    metrics = assert_run_folder(out)
+    assert len(metrics["data"]["labelled"]) == 2 and len(metrics["data"]["unlabelled"]) == 3 + 3
+    model = load_checkpoint(out / "model.pt")
+    assert model.priors is not None and model.postprocess.min_area_px == 8
+    assert model.meta["config"]["miac_weight"] == 10.0
+    for term in ("sup=", "mt=", "miac=", "piac="):
+        assert term in err, term
+    # the shipped network is the teacher, an EMA of the student: the two differ
+    last = load_checkpoint(out / "last.pt")
+    teacher = last.train_state["teacher"]
+    assert any(not torch.equal(teacher[k], v) for k, v in last.model_state.items() if v.is_floating_point())
+
+
+def _weights(path: Path) -> tuple[dict, dict]:
+    """Student and teacher state of a resumable checkpoint."""
+    ckpt = load_checkpoint(path)
+    return ckpt.model_state, ckpt.train_state["teacher"]
+
+
+def _history_steps(path: Path) -> list[int]:
+    return [h["step"] for h in load_checkpoint(path).meta["metrics"]["history"]]
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(dataset, tmp_path, capsys, monkeypatch):
+    from wsi_ircr.train.loop import Trainer
+
+    def argv(out: Path, *extra: str) -> list[str]:
+        return train_argv(dataset, out, 6, "--unlabelled", str(dataset["unlabelled"]), "--set", "tune_postprocess=false",
+                          "--quiet", *IRCR, *extra)
+
+    code, _, err = run_cli(argv(tmp_path / "full"), capsys)
+    assert code == 0, err
+
+    real_step = Trainer.train_step
+
+    def interrupted(self):
+        if self.step == 3:  # Ctrl-C during step 4; last.pt holds step 2 (val_every=2)
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    out = tmp_path / "resumed"
+    code, _, err = run_cli(argv(out), capsys)
+    assert code == 130 and err.strip() == "error: interrupted"
+    assert load_checkpoint(out / "last.pt").train_state["step"] == 2 and not (out / "model.pt").exists()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+
+    code, _, err = run_cli(argv(out), capsys)  # neither --resume nor --overwrite
+    assert code == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(argv(out, "--resume", "--set", "lr=0.002"), capsys)
+    assert code == 2 and "different config" in err
+    code, _, err = run_cli(argv(out, "--resume"), capsys)
+    assert code == 0, err
+
+    for a, b in zip(_weights(tmp_path / "full" / "last.pt"), _weights(out / "last.pt")):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    full, resumed = load_checkpoint(tmp_path / "full" / "model.pt"), load_checkpoint(out / "model.pt")
+    for key in full.model_state:
+        assert torch.equal(full.model_state[key], resumed.model_state[key]), key
+    assert _history_steps(tmp_path / "full" / "model.pt") == _history_steps(out / "model.pt") == [2, 4, 6]
+
+
+def test_overwrite_starts_over_and_keeps_foreign_files(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = train_argv(dataset, out, 2, "--set", "tune_postprocess=false", "--quiet")
+    assert run_cli(argv, capsys)[0] == 0
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run_cli(argv + ["--overwrite"], capsys)
+    assert code == 0, err
+    assert (out / "notes.txt").read_text() == "mine"
+    assert load_checkpoint(out / "last.pt").train_state["step"] == 2
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("resume_without_last", ["nothing to resume"]),
+        ("unknown_set_key", ["'stepz'"]),
+        ("bad_set_value", ["crop_px"]),
+        ("missing_images", ["not found"]),
+        ("no_unlabelled", ["no unlabelled tiles"]),
+        ("missing_config", ["config file not found"]),
+        ("out_is_a_file", ["not a folder"]),
+    ],
+)
+def test_train_cli_errors_are_one_line(dataset, tmp_path, capsys, case, words):
+    out = tmp_path / "run"
+    argv = train_argv(dataset, out, 2)
+    if case == "resume_without_last":
+        argv += ["--resume"]
+    elif case == "unknown_set_key":
+        argv += ["--set", "stepz=3"]
+    elif case == "bad_set_value":
+        argv += ["--set", "crop_px=30"]
+    elif case == "missing_images":
+        argv[argv.index("--images") + 1] = str(tmp_path / "absent")
+    elif case == "no_unlabelled":
+        argv += ["--set", "miac_weight=1"]
+    elif case == "missing_config":
+        argv += ["--config", str(tmp_path / "absent.yaml")]
+    elif case == "out_is_a_file":
+        out.write_text("x")
+    code, stdout, err = run_cli(argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0]
+    if case != "out_is_a_file":
+        assert not (out / "last.pt").exists()
+
+
+def test_train_config_file_paths_resolve_against_the_file(dataset, tmp_path, capsys):
+    config = dataset["root"] / "cfg" / "train.yaml"
+    config.parent.mkdir()
+    config.write_text("data:\n  images: ../lab/images\n  labels: ../lab/labels\n  val: [t0]\nsteps: 2\n"
+                      "tune_postprocess: false\n")
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--config", str(config), "--out", str(out), "--quiet", *SMALL], capsys)
+    assert code == 0, err
+    assert load_checkpoint(out / "model.pt").meta["data"]["val"] == ["t0"]
+
+
+# --- progress ----------------------------------------------------------------------------------
+
+
+def test_progress_off_a_terminal_prints_about_every_tenth(capsys):
+    with Progress("segment", 1000) as bar:
+        for _ in range(1000):
+            bar.update()
+    lines = capsys.readouterr().err.splitlines()
+    assert 2 <= len(lines) <= 11
+    assert lines[-1].startswith("segment: [####################] 1000/1000 tiles")
+    with Progress("segment", 10, enabled=False) as bar:
+        bar.update(10)
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_past_the_total_and_on_a_terminal(monkeypatch, capsys):
+    with Progress("x", 3) as bar:
+        bar.update(5)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) <= 2 and "#" * 21 not in lines[-1]
+
+    class Terminal:
+        def __init__(self):
+            self.text = ""
+
+        def write(self, text):
+            self.text += text
+
+        def flush(self):
+            pass
+
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    with Progress("y", 4) as bar:
+        for _ in range(4):
+            bar.update()
+    assert term.text.count("\r") == 6  # enter, 4 updates, exit: redrawn in place
+    assert term.text.count("\n") == 1 and term.text.endswith("\n") and "4/4 tiles" in term.text.split("\r")[-1]
