@@ -343,6 +343,8 @@ def test_overwrite_starts_over_and_keeps_foreign_files(dataset, tmp_path, capsys
         ("unknown_set_key", ["'stepz'"]),
         ("bad_set_value", ["crop_px"]),
         ("missing_images", ["not found"]),
+        ("missing_labels", ["label maps folder not found"]),
+        ("no_gpu", ["--device cuda"]),
         ("no_unlabelled", ["no unlabelled tiles"]),
         ("missing_config", ["config file not found"]),
         ("out_is_a_file", ["not a folder"]),
@@ -359,6 +361,12 @@ def test_train_cli_errors_are_one_line(dataset, tmp_path, capsys, case, words):
         argv += ["--set", "crop_px=30"]
     elif case == "missing_images":
         argv[argv.index("--images") + 1] = str(tmp_path / "absent")
+    elif case == "missing_labels":
+        argv[argv.index("--labels") + 1] = str(tmp_path / "absent")
+    elif case == "no_gpu":
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is available")
+        argv += ["--device", "cuda"]
     elif case == "no_unlabelled":
         argv += ["--set", "miac_weight=1"]
     elif case == "missing_config":
@@ -385,6 +393,14 @@ def test_train_config_file_paths_resolve_against_the_file(dataset, tmp_path, cap
     code, _, err = run_cli(["train", "--config", str(config), "--out", str(out), "--quiet", *SMALL], capsys)
     assert code == 0, err
     assert load_checkpoint(out / "model.pt").meta["data"]["val"] == ["t0"]
+
+
+def test_train_command_module_imports_no_torch():
+    import subprocess
+
+    code = "import sys, wsi_ircr.cli.train; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 # --- progress ----------------------------------------------------------------------------------

@@ -274,6 +274,7 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
     last = out_dir / "last.pt"
     if resume and not last.exists():
         raise UserError(f"{out_dir}: nothing to resume (no last.pt); start without --resume")
+    resolve_device(cfg.device)  # fail before reading the data
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
