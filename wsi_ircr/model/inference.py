@@ -74,7 +74,7 @@ class Predictor:
         probs, hvs = self.predict_maps(tiles)
         return [instances_from_maps(p, h, self.postprocess) for p, h in zip(probs, hvs)]
 
-    def predict_image_maps(self, image: np.ndarray, window_px: int = 1024, overlap_px: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    def predict_image_maps(self, image: np.ndarray, window_px: int = 1024, overlap_px: int = 128) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (H, W, 3) -> probability float32 (H, W), HV float32 (2, H, W).
 
         Images larger than ``window_px`` run as overlapping windows; each window keeps only
@@ -99,7 +99,7 @@ class Predictor:
                 hv[:, r0:r1, c0:c1] = v[0, :, r0 - rr0 : r1 - rr0, c0 - cc0 : c1 - cc0]
         return prob, hv
 
-    def segment_image(self, image: np.ndarray, window_px: int = 1024, overlap_px: int = 64) -> np.ndarray:
+    def segment_image(self, image: np.ndarray, window_px: int = 1024, overlap_px: int = 128) -> np.ndarray:
         """uint8 (H, W, 3) -> int32 (H, W): maps from overlapping windows, one post-processing."""
         prob, hv = self.predict_image_maps(image, window_px, overlap_px)
         return instances_from_maps(prob, hv, self.postprocess)
