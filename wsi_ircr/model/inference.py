@@ -80,12 +80,12 @@ class Predictor:
         Images larger than ``window_px`` run as overlapping windows; each window keeps only
         its centre (``overlap_px`` of context dropped on inner sides).
         """
-        if overlap_px < 0 or window_px <= 2 * overlap_px:
-            raise ValueError(f"window_px ({window_px}) must exceed 2 * overlap_px ({overlap_px}) and overlap_px be >= 0")
         h, w = image.shape[:2]
         if h <= window_px and w <= window_px:
             prob, hv = self.predict_maps(image[None])
             return prob[0], hv[0]
+        if overlap_px < 0 or window_px <= 2 * overlap_px:
+            raise ValueError(f"window_px ({window_px}) must exceed 2 * overlap_px ({overlap_px}) and overlap_px be >= 0")
         prob = np.zeros((h, w), np.float32)
         hv = np.zeros((2, h, w), np.float32)
         step = window_px - 2 * overlap_px
