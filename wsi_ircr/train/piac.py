@@ -184,7 +184,7 @@ def piac_weight_map(
     if not 0.0 <= tau <= 1.0 or w_good < 0:
         raise ValueError(f"piac_weight_map: need tau in [0, 1] and w_good >= 0, got {tau}, {w_good}")
     teacher_labels = np.asarray(teacher_labels)
-    table = instance_features(teacher_labels, image)
+    table = instance_features(teacher_labels, image, features=priors.features)
     scores = priors.score(table) if table["label"].size else np.zeros(0)
     lut = np.ones(int(teacher_labels.max(initial=0)) + 1, np.float32)
     lut[table["label"]] = np.where(scores >= tau, w_good, 0.0)
