@@ -58,4 +58,5 @@ def train(config_path, out_dir, images, labels, unlabelled, labelled_fraction, s
             (out_dir / name).unlink(missing_ok=True)
     summary = run_training(cfg, out_dir, base_dir=base_dir, resume=resume, progress=not quiet)
     best = summary["best"]
-    click.echo(f"model: {out_dir / 'model.pt'} (step {best['step']}, val AJI {best['aji']:.4f}, {summary['train_seconds'] / 60:.1f} min)")
+    val = f"val AJI {best['aji']:.4f}" if best["aji"] >= 0 else "no validation tiles: last step"
+    click.echo(f"model: {out_dir / 'model.pt'} (step {best['step']}, {val}, {summary['train_seconds'] / 60:.1f} min)")
