@@ -102,7 +102,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "study")
     parser.add_argument("--only", help="Comma-separated run names (method-L<n>-s<seed>) to run.")
     parser.add_argument("--parallel", type=int, help="Concurrent runs (default from the preset).")
+    parser.add_argument("--table", action="store_true", help="Only print the table of the finished runs.")
     args = parser.parse_args()
+    if args.table:
+        print(table([json.loads(p.read_text()) for p in sorted(args.out.glob("*/test.json"))]))
+        return
     if not DATA.is_dir():
         sys.exit(f"error: {DATA} not found; the study needs ../shared/data/monuseg-train")
     preset = PRESETS[args.preset]
