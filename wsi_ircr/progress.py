@@ -11,6 +11,12 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 60:02d}:{seconds % 60:02d}" if seconds < 3600 else f"{seconds // 3600}h{seconds % 3600 // 60:02d}"
 
 
+def note(message: str) -> None:
+    """One status line on stderr (for the user, beside the progress bars)."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
 class Progress:
     """``with Progress("segment", total) as bar: bar.update(n)``.
 

@@ -25,12 +25,17 @@ def segment(slides, out_root, config_path, overrides, mpp, core_px, halo_px, no_
     nuclei.csv, overlay.png, tissue.png, summary.json and tiles.zarr. An interrupted run
     resumes when the same command is run again.
     """
-    from wsi_ircr.slide.pipeline import dask_client, model_info, segment_slide
+    from wsi_ircr.slide.pipeline import check_distinct_stems, dask_client, model_info, segment_slide
 
     config = resolve_segment_config(
         config_path, overrides, mpp=mpp, core_px=core_px, halo_px=halo_px, model=model, device=device, workers=workers,
         tissue_mask=False if no_tissue_mask else None,
     )
+    check_distinct_stems(slides)
+    if scheduler is None:  # a remote cluster's workers may have the GPU this machine lacks
+        from wsi_ircr.model.inference import resolve_device
+
+        resolve_device(config.device)
     info = model_info(config)
     with dask_client(scheduler, config) as client:
         for slide in slides:

@@ -16,10 +16,11 @@ from wsi_ircr.cli.options import resolve_segment_config, slide_options
 def tile(slides, out_root, config_path, overrides, mpp, core_px, halo_px, no_tissue_mask, overwrite, quiet, model):
     """Write OUT/<stem>/tissue.png and OUT/<stem>/tiles.zarr; a later
     ``wsi-ircr segment`` with the same options reuses the tile store."""
-    from wsi_ircr.slide.pipeline import dask_client, model_info, tile_slide
+    from wsi_ircr.slide.pipeline import check_distinct_stems, dask_client, model_info, tile_slide
 
     config = resolve_segment_config(config_path, overrides, mpp=mpp, core_px=core_px, halo_px=halo_px, model=model,
                                     tissue_mask=False if no_tissue_mask else None)
+    check_distinct_stems(slides)
     info = model_info(config)
     with dask_client(None, config) as client:
         for slide in slides:

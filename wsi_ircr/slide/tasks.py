@@ -1,23 +1,29 @@
 """Pure, idempotent tile tasks that run on Dask workers (any process, any order).
 
-Each task is keyed by (slide fingerprint, model hash, first tile) and leaves its result
-as one file per tile under the run's ``work/`` folder, written atomically, so a rerun
-skips what is already there.
+Tasks take paths, not open objects: each worker process opens the slide and loads the
+model itself, once, and checks that they are the driver's (slide fingerprint, model file
+hash). Each task leaves its result as one file per tile under the run's ``work/`` folder,
+written atomically, so a rerun skips what is already there.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from wsi_ircr.errors import UserError
 from wsi_ircr.slide.grid import Tile
 
 _PREDICTORS: dict[tuple, object] = {}
+_READERS: dict[tuple, object] = {}
+_CACHE_LOCK = threading.Lock()  # tasks of one worker run in threads
+MAX_OPEN_SLIDES = 4  # readers a worker process keeps open (concurrent slides of a cohort)
 
 
 def result_path(results_dir: str | Path, tile: Tile) -> Path:
@@ -41,23 +47,60 @@ def _worker_threads() -> int:
         return 1
 
 
-def get_predictor(model_path: str | None, device: str):
-    """The worker's Predictor for this model and device, loaded once per process.
+def get_predictor(model_path: str | None, model_hash: str, device: str):
+    """The worker's Predictor for this model file and device, loaded once per process.
 
-    On the CPU, torch gets cores / concurrent tasks threads so tasks do not oversubscribe.
+    Keyed by the file hash the driver saw, so a model file replaced at the same path is
+    loaded anew; a worker that finds another file there (a changed or unshared file) raises
+    a UserError. On the CPU, torch gets cores / concurrent tasks threads so tasks do not
+    oversubscribe.
     """
     from wsi_ircr.model.checkpoint import load_checkpoint
     from wsi_ircr.model.inference import Predictor
 
-    key = (model_path, device)
-    if key not in _PREDICTORS:
-        predictor = Predictor(load_checkpoint(model_path), device=device)
+    key = (model_path, model_hash, device)
+    with _CACHE_LOCK:
+        if key in _PREDICTORS:
+            return _PREDICTORS[key]
+        checkpoint = load_checkpoint(model_path)
+        if checkpoint.model_hash != model_hash:
+            raise UserError(
+                f"{checkpoint.path}: this worker's model file has hash {checkpoint.model_hash}, the driver's "
+                f"{model_hash}; the file changed during the run or differs between machines: keep one copy on a "
+                "shared filesystem"
+            )
+        predictor = Predictor(checkpoint, device=device)
         if predictor.device.type == "cpu":
             import torch
 
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // _worker_threads()))
+        for old in [k for k in _PREDICTORS if k[0] == model_path and k[2] == device]:
+            del _PREDICTORS[old]
         _PREDICTORS[key] = predictor
-    return _PREDICTORS[key]
+        return predictor
+
+
+def get_reader(slide_path: str, mpp: float | None, fingerprint: str):
+    """The worker's reader of this slide, opened once per process; a UserError when the
+    file this worker sees is not the driver's (another fingerprint)."""
+    from wsi_ircr.slide.reader import open_slide
+
+    key = (slide_path, mpp, fingerprint)
+    with _CACHE_LOCK:
+        if key in _READERS:
+            return _READERS[key]
+        reader = open_slide(slide_path, mpp=mpp)
+        if reader.fingerprint() != fingerprint:
+            reader.close()
+            raise UserError(
+                f"{slide_path}: this worker's file differs from the driver's (fingerprint {reader.fingerprint()[:12]} "
+                f"!= {fingerprint[:12]}); the slide changed during the run or differs between machines"
+            )
+        # keep the few latest slides; an evicted reader closes once no task holds it
+        for old in [k for k in _READERS if k[0] == slide_path] + list(_READERS)[:-MAX_OPEN_SLIDES + 1]:
+            _READERS.pop(old, None)
+        _READERS[key] = reader
+        return reader
 
 
 @dataclass
@@ -68,19 +111,26 @@ class BatchReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def write_tiles(store_path: str, indices: list[int], reader) -> BatchReport:
-    """Read tiles ``indices`` of the store from the slide (OpenSlide decode + resampling)."""
+def write_tiles(store_path: str, indices: list[int], slide_path: str, mpp: float | None,
+                fingerprint: str) -> BatchReport:
+    """Read tiles ``indices`` of the store from the slide (OpenSlide decode + resampling).
+
+    ``mpp`` overrides the slide's level-0 mpp (None: its metadata); ``fingerprint`` is the
+    driver's ``reader.fingerprint()``."""
     from wsi_ircr.slide.store import write_tile
 
     t0 = time.perf_counter()
+    reader = get_reader(slide_path, mpp, fingerprint)
     for i in indices:
         write_tile(store_path, i, reader)
     return BatchReport(seconds={"read_decode": time.perf_counter() - t0})
 
 
-def segment_tiles(store_path: str, indices: list[int], model_path: str | None, device: str, results_dir: str,
-                  on_truncated: str = "drop") -> BatchReport:
+def segment_tiles(store_path: str, indices: list[int], model_path: str | None, model_hash: str, device: str,
+                  results_dir: str, on_truncated: str = "drop") -> BatchReport:
     """Segment tiles ``indices`` of the store and save each tile's owned instances.
+
+    ``model_path`` (None: the bundled model) must have the file hash ``model_hash``.
 
     Stages timed: ``tile_load`` (zarr read + decompression), ``inference`` (network),
     ``postprocess`` (watershed, ownership, measurements, outlines).
@@ -95,7 +145,7 @@ def segment_tiles(store_path: str, indices: list[int], model_path: str | None, d
     store = TileStore.open(store_path)
     images = np.stack([store.read(i) for i in indices])
     t1 = time.perf_counter()
-    predictor = get_predictor(model_path, device)
+    predictor = get_predictor(model_path, model_hash, device)
     probs, hvs = predictor.predict_maps(images)
     t2 = time.perf_counter()
     for i, image, prob, hv in zip(indices, images, probs, hvs):

@@ -1,0 +1,177 @@
+"""``wsi-ircr segment --scheduler``: a real ``dask scheduler`` + ``dask worker`` started here
+on 127.0.0.1 (worker in another working folder) gives the same nuclei as the default local
+cluster, and concurrent runs sharing that cluster do not mix up their tasks."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from model_fixtures import signal_checkpoint
+from synthetic_slides import synthetic_he, write_pyramidal_tiff
+
+from wsi_ircr.cli import main
+
+pytestmark = [pytest.mark.distributed, pytest.mark.openslide]
+TILES = ["--core-px", "256", "--halo", "32", "--set", "max_nucleus_um=8", "--quiet"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dask_cli() -> str:
+    beside = Path(sys.executable).parent / "dask"
+    found = str(beside) if beside.exists() else shutil.which("dask")
+    if found is None:
+        pytest.skip("the dask command-line tool is not installed")
+    return found
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in reversed(procs):
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Scheduler(str):
+    """A scheduler address (``str``) that also knows its worker's working folder."""
+
+    def __new__(cls, address: str, cwd: Path):
+        self = super().__new__(cls, address)
+        self.cwd = cwd
+        return self
+
+
+@pytest.fixture(scope="module")
+def scheduler(tmp_path_factory) -> Scheduler:
+    """Address of a scheduler with one single-threaded worker whose working folder is not
+    the test's (relative paths shipped to it would point elsewhere)."""
+    dask_cli = _dask_cli()
+    elsewhere = tmp_path_factory.mktemp("worker_cwd")
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": elsewhere}
+    procs = [subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              **quiet)]
+    try:
+        procs.append(subprocess.Popen([dask_cli, "worker", address, "--nworkers", "1", "--nthreads", "1",
+                                       "--no-dashboard", "--host", "127.0.0.1"], **quiet))
+        from distributed import Client
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with Client(address, timeout="5s") as client:
+                    client.wait_for_workers(1, timeout=60)
+                break
+            except (OSError, TimeoutError):
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                    pytest.fail("the dask scheduler or worker did not start")
+                time.sleep(0.5)
+        yield Scheduler(address, elsewhere)
+    finally:
+        _stop(procs)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A folder holding s.tiff (pyramidal TIFF, 0.5 mpp) and m.pt (an untrained checkpoint)."""
+    root = tmp_path_factory.mktemp("job")
+    image, _ = synthetic_he((260, 300), n_nuclei=30, seed=5, radius_px=(4, 6))
+    write_pyramidal_tiff(root / "s.tiff", image, mpp=0.5, n_levels=2, compression="deflate")
+    signal_checkpoint(root / "m.pt", image[:256, :256])
+    return root
+
+
+def _features(path: Path) -> list[dict]:
+    with gzip.open(path, "rt") as f:
+        return json.load(f)["features"]
+
+
+def _segment(*args: str) -> None:
+    try:
+        main(["segment", *map(str, args)])
+    except SystemExit as e:
+        assert e.code in (0, None), f"exit {e.code}"
+
+
+def test_remote_cluster_matches_local_with_relative_paths(scheduler, workdir, monkeypatch, capfd):
+    """Relative slide, model and output paths work on a worker that runs in another folder,
+    and the features (uuid5 ids and coordinates) equal those of the local cluster."""
+    monkeypatch.chdir(workdir)
+    # one task at a time, torch with all cores, on both sides: the same arithmetic
+    _segment("s.tiff", "-o", "local", "--model", "m.pt", *TILES, "--set", "threads_per_worker=1")
+    _segment("s.tiff", "-o", "remote", "--model", "m.pt", *TILES, "--scheduler", scheduler)
+    capfd.readouterr()
+    local, remote = _features(Path("local/s/s.geojson.gz")), _features(Path("remote/s/s.geojson.gz"))
+    assert len(local) > 10
+    assert [f["id"] for f in local] == [f["id"] for f in remote]
+    assert [f["geometry"] for f in local] == [f["geometry"] for f in remote]
+    summary = json.loads(Path("remote/s/summary.json").read_text())
+    workers = [k for k in summary["peak_rss_mb"] if k.startswith("worker")]
+    assert workers and all("127.0.0.1" in w for w in workers)
+    assert not any(Path(scheduler.cwd).iterdir()), "the worker wrote into its own working folder"
+
+
+def test_concurrent_runs_on_one_cluster_keep_their_own_results(scheduler, workdir, tmp_path):
+    """Two slides in flight at once on one client (as ``pipelines/cohort.py`` runs a
+    cohort): the same slide into two folders with two tile sizes. Each run gets its own
+    tiles (task keys must not collide)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsi_ircr.slide.config import SegmentConfig
+    from wsi_ircr.slide.pipeline import dask_client, model_info, segment_slide
+
+    configs = [SegmentConfig(model=str(workdir / "m.pt"), core_px=core, halo_px=32, max_nucleus_um=8) for core in (256, 384)]
+    info = model_info(configs[0])
+    with dask_client(scheduler, configs[0]) as client, ThreadPoolExecutor(2) as pool:
+        summaries = list(pool.map(
+            lambda config: segment_slide(workdir / "s.tiff", tmp_path / str(config.core_px), config, client, info,
+                                         progress=False), configs))
+    for core_px, summary in zip([256, 384], summaries):
+        out = Path(summary["out_dir"])
+        assert summary["tiles"]["core_px"] == core_px
+        n_rows = len((out / "nuclei.csv").read_text().splitlines()) - 1
+        assert summary["nuclei"] == len(_features(out / "s.geojson.gz")) == n_rows > 10
+
+
+@pytest.mark.slow  # the client gives up after its 10 s connect timeout
+def test_unreachable_scheduler_is_one_line(workdir, tmp_path, capfd):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", str(workdir / "s.tiff"), "-o", str(tmp_path), "--model", str(workdir / "m.pt"), *TILES,
+              "--scheduler", f"tcp://127.0.0.1:{_free_port()}"])
+    err = capfd.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("error: --scheduler") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_worker_sees_another_model_file_than_the_driver(scheduler, workdir, tmp_path, monkeypatch, capfd):
+    """A model file replaced between runs (same path, new weights) is not served from the
+    worker's cache of the old one: the run uses the new weights, as the summary's hash says."""
+    model = tmp_path / "m.pt"
+    shutil.copy(workdir / "m.pt", model)
+    _segment(workdir / "s.tiff", "-o", tmp_path / "first", "--model", model, *TILES, "--scheduler", scheduler)
+    image, _ = synthetic_he((256, 256), n_nuclei=20, seed=11)
+    signal_checkpoint(model, image, seed=3)
+    _segment(workdir / "s.tiff", "-o", tmp_path / "second", "--model", model, *TILES, "--scheduler", scheduler)
+    _segment(workdir / "s.tiff", "-o", tmp_path / "local", "--model", model, *TILES, "--set", "threads_per_worker=1")
+    capfd.readouterr()
+    first, second, local = (_features(tmp_path / k / "s" / "s.geojson.gz") for k in ("first", "second", "local"))
+    assert [f["geometry"] for f in second] == [f["geometry"] for f in local]
+    assert [f["geometry"] for f in second] != [f["geometry"] for f in first]
