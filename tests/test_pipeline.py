@@ -166,8 +166,8 @@ def _true_centroids_xy(labels: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("slide_mpp, radius_px", [(0.25, (8, 12)), (0.5, (4, 6))], ids=["0.25mpp", "0.5mpp-resampled"])
 def test_bundled_model_puts_each_nucleus_once_at_level0(slide_mpp, radius_px, client, tmp_path):
     """Real detections on known nuclei (4-6 um across): each true nucleus has exactly one
-    exported centroid within 2 level-0 px, with no systematic shift (a half-pixel or scale
-    error in the resampling or the export would show)."""
+    exported centroid within 2 level-0 px, with no systematic shift above a quarter of a
+    model pixel (a half-pixel or scale error in the resampling or the export would show)."""
     if not bundled_model_path().exists():
         pytest.skip(f"the bundled model {bundled_model_path().name} is not in wsi_ircr/weights yet")
     shape_rc = (500, 600) if slide_mpp == 0.25 else (260, 300)
@@ -187,7 +187,8 @@ def test_bundled_model_puts_each_nucleus_once_at_level0(slide_mpp, radius_px, cl
     assert len(found) < 1.2 * len(truth), f"{len(found)} detections for {len(truth)} nuclei"
     nearest = np.argmin(distance, axis=1)
     offset_xy = (found[nearest] - truth)[once].mean(axis=0)
-    assert np.abs(offset_xy).max() < 0.3, f"systematic shift {offset_xy} level-0 px"
+    quarter_model_px = 0.25 * summary["model_mpp"] / slide_mpp  # level-0 px
+    assert np.abs(offset_xy).max() < quarter_model_px, f"systematic shift {offset_xy} level-0 px"
 
 
 def test_blank_slide_is_not_an_error(client, random_model, tmp_path):
