@@ -259,3 +259,18 @@ def test_unfinished_run_refuses_another_config_slide_or_model(slides, random_mod
     with pytest.raises(UserError, match="unfinished run of another model"):
         segment_slide(slides["svs"], tmp_path, other, client, model_info(other), progress=False)
     assert not (tmp_path / "he" / "summary.json").exists()
+
+
+def test_workers_refuse_files_that_are_not_the_drivers(slides, random_model, tmp_path):
+    """Tasks open the slide and model from their paths; a missing file, another slide or
+    another model file at that path is a one-line UserError, not a wrong result."""
+    from wsi_ircr.slide.tasks import get_predictor, get_reader
+
+    with pytest.raises(UserError, match="not found on the Dask worker"):
+        get_reader(str(tmp_path / "gone.svs"), None, "0" * 32)
+    with pytest.raises(UserError, match="differs from the driver's"):
+        get_reader(str(slides["svs"]), None, "0" * 32)
+    with pytest.raises(UserError, match="not found on the Dask worker"):
+        get_predictor(str(tmp_path / "gone.pt"), "0" * 16, "cpu")
+    with pytest.raises(UserError, match=f"hash {file_hash(random_model)}, the driver's 0000"):
+        get_predictor(str(random_model), "0" * 16, "cpu")

@@ -180,6 +180,9 @@ def test_several_slides_per_command_get_distinct_folders(slide, random_model, tm
     code, lines = wsi_ircr("segment", tmp_path / "x.1.svs", tmp_path / "other" / "x.1.svs", "-o", tmp_path / "out2",
                            "--model", random_model, *SMALL_TILES, capfd=capfd)
     assert code == 2 and len(lines) == 1 and "x.1/" in lines[0], lines
+    code, lines = wsi_ircr("segment", tmp_path / "x.1.svs", tmp_path / "x.1.svs", "-o", tmp_path / "out2",
+                           "--model", random_model, *SMALL_TILES, capfd=capfd)
+    assert code == 2 and len(lines) == 1 and "listed twice" in lines[0], lines
     assert not (tmp_path / "out2").exists()
 
 

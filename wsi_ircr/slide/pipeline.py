@@ -308,11 +308,13 @@ def run_stem(slide_path: str | Path) -> str:
 
 
 def check_distinct_stems(slide_paths) -> None:
-    """UserError if two slides of one command would share a run folder."""
+    """UserError if two slides of one command would share a run folder (or one is listed twice)."""
     seen: dict[str, Path] = {}
     for path in map(Path, slide_paths):
         stem = run_stem(path)
-        if stem in seen and seen[stem].absolute() != path.absolute():
+        if stem in seen:
+            if seen[stem].absolute() == path.absolute():
+                raise UserError(f"{path} is listed twice; list each slide once")
             raise UserError(f"{seen[stem]} and {path} would both write OUT/{stem}/; rename one or run them with different -o")
         seen[stem] = path
 

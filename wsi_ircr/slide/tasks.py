@@ -47,6 +47,15 @@ def _worker_threads() -> int:
         return 1
 
 
+def _require_on_worker(path: str | None) -> None:
+    """UserError when a file the driver found is missing on this worker."""
+    if path is not None and not os.path.exists(path):
+        import socket
+
+        raise UserError(f"{path}: not found on the Dask worker on {socket.gethostname()}; workers need the slide, "
+                        "model and output folder at the same paths (a shared filesystem)")
+
+
 def get_predictor(model_path: str | None, model_hash: str, device: str):
     """The worker's Predictor for this model file and device, loaded once per process.
 
@@ -62,6 +71,7 @@ def get_predictor(model_path: str | None, model_hash: str, device: str):
     with _CACHE_LOCK:
         if key in _PREDICTORS:
             return _PREDICTORS[key]
+        _require_on_worker(model_path)
         checkpoint = load_checkpoint(model_path)
         if checkpoint.model_hash != model_hash:
             raise UserError(
@@ -89,6 +99,7 @@ def get_reader(slide_path: str, mpp: float | None, fingerprint: str):
     with _CACHE_LOCK:
         if key in _READERS:
             return _READERS[key]
+        _require_on_worker(slide_path)
         reader = open_slide(slide_path, mpp=mpp)
         if reader.fingerprint() != fingerprint:
             reader.close()
