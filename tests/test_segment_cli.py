@@ -74,7 +74,7 @@ def _tiff_without_resolution(path: Path) -> Path:
 
 
 BAD_INPUTS = ["missing", "directory", "text", "truncated_svs", "dicom", "no_mpp", "smaller_than_a_tile",
-              "halo_below_nucleus", "cuda_without_gpu"]
+              "halo_below_nucleus", "cuda_without_gpu", "output_is_a_file"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -100,11 +100,14 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, slide, random_model, tmp
     elif case == "halo_below_nucleus":
         target, expect = slide, "--halo"
         options = ["--core-px", "256", "--halo", "16", "--quiet"]  # default max_nucleus_um 16 = 64 px
-    else:
+    elif case == "cuda_without_gpu":
         if torch.cuda.is_available():
             pytest.skip("a GPU is present")
         target, expect = slide, "--device cuda"
         options.extend(["--device", "cuda"])
+    else:
+        target, expect = slide, "-o"
+        (tmp_path / "out").write_text("a file where the output folder should go\n")
     out = tmp_path / "out"
     code, lines = wsi_ircr("segment", target, "-o", out, "--model", random_model, *options, capfd=capfd, caplog=caplog)
     assert code == 2, lines
@@ -112,7 +115,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, slide, random_model, tmp
     assert "Traceback" not in lines[0]
     if expect:
         assert expect in lines[0], lines[0]
-    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+    assert not out.is_dir() or not any(out.rglob("*")), sorted(out.rglob("*"))
 
 
 def test_slide_without_mpp_runs_with_mpp_option(random_model, tmp_path, capfd):

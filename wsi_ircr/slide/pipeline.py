@@ -350,9 +350,12 @@ def prepare_run_dir(out_dir: Path, run_key: dict, overwrite: bool) -> bool:
                 raise UserError(f"{out_dir}: holds an unfinished run {_difference(previous, run_key)}; "
                                 "pass --overwrite to start over or choose another -o")
             return True
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_open(run_file) as f:
-        json.dump(run_key, f, indent=1)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_open(run_file) as f:
+            json.dump(run_key, f, indent=1)
+    except OSError as e:
+        raise UserError(f"{out_dir}: cannot create the run folder ({e.strerror or e}); choose another -o") from None
     return False
 
 
