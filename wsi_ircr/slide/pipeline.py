@@ -119,6 +119,7 @@ def dask_client(scheduler: str | None, config: SegmentConfig):
         except (OSError, TimeoutError) as e:
             raise UserError(f"--scheduler {scheduler}: cannot reach a Dask scheduler there ({type(e).__name__}); start one with 'dask scheduler' or drop --scheduler") from None
         try:
+            _check_workers(client, scheduler, config)
             yield client
         finally:
             client.close()
@@ -134,6 +135,17 @@ def dask_client(scheduler: str | None, config: SegmentConfig):
                                dashboard_address=None, resources=resources, silence_logs=logging.CRITICAL)
     with cluster, Client(cluster) as client:
         yield client
+
+
+def _check_workers(client, scheduler: str, config: SegmentConfig) -> None:
+    """Refuse ``device: cuda`` on a cluster whose workers declare no GPU (its tasks would
+    wait forever); say so when no worker has joined yet."""
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    if not workers:
+        note(f"--scheduler {scheduler}: no workers yet; tasks wait until some join")
+    elif config.device == "cuda" and not any(w.get("resources", {}).get("GPU") for w in workers.values()):
+        raise UserError(f"--scheduler {scheduler}: --device cuda, but none of its {len(workers)} workers declares a GPU; "
+                        "start GPU workers with 'dask worker ... --resources GPU=1'")
 
 
 def _run_tasks(client, label: str, func, batches: list[list[int]], args: tuple, progress: bool, gpu: bool) -> list:
