@@ -11,6 +11,7 @@ import csv
 import gzip
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -274,3 +275,19 @@ def test_workers_refuse_files_that_are_not_the_drivers(slides, random_model, tmp
         get_predictor(str(tmp_path / "gone.pt"), "0" * 16, "cpu")
     with pytest.raises(UserError, match=f"hash {file_hash(random_model)}, the driver's 0000"):
         get_predictor(str(random_model), "0" * 16, "cpu")
+
+
+_GPU_BARRIER = threading.Barrier(2, timeout=20)
+
+
+def _meet_on_the_gpu(_: int) -> bool:
+    _GPU_BARRIER.wait()
+    return True
+
+
+def test_local_gpu_tasks_do_not_queue_behind_one_another():
+    """With ``device: cuda`` the local worker's threads all run GPU tasks at once (one
+    thread's post-processing overlaps another's inference): two GPU tasks meet at a barrier."""
+    with dask_client(None, small_config(device="cuda", threads_per_worker=2)) as gpu_client:
+        futures = [gpu_client.submit(_meet_on_the_gpu, i, resources={"GPU": 1}, pure=False) for i in range(2)]
+        assert gpu_client.gather(futures) == [True, True]

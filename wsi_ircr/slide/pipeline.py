@@ -107,7 +107,7 @@ def dask_client(scheduler: str | None, config: SegmentConfig):
 
     The local cluster gets ``workers`` processes (0 = one per 4 cores; 1 = threads inside
     this process) of ``threads_per_worker`` threads (0 = all cores / workers); with
-    ``device: cuda`` each worker declares ``resources={"GPU": 1}``.
+    ``device: cuda`` each worker declares ``resources={"GPU": threads}`` (tasks ask for 1).
     """
     import os
 
@@ -127,7 +127,9 @@ def dask_client(scheduler: str | None, config: SegmentConfig):
     cores = os.cpu_count() or 1
     workers = config.workers or max(1, cores // 4)
     threads = config.threads_per_worker or max(1, cores // workers)
-    resources = {"GPU": 1} if config.device == "cuda" else None
+    # One GPU unit per thread: GPU tasks pin to the worker without queueing behind one
+    # another, so each thread's CPU post-processing overlaps the others' inference.
+    resources = {"GPU": threads} if config.device == "cuda" else None
     with warnings.catch_warnings():
         # the scheduler's HTTP server moves off a busy port 8787 with a warning on stderr
         warnings.filterwarnings("ignore", message="Port .* is already in use")
