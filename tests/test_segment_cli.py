@@ -222,3 +222,32 @@ def test_readme_command_on_the_sample_slide(tmp_path, capfd):
 
     overlay = np.asarray(Image.open(out / "overlay.png"))
     assert overlay.shape[0] > 500 and overlay.std() > 10
+
+
+def test_killed_run_resumes_to_the_same_geojson(slide, random_model, tmp_path, capfd):
+    """SIGKILL a real ``segment`` process once its first tile results are saved; the same
+    command then resumes (tile store and saved tiles reused) and writes the GeoJSON of an
+    uninterrupted run."""
+    import gzip
+    import signal
+    import time
+
+    args = [slide, "--model", random_model, *SMALL_TILES, "--set", "batch_tiles=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "wsi_ircr", "segment", "-o", tmp_path / "killed", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = tmp_path / "killed" / "he" / "work"
+    try:
+        deadline = time.monotonic() + 120
+        while not list(work.glob("*.pkl")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert list(work.glob("*.pkl")), "no tile result was saved before the kill"
+    assert not (tmp_path / "killed" / "he" / "summary.json").exists(), "the run finished before the kill"
+    ok("segment", "-o", tmp_path / "killed", *args, capfd=capfd)
+    ok("segment", "-o", tmp_path / "fresh", *args, capfd=capfd)
+    summary = json.loads((tmp_path / "killed" / "he" / "summary.json").read_text())
+    assert summary["resumed"] is True and summary["tiles"]["reused_results"] >= 1
+    killed, fresh = (gzip.decompress((tmp_path / k / "he" / "he.geojson.gz").read_bytes()) for k in ("killed", "fresh"))
+    assert killed == fresh and json.loads(killed)["features"]
