@@ -137,7 +137,8 @@ def test_concurrent_runs_on_one_cluster_keep_their_own_results(scheduler, workdi
     from wsi_ircr.slide.config import SegmentConfig
     from wsi_ircr.slide.pipeline import dask_client, model_info, segment_slide
 
-    configs = [SegmentConfig(model=str(workdir / "m.pt"), core_px=core, halo_px=32, max_nucleus_um=8) for core in (256, 384)]
+    configs = [SegmentConfig(model=str(workdir / "m.pt"), core_px=core, halo_px=32, max_nucleus_um=8)
+               for core in (256, 384)]
     info = model_info(configs[0])
     with dask_client(scheduler, configs[0]) as client, ThreadPoolExecutor(2) as pool:
         summaries = list(pool.map(

@@ -146,8 +146,8 @@ def _check_workers(client, scheduler: str, config: SegmentConfig) -> None:
     if not workers:
         note(f"--scheduler {scheduler}: no workers yet; tasks wait until some join")
     elif config.device == "cuda" and not any(w.get("resources", {}).get("GPU") for w in workers.values()):
-        raise UserError(f"--scheduler {scheduler}: --device cuda, but none of its {len(workers)} workers declares a GPU; "
-                        "start GPU workers with 'dask worker ... --resources GPU=1'")
+        raise UserError(f"--scheduler {scheduler}: --device cuda, but none of its {len(workers)} workers declares "
+                        "a GPU; start GPU workers with 'dask worker ... --resources GPU=1'")
 
 
 def _run_tasks(client, label: str, func, batches: list[list[int]], args: tuple, progress: bool, gpu: bool) -> list:
