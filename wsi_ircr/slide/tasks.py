@@ -61,8 +61,9 @@ def get_predictor(model_path: str | None, model_hash: str, device: str):
 
     Keyed by the file hash the driver saw, so a model file replaced at the same path is
     loaded anew; a worker that finds another file there (a changed or unshared file) raises
-    a UserError. On the CPU, torch gets cores / concurrent tasks threads so tasks do not
-    oversubscribe.
+    a UserError. On the CPU, torch gets cores / concurrent tasks threads at every call, so
+    tasks do not oversubscribe and every task of a run computes with the same thread count
+    (the float results of a convolution depend on it).
     """
     from wsi_ircr.model.checkpoint import load_checkpoint
     from wsi_ircr.model.inference import Predictor
@@ -70,7 +71,7 @@ def get_predictor(model_path: str | None, model_hash: str, device: str):
     key = (model_path, model_hash, device)
     with _CACHE_LOCK:
         if key in _PREDICTORS:
-            return _PREDICTORS[key]
+            return _with_cpu_threads(_PREDICTORS[key])
         _require_on_worker(model_path)
         checkpoint = load_checkpoint(model_path)
         if checkpoint.model_hash != model_hash:
@@ -80,14 +81,21 @@ def get_predictor(model_path: str | None, model_hash: str, device: str):
                 "shared filesystem"
             )
         predictor = Predictor(checkpoint, device=device)
-        if predictor.device.type == "cpu":
-            import torch
-
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // _worker_threads()))
         for old in [k for k in _PREDICTORS if k[0] == model_path and k[2] == device]:
             del _PREDICTORS[old]
         _PREDICTORS[key] = predictor
-        return predictor
+        return _with_cpu_threads(predictor)
+
+
+def _with_cpu_threads(predictor):
+    """Set torch's CPU threads to cores / concurrent tasks when ``predictor`` runs on the CPU."""
+    if predictor.device.type == "cpu":
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // _worker_threads())
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    return predictor
 
 
 def get_reader(slide_path: str, mpp: float | None, fingerprint: str):
