@@ -3,7 +3,7 @@
 Deployment recipe (not imported by ``wsi_ircr``). The cluster is either an existing
 scheduler, a SLURM allocation made through dask-jobqueue, or a local cluster::
 
-    # an existing cluster (dask scheduler + dask worker --resources GPU=1 on GPU nodes)
+    # an existing cluster (dask scheduler + dask worker --nthreads 4 --resources GPU=4 on GPU nodes)
     python pipelines/cohort.py slides.txt -o cohort_out --scheduler tcp://head:8786 --device cuda
 
     # SLURM through dask-jobqueue (pip install "wsi-ircr[cluster]"): 8 GPU jobs
@@ -29,7 +29,7 @@ from wsi_ircr.config import apply_overrides, from_dict, read_yaml
 from wsi_ircr.errors import UserError
 from wsi_ircr.io.atomic import atomic_open
 from wsi_ircr.slide.config import SegmentConfig
-from wsi_ircr.slide.pipeline import SUMMARY_FILE, dask_client, model_info, segment_slide
+from wsi_ircr.slide.pipeline import SUMMARY_FILE, dask_client, model_info, run_stem, segment_slide
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".czi"}
 
@@ -48,7 +48,7 @@ def slurm_client(args: argparse.Namespace):
     from dask_jobqueue import SLURMCluster
     from distributed import Client
 
-    extra = ["--resources GPU=1"] if args.slurm_gpus else []
+    extra = [f"--resources GPU={args.slurm_cores}"] if args.slurm_gpus else []
     directives = [f"--gres=gpu:{args.slurm_gpus}"] if args.slurm_gpus else []
     cluster = SLURMCluster(queue=args.slurm_queue, cores=args.slurm_cores, processes=1, memory=args.slurm_memory,
                            walltime=args.slurm_walltime, job_extra_directives=directives, worker_extra_args=extra)
@@ -87,7 +87,7 @@ def main() -> int:
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    todo = [s for s in slides if not (args.out / s.name.split(".")[0] / SUMMARY_FILE).exists()]
+    todo = [s for s in slides if not (args.out / run_stem(s) / SUMMARY_FILE).exists()]
     print(f"{len(slides)} slides, {len(slides) - len(todo)} already finished", file=sys.stderr)
     cluster = slurm_client(args) if args.slurm_jobs else dask_client(args.scheduler, config)
     rows = []

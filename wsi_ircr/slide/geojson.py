@@ -65,7 +65,7 @@ def atomic_binary(path: str | os.PathLike, gzip: bool, compresslevel: int = 6) -
     the block ends without an exception; otherwise nothing is left behind."""
     with atomic_path(path) as tmp, open(tmp, "wb") as raw:
         if gzip:
-            with gzip_module.GzipFile(fileobj=raw, mode="wb", compresslevel=compresslevel, mtime=0) as out:
+            with gzip_module.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=compresslevel, mtime=0) as out:
                 yield out
         else:
             yield raw
