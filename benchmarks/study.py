@@ -24,12 +24,10 @@ DATA = Path(os.environ.get("WSI_IRCR_SHARED", REPO.parent / "shared")) / "data" 
 METHODS = ("supervised", "mean_teacher", "mt_miac", "mt_piac", "ircr")
 
 PRESETS = {
-    # (method, labelled tiles, seeds); CPU: short runs on small crops.
+    # (method, labelled tiles, seed); CPU: short runs on small crops.
     "cpu": {
-        "runs": [("ircr", 2, 0), ("ircr", 2, 1), ("mt_miac", 2, 0), ("mt_piac", 2, 0), ("supervised", 2, 0),
-                 ("supervised", 2, 1), ("mean_teacher", 2, 0), ("mean_teacher", 2, 1),
-                 ("supervised", 4, 0), ("mean_teacher", 4, 0), ("ircr", 4, 0), ("supervised", 14, 0),
-                 ("supervised", 4, 1), ("mean_teacher", 4, 1), ("ircr", 4, 1)],
+        "runs": [(m, n, s) for n in (2, 4) for m in METHODS for s in (0, 1)]
+        + [(m, 8, 0) for m in METHODS] + [("supervised", 14, 0)],
         "overrides": ["steps=500", "crop_px=128", "batch_size=4", "unlabelled_batch_size=4", "rampup_steps=150",
                       "val_every=100", "threads=1"],
         "parallel": 2,

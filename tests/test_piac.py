@@ -1,4 +1,4 @@
-"""PIAC: morphology priors, instance weight maps and the weighted consistency loss."""
+"""PIAC: morphology priors, instance weight maps, pseudo-label targets and the weighted consistency loss."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from skimage.draw import disk, ellipse
 
 from wsi_ircr.errors import UserError
 from wsi_ircr.morphology import instance_features
-from wsi_ircr.train.piac import MorphologyPriors, piac_loss, piac_weight_map
+from wsi_ircr.train.piac import MorphologyPriors, piac_loss, piac_targets, piac_weight_map
+from wsi_ircr.train.targets import hv_targets
 
 DARK, PALE, BACKGROUND = 75, 170, 220
 
@@ -118,6 +119,18 @@ def test_piac_weight_map(priors):
     assert np.all(keep_all[labels > 0] == 3.0)
     empty, no_scores = piac_weight_map(np.zeros((16, 16), np.int32), np.zeros((16, 16, 3), np.uint8), priors)
     assert np.all(empty == 1) and no_scores.shape == (0,)
+
+
+def test_piac_targets_drop_implausible_instances(priors):
+    labels, image = outlier_case()
+    weight, scores = piac_weight_map(labels, image, priors, tau=0.35, w_good=2.0)
+    assert (scores < 0.35).any() and (scores >= 0.35).any()
+    target_np, target_hv = piac_targets(labels, weight)
+    kept = np.where(weight > 0, labels, 0)
+    assert target_np.dtype == np.uint8 and np.array_equal(target_np, (kept > 0).astype(np.uint8))
+    assert np.array_equal(target_hv, hv_targets(kept))
+    dropped = (labels > 0) & (weight == 0)
+    assert dropped.any() and not target_np[dropped].any() and not target_hv[:, dropped].any()
 
 
 def test_piac_loss():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_ircr.train.losses import consistency_map, hv_gradients, hv_loss, np_loss
+from wsi_ircr.train.losses import consistency_map, hv_gradients, hv_loss, instance_loss, np_loss
 from wsi_ircr.train.targets import hv_targets, np_targets
 
 
@@ -123,6 +123,30 @@ def test_hv_loss_gradient_term_only_inside_fg():
     pred = target.clone()
     pred[0, 0, 15, 15] = 0.5
     assert float(hv_loss(pred, target, fg)) == pytest.approx(0.25 / (2 * 400))
+
+
+def test_weighted_hv_and_instance_loss_ignore_zero_weight_pixels():
+    labels = np.zeros((2, 24, 24), np.int32)
+    labels[0][disk((24, 24), (8, 8), 5)] = 1
+    labels[1][disk((24, 24), (14, 12), 6)] = 2
+    target_hv = torch.from_numpy(np.stack([hv_targets(l) for l in labels]))
+    target_np = torch.from_numpy(labels > 0).long()
+    gen = torch.Generator().manual_seed(3)
+    out = {"np": torch.randn(2, 2, 24, 24, generator=gen), "hv": target_hv + 0.2 * torch.randn(2, 2, 24, 24, generator=gen)}
+    ones = torch.ones(2, 24, 24)
+    fg = target_np.float()
+    assert float(hv_loss(out["hv"], target_hv, fg, ones)) == pytest.approx(float(hv_loss(out["hv"], target_hv, fg)))
+    plain = float(instance_loss(out, target_np, target_hv))
+    assert float(instance_loss(out, target_np, target_hv, ones)) == pytest.approx(plain)
+    assert float(instance_loss(out, target_np, target_hv, 3 * ones)) == pytest.approx(plain, rel=1e-5)
+    # image 1 weighted out: changing the output there changes nothing, elsewhere it does
+    half = ones.clone()
+    half[1] = 0
+    changed = {k: v.clone() for k, v in out.items()}
+    changed["np"][1] += 5.0
+    changed["hv"][1] -= 0.5
+    assert float(instance_loss(changed, target_np, target_hv, half)) == pytest.approx(float(instance_loss(out, target_np, target_hv, half)))
+    assert float(instance_loss(changed, target_np, target_hv)) != pytest.approx(plain)
 
 
 def test_consistency_map_detaches_teacher():

@@ -255,17 +255,18 @@ def test_train_supervised_end_to_end(dataset, tmp_path, capsys):
     assert "step 4/4 sup=" in err and "miac" not in err and "val step 4" in err
 
 
-def test_train_full_ircr_end_to_end(dataset, tmp_path, capsys):
+@pytest.mark.parametrize("piac_mode", ["pseudo_label", "consistency"])
+def test_train_full_ircr_end_to_end(dataset, tmp_path, capsys, piac_mode):
     out = tmp_path / "run"
     argv = train_argv(dataset, out, 3, "--unlabelled", str(dataset["unlabelled"]), "--set", "data.labelled=2",
-                      "--set", "tune_postprocess=false", *IRCR)
+                      "--set", "tune_postprocess=false", "--set", f"piac_mode={piac_mode}", *IRCR)
     code, _, err = run_cli(argv, capsys)
     assert code == 0, err
     metrics = assert_run_folder(out)
     assert len(metrics["data"]["labelled"]) == 2 and len(metrics["data"]["unlabelled"]) == 3 + 3
     model = load_checkpoint(out / "model.pt")
     assert model.priors is not None and model.postprocess.min_area_px == 8
-    assert model.meta["config"]["miac_weight"] == 10.0
+    assert model.meta["config"]["miac_weight"] == 10.0 and model.meta["config"]["piac_mode"] == piac_mode
     for term in ("sup=", "mt=", "miac=", "piac="):
         assert term in err, term
     # the shipped network is the teacher, an EMA of the student: the two differ

@@ -76,6 +76,7 @@ class TrainConfig:
     miac_band_px: int = 2
     piac_tau: float = 0.35
     piac_w_good: float = 2.0
+    piac_mode: Literal["pseudo_label", "consistency"] = "consistency"
     strong_strength: float = 1.0
     val_every: int = 250
     log_every: int = 25

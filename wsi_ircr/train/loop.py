@@ -148,13 +148,12 @@ class Trainer:
         return self.teacher if self.cfg.semi_supervised else self.student
 
     def supervised_loss(self, batch: dict) -> torch.Tensor:
-        from wsi_ircr.train.losses import hv_loss, np_loss
+        from wsi_ircr.train.losses import instance_loss
 
         x = _to_tensor(batch["image"], self.device)
         target_np = torch.from_numpy((batch["labels"] > 0).astype(np.int64)).to(self.device)
         target_hv = torch.from_numpy(batch["hv"]).to(self.device)
-        out = self.student(x)
-        return np_loss(out["np"].float(), target_np) + hv_loss(out["hv"].float(), target_hv, target_np.float())
+        return instance_loss(self.student(x), target_np, target_hv)
 
     def unsupervised_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         from wsi_ircr.train.augment import strong_view, weak_view
@@ -190,11 +189,20 @@ class Trainer:
             total = total + cfg.miac_weight * miac
             parts["miac"] = float(miac.detach())
         if cfg.piac_weight > 0:
-            from wsi_ircr.train.piac import MorphologyPriors, piac_loss, piac_weight_map
+            from wsi_ircr.train.piac import MorphologyPriors, piac_loss, piac_targets, piac_weight_map
 
             priors = MorphologyPriors.from_dict(self.priors)
             weights = [piac_weight_map(lab, img, priors, cfg.piac_tau, cfg.piac_w_good)[0] for lab, img in zip(t_inst, batch["image"])]
-            piac = piac_loss(s_out, t_out, torch.from_numpy(np.stack(weights)).to(self.device))
+            weight_t = torch.from_numpy(np.stack(weights)).to(self.device)
+            if cfg.piac_mode == "pseudo_label":
+                from wsi_ircr.train.losses import instance_loss
+
+                targets = [piac_targets(lab, w) for lab, w in zip(t_inst, weights)]
+                target_np = torch.from_numpy(np.stack([t[0] for t in targets]).astype(np.int64)).to(self.device)
+                target_hv = torch.from_numpy(np.stack([t[1] for t in targets])).to(self.device)
+                piac = instance_loss(s_out, target_np, target_hv, weight_t)
+            else:
+                piac = piac_loss(s_out, t_out, weight_t)
             total = total + cfg.piac_weight * piac
             parts["piac"] = float(piac.detach())
         return total, parts

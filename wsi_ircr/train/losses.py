@@ -51,21 +51,46 @@ def hv_gradients(hv: torch.Tensor) -> torch.Tensor:
     return F.conv2d(hv, kernels, padding=2, groups=2)
 
 
-def hv_loss(pred: torch.Tensor, target: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+def hv_loss(pred: torch.Tensor, target: torch.Tensor, fg: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """HoVer-Net HV loss: MSE over all pixels + MSGE (squared Sobel-gradient error) inside ``fg``.
 
     Args:
         pred, target: float (N, 2, H, W), channel 0 horizontal (x), 1 vertical (y), in [-1, 1].
         fg: (N, H, W) nucleus mask (0/1 or soft weights) where the gradient term counts.
+        weight: optional float (N, H, W) pixel weights >= 0 of the MSE term (a weighted
+            mean); the gradient term uses ``fg`` alone, so pass ``fg * weight`` to weight it.
 
     Returns:
         scalar; the gradient term is 0 when ``fg`` is empty.
     """
-    mse = torch.mean((pred - target) ** 2)
+    sq = (pred - target) ** 2
+    if weight is None:
+        mse = torch.mean(sq)
+    else:
+        w = weight.to(pred.dtype)[:, None]
+        mse = (w * sq).sum() / (2.0 * w.sum()).clamp_min(1e-8)
     diff = (hv_gradients(pred) - hv_gradients(target)) ** 2
     focus = fg.to(pred.dtype)[:, None]
     msge = (focus * diff).sum() / (2.0 * focus.sum()).clamp_min(1e-8)
     return mse + msge
+
+
+def instance_loss(out: dict[str, torch.Tensor], target_np: torch.Tensor, target_hv: torch.Tensor,
+                  weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The supervised loss of one batch: NP Dice + CE plus HV MSE + MSGE (HoVer-Net).
+
+    Args:
+        out: ``{"np": (N, 2, H, W) logits, "hv": (N, 2, H, W)}`` network output.
+        target_np: long (N, H, W), 1 = nucleus; target_hv: float (N, 2, H, W) from ``hv_targets``.
+        weight: optional float (N, H, W) pixel weights >= 0 (0 = ignore the pixel).
+
+    Returns:
+        scalar tensor.
+    """
+    fg = target_np.to(out["hv"].dtype)
+    if weight is not None:
+        fg = fg * weight.to(fg.dtype)
+    return np_loss(out["np"].float(), target_np, weight) + hv_loss(out["hv"].float(), target_hv, fg, weight)
 
 
 def consistency_map(student_out: dict[str, torch.Tensor], teacher_out: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -2,9 +2,11 @@
 
 Morphology priors are 1-D kernel densities of nucleus features fitted on the labelled
 ground truth. A teacher instance whose features are improbable under the priors (mean
-normalised density below tau) is dropped from the consistency loss; the others are
-up-weighted. Background pixels keep weight 1, so the loss still asks the student to
-agree with the teacher where the teacher sees no nucleus.
+normalised density below tau) is dropped; the others are up-weighted. Background pixels
+keep weight 1, so the student still learns background where the teacher sees no nucleus.
+Two modes use these weights: ``"pseudo_label"`` trains the student on the kept teacher
+instances with the supervised loss (``piac_targets`` + ``losses.instance_loss``), and
+``"consistency"`` weights the squared teacher-student difference (``piac_loss``).
 """
 
 from __future__ import annotations
@@ -189,6 +191,25 @@ def piac_weight_map(
     lut = np.ones(int(teacher_labels.max(initial=0)) + 1, np.float32)
     lut[table["label"]] = np.where(scores >= tau, w_good, 0.0)
     return lut[teacher_labels], scores
+
+
+def piac_targets(teacher_labels: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pseudo-labels of the kept teacher instances (the ``"pseudo_label"`` PIAC mode).
+
+    Dropped instances (weight 0 in ``piac_weight_map``) are removed from the targets; the
+    loss ignores their pixels through the same weight, so they are neither nucleus nor
+    background to the student.
+
+    Args:
+        teacher_labels: int (H, W) teacher instance map; weight: float (H, W) PIAC weights.
+
+    Returns:
+        (nucleus target uint8 (H, W), HV target float32 (2, H, W)).
+    """
+    from wsi_ircr.train.targets import hv_targets, np_targets
+
+    kept = np.where(np.asarray(weight) > 0, np.asarray(teacher_labels), 0)
+    return np_targets(kept), hv_targets(kept)
 
 
 def piac_loss(student_out: dict[str, torch.Tensor], teacher_out: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
