@@ -3,7 +3,10 @@
 Supervised-only, Mean Teacher, +MIAC, +PIAC and full IRCR are the same code with
 different weights: ``mt_weight`` (plain teacher-student consistency on every pixel),
 ``miac_weight`` (gamma2) and ``piac_weight`` (gamma1); with all three 0 the teacher is
-still kept (EMA) but no unlabelled data is used.
+still kept (EMA) but no unlabelled data is used. ``piac_mode`` picks what PIAC's instance
+weights apply to: pseudo-labels from the teacher's kept instances trained with the supervised
+loss (``pseudo_label``), or the squared teacher-student difference (``consistency``).
+``tune_marker_radii`` are the marker radii tried when post-processing is tuned on ``data.val``.
 """
 
 from __future__ import annotations
@@ -76,11 +79,12 @@ class TrainConfig:
     miac_band_px: int = 2
     piac_tau: float = 0.35
     piac_w_good: float = 2.0
-    piac_mode: Literal["pseudo_label", "consistency"] = "consistency"
+    piac_mode: Literal["pseudo_label", "consistency"] = "pseudo_label"
     strong_strength: float = 1.0
     val_every: int = 250
     log_every: int = 25
     tune_postprocess: bool = True
+    tune_marker_radii: tuple[float, ...] = (0.3, 0.45, 0.6)
     postprocess: PostProcessConfig = field(default_factory=PostProcessConfig)
 
     def __post_init__(self):
@@ -95,6 +99,8 @@ class TrainConfig:
             raise ValueError("mt_weight, miac_weight and piac_weight must be >= 0")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.tune_marker_radii or min(self.tune_marker_radii) <= 0:
+            raise ValueError(f"tune_marker_radii must be a non-empty list of values > 0, got {list(self.tune_marker_radii)}")
         if self.unlabelled_batch_size < 0 or self.rampup_steps < 0 or self.threads < 0:
             raise ValueError("unlabelled_batch_size, rampup_steps and threads must be >= 0")
 

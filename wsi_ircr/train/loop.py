@@ -312,7 +312,7 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
         from wsi_ircr.train.tune import tune_postprocess
 
         final.postprocess, tuned = tune_postprocess(final.build().to(trainer.device), data.val.images, data.val.labels,
-                                                    cfg.postprocess, trainer.device)
+                                                    cfg.postprocess, trainer.device, cfg.tune_marker_radii)
         final.meta["metrics"]["val_aji_tuned_postprocess"] = tuned
         best["aji_tuned_postprocess"] = tuned
         if progress:

@@ -14,13 +14,15 @@ from wsi_ircr.model.postprocess import PostProcessConfig, instances_from_maps
 GRID = {
     "np_threshold": (0.4, 0.5),
     "edge_threshold": (0.2, 0.35, 0.5, 0.8),
-    "marker_radius": (0.3, 0.45, 0.6),
 }
+MARKER_RADII = (0.3, 0.45, 0.6)
 
 
 def tune_postprocess(net: torch.nn.Module, images: list[np.ndarray], labels: list[np.ndarray],
-                     base: PostProcessConfig, device: torch.device) -> tuple[PostProcessConfig, float]:
-    """The ``GRID`` point with the best mean AJI on (images uint8 (H, W, 3), labels int (H, W)).
+                     base: PostProcessConfig, device: torch.device,
+                     marker_radii: tuple[float, ...] = MARKER_RADII) -> tuple[PostProcessConfig, float]:
+    """The point of ``GRID`` x ``marker_radii`` with the best mean AJI on (images uint8 (H, W, 3),
+    labels int (H, W)).
 
     Network maps are computed once per tile; returns (config, its mean AJI).
     """
@@ -34,8 +36,9 @@ def tune_postprocess(net: torch.nn.Module, images: list[np.ndarray], labels: lis
             prob, hv = predict_maps_tensor(net, x)
             maps.append((prob[0].cpu().numpy(), hv[0].cpu().numpy()))
     best, best_score = base, -1.0
-    for values in itertools.product(*GRID.values()):
-        candidate = dataclasses.replace(base, **dict(zip(GRID, values)))
+    grid = {**GRID, "marker_radius": tuple(marker_radii)}
+    for values in itertools.product(*grid.values()):
+        candidate = dataclasses.replace(base, **dict(zip(grid, values)))
         score = float(np.mean([aji(lab, instances_from_maps(p, h, candidate)) for (p, h), lab in zip(maps, labels)]))
         if score > best_score:
             best, best_score = candidate, score
