@@ -138,15 +138,18 @@ def run_one(method: str, n_labelled: int, seed: int, overrides: list[str], out: 
 
 
 def table(results: list[dict]) -> str:
+    """Markdown table: one row per (labelled tiles, method), means over seeds plus per-seed AJI."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["labelled"], r["method"]), []).append(r)
-    lines = [f"| labelled tiles (of 16) | method | seeds | AJI | Dice | PQ | F1 | minutes/run |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| labelled tiles (of 16) | method | seeds | AJI | Dice | PQ | F1 | AJI per seed | minutes/run |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for (n, method) in sorted(groups, key=lambda k: (k[0], METHODS.index(k[1]))):
-        rs = groups[(n, method)]
+        rs = sorted(groups[(n, method)], key=lambda r: r["seed"])
         mean = {k: sum(r[k] for r in rs) / len(rs) for k in ("aji", "dice", "pq", "f1", "train_seconds")}
+        per_seed = " / ".join(f"{r['aji']:.3f}{'*' if r.get('retuned') else ''}" for r in rs)
         lines.append(f"| {n} | {method} | {len(rs)} | {mean['aji']:.4f} | {mean['dice']:.4f} | {mean['pq']:.4f} | "
-                     f"{mean['f1']:.4f} | {mean['train_seconds'] / 60:.1f} |")
+                     f"{mean['f1']:.4f} | {per_seed} | {mean['train_seconds'] / 60:.1f} |")
     return "\n".join(lines)
 
 

@@ -224,3 +224,14 @@ def test_shipped_train_configs_are_valid(path):
     assert cfg.crop_px % 16 == 0
     if cfg.miac_weight or cfg.piac_weight or cfg.mt_weight:
         assert cfg.semi_supervised
+
+
+def test_tune_marker_radii_and_piac_mode_are_validated():
+    cfg = load_config(TrainConfig, None, ["tune_marker_radii=[0.2, 0.3]", "piac_mode=consistency"])
+    assert cfg.tune_marker_radii == (0.2, 0.3) and cfg.piac_mode == "consistency"
+    assert load_config(TrainConfig, None).piac_mode == "pseudo_label"
+    for bad, word in [("tune_marker_radii=[]", "tune_marker_radii"), ("tune_marker_radii=[0.3, 0]", "tune_marker_radii"),
+                      ("piac_mode=soft", "piac_mode")]:
+        with pytest.raises(UserError) as e:
+            load_config(TrainConfig, None, [bad])
+        assert word in one_line(e)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from wsi_ircr.cli import main
 from wsi_ircr.errors import UserError
 from wsi_ircr.io.images import write_label_png
 from wsi_ircr.model.checkpoint import load_checkpoint
+from wsi_ircr.model.inference import predict_maps_tensor
 from wsi_ircr.progress import Progress
 from wsi_ircr.train.config import DataConfig
 from wsi_ircr.train.data import CropSampler, TileSet, load_train_data
@@ -445,3 +447,40 @@ def test_progress_past_the_total_and_on_a_terminal(monkeypatch, capsys):
             bar.update()
     assert term.text.count("\r") == 6  # enter, 4 updates, exit: redrawn in place
     assert term.text.count("\n") == 1 and term.text.endswith("\n") and "4/4 tiles" in term.text.split("\r")[-1]
+
+
+class _OracleNet(torch.nn.Module):
+    """Returns fixed NP logits and HV maps of a known instance map, whatever the input."""
+
+    def __init__(self, labels: np.ndarray, hv_scale: float):
+        super().__init__()
+        fg = torch.from_numpy(labels > 0).float()
+        self.np_logits = torch.stack([-8 * fg + 4, 8 * fg - 4])[None]
+        self.hv = hv_scale * torch.from_numpy(hv_targets(labels))[None]
+
+    def forward(self, x):
+        return {"np": self.np_logits.expand(len(x), -1, -1, -1), "hv": self.hv.expand(len(x), -1, -1, -1)}
+
+
+def test_tune_postprocess_tries_only_the_given_marker_radii():
+    from wsi_ircr.metrics import aji
+    from wsi_ircr.model.postprocess import PostProcessConfig, instances_from_maps
+    from wsi_ircr.train.tune import tune_postprocess
+
+    labels = np.zeros((64, 64), np.int32)
+    rr, cc = np.mgrid[:64, :64]
+    for i, (r, c) in enumerate([(20, 20), (20, 34), (45, 40)], start=1):  # 1 and 2 touch
+        labels[(rr - r) ** 2 + (cc - c) ** 2 <= 64] = i
+    net = _OracleNet(labels, hv_scale=0.5)  # a soft HV map: large radii merge touching nuclei
+    image = np.zeros((64, 64, 3), np.uint8)
+    base = PostProcessConfig(min_marker_px=2, min_area_px=8)
+    for radii in [(0.45,), (0.1, 0.3), (0.3, 0.6)]:
+        best, score = tune_postprocess(net, [image], [labels], base, torch.device("cpu"), radii)
+        assert best.marker_radius in radii and best.min_marker_px == 2
+        prob, hv = predict_maps_tensor(net, torch.zeros(1, 3, 64, 64))
+        assert score == pytest.approx(aji(labels, instances_from_maps(prob[0].numpy(), hv[0].numpy(), best)))
+        others = [aji(labels, instances_from_maps(prob[0].numpy(), hv[0].numpy(), dataclasses.replace(best, marker_radius=r)))
+                  for r in radii]
+        assert score == pytest.approx(max(others))
+    best, score = tune_postprocess(net, [image], [labels], base, torch.device("cpu"), (0.3, 0.6))
+    assert best.marker_radius == 0.3 and score > 0.9
