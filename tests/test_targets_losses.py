@@ -101,10 +101,16 @@ def test_hv_gradients_axes():
     assert g[0, 5, 5] > 0 and g[1, 5, 5] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_hv_loss_zero_positive_and_gradient():
+def two_disk_batch() -> np.ndarray:
+    """int32 (2, 24, 24): one disk per image (ids 1 and 2, radii 5 and 6 px)."""
     labels = np.zeros((2, 24, 24), np.int32)
     labels[0][disk((24, 24), (8, 8), 5)] = 1
     labels[1][disk((24, 24), (14, 12), 6)] = 2
+    return labels
+
+
+def test_hv_loss_zero_positive_and_gradient():
+    labels = two_disk_batch()
     target = torch.from_numpy(np.stack([hv_targets(l) for l in labels]))
     fg = torch.from_numpy(labels > 0).float()
     assert float(hv_loss(target.clone(), target, fg)) == 0.0
@@ -126,9 +132,7 @@ def test_hv_loss_gradient_term_only_inside_fg():
 
 
 def test_weighted_hv_and_instance_loss_ignore_zero_weight_pixels():
-    labels = np.zeros((2, 24, 24), np.int32)
-    labels[0][disk((24, 24), (8, 8), 5)] = 1
-    labels[1][disk((24, 24), (14, 12), 6)] = 2
+    labels = two_disk_batch()
     target_hv = torch.from_numpy(np.stack([hv_targets(l) for l in labels]))
     target_np = torch.from_numpy(labels > 0).long()
     gen = torch.Generator().manual_seed(3)

@@ -16,6 +16,8 @@ from typing import Literal
 
 from wsi_ircr.model.postprocess import PostProcessConfig
 
+TUNE_MARKER_RADII = (0.3, 0.45, 0.6)  # marker radii tried by ``train.tune`` unless a config says otherwise
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -84,7 +86,7 @@ class TrainConfig:
     val_every: int = 250
     log_every: int = 25
     tune_postprocess: bool = True
-    tune_marker_radii: tuple[float, ...] = (0.3, 0.45, 0.6)
+    tune_marker_radii: tuple[float, ...] = TUNE_MARKER_RADII
     postprocess: PostProcessConfig = field(default_factory=PostProcessConfig)
 
     def __post_init__(self):

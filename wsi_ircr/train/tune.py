@@ -10,17 +10,17 @@ import torch
 
 from wsi_ircr.model.inference import predict_maps_tensor
 from wsi_ircr.model.postprocess import PostProcessConfig, instances_from_maps
+from wsi_ircr.train.config import TUNE_MARKER_RADII
 
 GRID = {
     "np_threshold": (0.4, 0.5),
     "edge_threshold": (0.2, 0.35, 0.5, 0.8),
 }
-MARKER_RADII = (0.3, 0.45, 0.6)
 
 
 def tune_postprocess(net: torch.nn.Module, images: list[np.ndarray], labels: list[np.ndarray],
                      base: PostProcessConfig, device: torch.device,
-                     marker_radii: tuple[float, ...] = MARKER_RADII) -> tuple[PostProcessConfig, float]:
+                     marker_radii: tuple[float, ...] = TUNE_MARKER_RADII) -> tuple[PostProcessConfig, float]:
     """The point of ``GRID`` x ``marker_radii`` with the best mean AJI on (images uint8 (H, W, 3),
     labels int (H, W)).
 
