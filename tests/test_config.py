@@ -231,7 +231,8 @@ def test_tune_marker_radii_and_piac_mode_are_validated():
     assert cfg.tune_marker_radii == (0.2, 0.3) and cfg.piac_mode == "consistency"
     assert load_config(TrainConfig, None).piac_mode == "pseudo_label"
     for bad, word in [("tune_marker_radii=[]", "tune_marker_radii"), ("tune_marker_radii=[0.3, 0]", "tune_marker_radii"),
-                      ("piac_mode=soft", "piac_mode")]:
+                      ("piac_mode=soft", "piac_mode"), ("labelled_strength=-0.5", "labelled_strength"),
+                      ("strong_strength=-1", "strong_strength"), ("miac_temperature=0", "miac_temperature")]:
         with pytest.raises(UserError) as e:
             load_config(TrainConfig, None, [bad])
         assert word in one_line(e)

@@ -162,3 +162,19 @@ def test_consistency_map_detaches_teacher():
     d.sum().backward()
     assert s["np"].grad is not None and t["np"].grad is None and t["hv"].grad is None
     assert float(consistency_map(s, s).detach().abs().max()) == 0.0
+
+
+def test_consistency_map_teacher_temperature_sharpens_the_target():
+    # teacher nucleus probability 0.7 everywhere (logit gap log(7/3)); student at the same 0.7
+    gap = float(np.log(0.7 / 0.3))
+    teacher = {"np": torch.stack([torch.zeros(4, 4), torch.full((4, 4), gap)])[None], "hv": torch.zeros(1, 2, 4, 4)}
+    student = {k: v.clone() for k, v in teacher.items()}
+    assert float(consistency_map(student, teacher, 1.0).abs().max()) < 1e-12
+    sharp_p = 1.0 / (1.0 + np.exp(-gap / 0.5))  # about 0.845
+    d = consistency_map(student, teacher, 0.5)
+    assert torch.allclose(d, torch.full((1, 4, 4), (sharp_p - 0.7) ** 2, dtype=d.dtype), atol=1e-6)
+    # a confident student (p = sharp_p) now matches the sharpened teacher exactly
+    student["np"] = torch.stack([torch.zeros(4, 4), torch.full((4, 4), 2 * gap)])[None]
+    assert float(consistency_map(student, teacher, 0.5).abs().max()) < 1e-10
+    with pytest.raises(ValueError, match="temperature"):
+        consistency_map(student, teacher, 0.0)

@@ -484,3 +484,21 @@ def test_tune_postprocess_tries_only_the_given_marker_radii():
         assert score == pytest.approx(max(others))
     best, score = tune_postprocess(net, [image], [labels], base, torch.device("cpu"), (0.3, 0.6))
     assert best.marker_radius == 0.3 and score > 0.9
+
+
+@pytest.mark.parametrize("strength", [0.0, 1.0])
+def test_labelled_strength_augments_what_the_student_sees(dataset, tmp_path, strength):
+    from wsi_ircr.train.config import TrainConfig
+    from wsi_ircr.train.loop import Trainer, _to_tensor
+
+    data_cfg = DataConfig(images=str(dataset["images"]), labels=str(dataset["labels"]), val=("t5",))
+    cfg = TrainConfig(data=data_cfg, device="cpu", crop_px=32, batch_size=2, unlabelled_batch_size=0, labelled_strength=strength)
+    trainer = Trainer(cfg, tmp_path, load_train_data(data_cfg), priors=None)
+    seen = []
+    trainer.student.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    batch = trainer.labelled.sample(2)
+    loss = trainer.supervised_loss(batch)
+    raw = _to_tensor(batch["image"], torch.device("cpu"))
+    assert torch.isfinite(loss) and seen[0].shape == raw.shape
+    assert 0.0 <= float(seen[0].min()) and float(seen[0].max()) <= 1.0
+    assert torch.equal(seen[0], raw) == (strength == 0.0)

@@ -7,6 +7,9 @@ still kept (EMA) but no unlabelled data is used. ``piac_mode`` picks what PIAC's
 weights apply to: pseudo-labels from the teacher's kept instances trained with the supervised
 loss (``pseudo_label``), or the squared teacher-student difference (``consistency``).
 ``tune_marker_radii`` are the marker radii tried when post-processing is tuned on ``data.val``.
+``strong_strength`` scales the student's photometric view of unlabelled crops and
+``labelled_strength`` the same augmentation of labelled crops (0 = none).
+``miac_temperature`` < 1 sharpens the teacher's nucleus probability in the MIAC term.
 """
 
 from __future__ import annotations
@@ -79,10 +82,12 @@ class TrainConfig:
     miac_max_dist_px: float = 12.0
     miac_beta: float = 0.5
     miac_band_px: int = 2
+    miac_temperature: float = 1.0
     piac_tau: float = 0.35
     piac_w_good: float = 2.0
     piac_mode: Literal["pseudo_label", "consistency"] = "pseudo_label"
     strong_strength: float = 1.0
+    labelled_strength: float = 0.0
     val_every: int = 250
     log_every: int = 25
     tune_postprocess: bool = True
@@ -103,6 +108,10 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not self.tune_marker_radii or min(self.tune_marker_radii) <= 0:
             raise ValueError(f"tune_marker_radii must be a non-empty list of values > 0, got {list(self.tune_marker_radii)}")
+        if self.miac_temperature <= 0:
+            raise ValueError(f"miac_temperature must be > 0, got {self.miac_temperature}")
+        if self.strong_strength < 0 or self.labelled_strength < 0:
+            raise ValueError("strong_strength and labelled_strength must be >= 0")
         if self.unlabelled_batch_size < 0 or self.rampup_steps < 0 or self.threads < 0:
             raise ValueError("unlabelled_batch_size, rampup_steps and threads must be >= 0")
 

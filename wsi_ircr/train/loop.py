@@ -151,6 +151,10 @@ class Trainer:
         from wsi_ircr.train.losses import instance_loss
 
         x = _to_tensor(batch["image"], self.device)
+        if self.cfg.labelled_strength > 0:
+            from wsi_ircr.train.augment import strong_view
+
+            x = strong_view(x, self.gen, self.cfg.labelled_strength)
         target_np = torch.from_numpy((batch["labels"] > 0).astype(np.int64)).to(self.device)
         target_hv = torch.from_numpy(batch["hv"]).to(self.device)
         return instance_loss(self.student(x), target_np, target_hv)
@@ -185,7 +189,7 @@ class Trainer:
                 band.append(b)
             inside_t = torch.from_numpy(np.stack(inside)).to(self.device)
             band_t = torch.from_numpy(np.stack(band)).to(self.device)
-            miac = miac_loss(s_out, t_out, inside_t, band_t, cfg.miac_beta)
+            miac = miac_loss(s_out, t_out, inside_t, band_t, cfg.miac_beta, cfg.miac_temperature)
             total = total + cfg.miac_weight * miac
             parts["miac"] = float(miac.detach())
         if cfg.piac_weight > 0:

@@ -93,13 +93,18 @@ def instance_loss(out: dict[str, torch.Tensor], target_np: torch.Tensor, target_
     return np_loss(out["np"].float(), target_np, weight) + hv_loss(out["hv"].float(), target_hv, fg, weight)
 
 
-def consistency_map(student_out: dict[str, torch.Tensor], teacher_out: dict[str, torch.Tensor]) -> torch.Tensor:
+def consistency_map(student_out: dict[str, torch.Tensor], teacher_out: dict[str, torch.Tensor],
+                    teacher_temperature: float = 1.0) -> torch.Tensor:
     """Per-pixel squared student-teacher difference, the teacher detached: float (N, H, W).
 
     ``(p_s - p_t)^2 + ((h_s - h_t)^2 + (v_s - v_t)^2) / 2`` with p the softmax nucleus
-    probability of the ``"np"`` logits and h, v the ``"hv"`` channels.
+    probability of the ``"np"`` logits and h, v the ``"hv"`` channels. The teacher's
+    logits are divided by ``teacher_temperature`` first: below 1 its probabilities are
+    sharpened towards 0 / 1, so agreeing by turning both outputs soft stops paying.
     """
+    if teacher_temperature <= 0:
+        raise ValueError(f"consistency_map: teacher_temperature must be > 0, got {teacher_temperature}")
     p_s = torch.softmax(student_out["np"], dim=1)[:, 1]
-    p_t = torch.softmax(teacher_out["np"].detach(), dim=1)[:, 1]
+    p_t = torch.softmax(teacher_out["np"].detach() / teacher_temperature, dim=1)[:, 1]
     hv = (student_out["hv"] - teacher_out["hv"].detach()) ** 2
     return (p_s - p_t) ** 2 + hv.mean(dim=1)

@@ -122,6 +122,7 @@ def miac_loss(
     inside: torch.Tensor,
     band: torch.Tensor,
     beta: float = 0.5,
+    teacher_temperature: float = 1.0,
 ) -> torch.Tensor:
     """MIAC consistency: mean squared student-teacher difference inside matched instances
     plus ``beta`` times the same on their boundary band.
@@ -134,11 +135,13 @@ def miac_loss(
         student_out, teacher_out: ``{"np": (N, 2, H, W) logits, "hv": (N, 2, H, W)}``.
         inside, band: float (N, H, W) masks from ``matched_masks`` (stacked, on the device).
         beta: weight of the boundary term.
+        teacher_temperature: sharpening of the teacher's nucleus probability (1 = none),
+            see ``losses.consistency_map``.
 
     Returns:
         scalar tensor.
     """
-    diff = consistency_map(student_out, teacher_out)
+    diff = consistency_map(student_out, teacher_out, teacher_temperature)
     inside, band = inside.to(diff.dtype), band.to(diff.dtype)
     inner = (inside * diff).sum() / inside.sum().clamp_min(1e-8)
     edge = (band * diff).sum() / band.sum().clamp_min(1e-8)
