@@ -6,6 +6,7 @@ test tiles (never used for training or checkpoint selection). Results go to
 
     python benchmarks/study.py --preset cpu      # the reduced CPU study (2 cores)
     python benchmarks/study.py --preset gpu      # the full protocol (one H100)
+    python benchmarks/study.py --only mt_miac-L2-s0 --set miac_temperature=0.5 --out runs/variant
 """
 
 from __future__ import annotations
@@ -159,6 +160,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "study")
     parser.add_argument("--only", help="Comma-separated run names (method-L<n>-s<seed>) to run.")
     parser.add_argument("--parallel", type=int, help="Concurrent runs (default from the preset).")
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="A config override added to the preset's for every run (repeatable), e.g. for a variant in its own --out.")
     parser.add_argument("--table", action="store_true", help="Only print the table of the finished runs.")
     args = parser.parse_args()
     if args.table:
@@ -173,7 +176,7 @@ def main() -> None:
         wanted = set(args.only.split(","))
         runs = [r for r in runs if f"{r[0]}-L{r[1]}-s{r[2]}" in wanted]
     with ThreadPoolExecutor(args.parallel or preset["parallel"]) as pool:
-        results = list(pool.map(lambda r: run_one(*r, preset["overrides"], args.out, tests), runs))
+        results = list(pool.map(lambda r: run_one(*r, preset["overrides"] + args.extra, args.out, tests), runs))
     (args.out / f"results-{args.preset}.json").write_text(json.dumps(results, indent=1))
     print(table(results))
 
