@@ -29,7 +29,7 @@ class PostProcessConfig:
 
     np_threshold: float = 0.5
     edge_threshold: float = 0.25
-    marker_radius: float = 0.6
+    marker_radius: float = 0.3
     min_marker_px: int = 8
     min_area_px: int = 30
     smooth_sigma_px: float = 1.0

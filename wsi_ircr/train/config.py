@@ -19,7 +19,7 @@ from typing import Literal
 
 from wsi_ircr.model.postprocess import PostProcessConfig
 
-TUNE_MARKER_RADII = (0.3, 0.45, 0.6)  # marker radii tried by ``train.tune`` unless a config says otherwise
+TUNE_MARKER_RADII = (0.2, 0.3)  # marker radii tried by ``train.tune`` unless a config says otherwise (study.md: chosen on MoNuSeg validation tiles)
 
 
 @dataclass(frozen=True)
