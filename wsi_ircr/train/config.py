@@ -87,7 +87,7 @@ class TrainConfig:
     piac_w_good: float = 2.0
     piac_mode: Literal["pseudo_label", "consistency"] = "pseudo_label"
     strong_strength: float = 1.0
-    labelled_strength: float = 0.0
+    labelled_strength: float = 1.0
     val_every: int = 250
     log_every: int = 25
     tune_postprocess: bool = True
