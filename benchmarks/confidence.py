@@ -24,24 +24,19 @@ from study import DATA, REPO
 
 def confidence(run_dir: Path) -> dict[str, float]:
     """``{"p_in", "p_out", "confidence"}``, means over the run's validation tiles."""
-    import torch
-
     from wsi_ircr.io.images import read_image, read_label
     from wsi_ircr.model.checkpoint import load_checkpoint
-    from wsi_ircr.model.inference import predict_maps_tensor
+    from wsi_ircr.model.inference import Predictor
 
     stems = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["val"]
-    net = load_checkpoint(run_dir / "model.pt").build().eval()
+    predictor = Predictor(load_checkpoint(run_dir / "model.pt"), device="cpu")
     p_in, p_out, conf = [], [], []
-    with torch.inference_mode():
-        for stem in stems:
-            image = read_image(DATA / "images" / f"{stem}.tif")
-            fg = read_label(DATA / "labels" / f"{stem}.png") > 0
-            x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div_(255.0)
-            prob = predict_maps_tensor(net, x)[0][0].numpy()
-            p_in.append(prob[fg].mean())
-            p_out.append(prob[~fg].mean())
-            conf.append(np.abs(2.0 * prob - 1.0).mean())
+    for stem in stems:
+        prob, _ = predictor.predict_image_maps(read_image(DATA / "images" / f"{stem}.tif"))
+        fg = read_label(DATA / "labels" / f"{stem}.png") > 0
+        p_in.append(prob[fg].mean())
+        p_out.append(prob[~fg].mean())
+        conf.append(np.abs(2.0 * prob - 1.0).mean())
     return {"p_in": float(np.mean(p_in)), "p_out": float(np.mean(p_out)), "confidence": float(np.mean(conf))}
 
 
