@@ -69,10 +69,14 @@ class Predictor:
             hvs.append(hv.cpu().numpy())
         return np.concatenate(probs), np.concatenate(hvs)
 
+    def instances(self, prob: np.ndarray, hv: np.ndarray) -> np.ndarray:
+        """This model's post-processing: probability (H, W) + HV (2, H, W) at ``self.mpp`` -> int32 (H, W)."""
+        return instances_from_maps(prob, hv, self.postprocess)
+
     def segment_tiles(self, tiles: np.ndarray) -> list[np.ndarray]:
         """uint8 (N, H, W, 3) -> N int32 (H, W) instance maps."""
         probs, hvs = self.predict_maps(tiles)
-        return [instances_from_maps(p, h, self.postprocess) for p, h in zip(probs, hvs)]
+        return [self.instances(p, h) for p, h in zip(probs, hvs)]
 
     def predict_image_maps(self, image: np.ndarray, window_px: int = 1024, overlap_px: int = 128) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (H, W, 3) -> probability float32 (H, W), HV float32 (2, H, W).
@@ -102,4 +106,4 @@ class Predictor:
     def segment_image(self, image: np.ndarray, window_px: int = 1024, overlap_px: int = 128) -> np.ndarray:
         """uint8 (H, W, 3) -> int32 (H, W): maps from overlapping windows, one post-processing."""
         prob, hv = self.predict_image_maps(image, window_px, overlap_px)
-        return instances_from_maps(prob, hv, self.postprocess)
+        return self.instances(prob, hv)

@@ -155,7 +155,6 @@ def segment_tiles(store_path: str, indices: list[int], model_path: str | None, m
     ``postprocess`` (watershed, ownership, measurements, outlines).
     """
     from wsi_ircr.io.atomic import atomic_open
-    from wsi_ircr.model.postprocess import instances_from_maps
     from wsi_ircr.slide.stitch import owned_instances, tile_instances
     from wsi_ircr.slide.store import TileStore
 
@@ -169,7 +168,7 @@ def segment_tiles(store_path: str, indices: list[int], model_path: str | None, m
     t2 = time.perf_counter()
     for i, image, prob, hv in zip(indices, images, probs, hvs):
         tile = store.tiles[i]
-        labels = instances_from_maps(prob, hv, predictor.postprocess)
+        labels = predictor.instances(prob, hv)
         owned = owned_instances(labels, store.grid, tile, on_truncated=on_truncated)
         instances = tile_instances(owned, store.grid, tile, image=image, np_prob=prob)
         with atomic_open(result_path(results_dir, tile), "wb") as f:
