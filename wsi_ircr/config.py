@@ -1,7 +1,10 @@
-"""Validated, frozen dataclass configs loaded from YAML files and ``key=value`` overrides.
+"""Validated, frozen dataclass configs: the one place every command resolves its configuration.
 
-Every YAML key maps to a dataclass field; unknown keys, wrong types and out-of-range
-values are ``UserError``s that name the file and the key.
+Precedence, highest first: an explicit command-line option > ``--set key=value`` > the
+YAML file (``--config``) > the dataclass default. Every YAML key maps to a dataclass
+field; unknown keys, wrong types and out-of-range values are ``UserError``s that name the
+file and the key. Values of explicit options (paths above all) are set as they are, never
+parsed as YAML, so a ``#`` or ``:`` in a path is kept.
 """
 
 from __future__ import annotations
@@ -167,8 +170,28 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def _set_path(data: dict, key: str, value: Any, where: str) -> None:
+    """``data[a][b] = value`` for ``key = "a.b"`` (sections created as needed)."""
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"{where}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def resolve_config(cls: type[T], path: str | Path | None = None, overrides=(), explicit: dict | None = None) -> T:
+    """``cls`` from defaults < YAML ``path`` < ``overrides`` (``key=value`` strings, values
+    parsed as YAML) < ``explicit`` (dotted key -> value, taken as is; None = not given)."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides), where="--set")
+    for key, value in (explicit or {}).items():
+        if value is not None:
+            _set_path(data, key, value, f"option {key}")
+    return from_dict(cls, data, str(path) if path is not None else "config")
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides=()) -> T:
     """Load ``cls`` from a YAML file (or defaults) plus ``key=value`` overrides."""
-    data = read_yaml(path) if path is not None else {}
-    data = apply_overrides(data, list(overrides))
-    return from_dict(cls, data, str(path) if path is not None else "config")
+    return resolve_config(cls, path, overrides)

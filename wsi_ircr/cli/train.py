@@ -30,15 +30,14 @@ def train(config_path, out_dir, images, labels, unlabelled, labelled_fraction, s
       wsi-ircr train --config configs/train/ircr.yaml --out runs/ircr --resume
       wsi-ircr train --images tiles/ --labels masks/ --unlabelled more_tiles/ --out runs/mine
     """
-    from wsi_ircr.config import apply_overrides, from_dict, read_yaml
+    from wsi_ircr.config import resolve_config
     from wsi_ircr.errors import UserError
     from wsi_ircr.train.config import TrainConfig
     from wsi_ircr.train.loop import RUN_FILES
     from wsi_ircr.train.loop import train as run_training
 
-    data = read_yaml(config_path) if config_path else {}
     base_dir = config_path.resolve().parent if config_path else Path.cwd()
-    cli_overrides = {
+    explicit = {
         "data.images": images and str(Path(images).resolve()),
         "data.labels": labels and str(Path(labels).resolve()),
         "data.unlabelled": unlabelled and str(Path(unlabelled).resolve()),
@@ -47,8 +46,7 @@ def train(config_path, out_dir, images, labels, unlabelled, labelled_fraction, s
         "steps": steps,
         "device": device,
     }
-    items = [f"{k}={v}" for k, v in cli_overrides.items() if v is not None]
-    cfg = from_dict(TrainConfig, apply_overrides(data, items + list(overrides)), str(config_path or "config"))
+    cfg = resolve_config(TrainConfig, config_path, overrides, explicit)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a folder; pass another --out")
     if (out_dir / "last.pt").exists() and not resume:
