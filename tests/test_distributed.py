@@ -114,36 +114,37 @@ def test_remote_cluster_matches_local_with_relative_paths(scheduler, workdir, mo
     """Relative slide, model and output paths work on a worker that runs in another folder,
     and the features (uuid5 ids and coordinates) equal those of the local cluster."""
     monkeypatch.chdir(workdir)
-    # one task at a time, torch with all cores, on both sides: the same arithmetic
-    _segment("s.tiff", "-o", "local", "--model", "m.pt", *TILES, "--set", "threads_per_worker=1")
-    _segment("s.tiff", "-o", "remote", "--model", "m.pt", *TILES, "--scheduler", scheduler)
+    # the same torch threads per task on both sides: the same arithmetic
+    _segment("s.tiff", "-o", "local", "--model", "m.pt", *TILES, "--set", "torch_threads=1")
+    _segment("s.tiff", "-o", "remote", "--model", "m.pt", *TILES, "--set", "torch_threads=1", "--scheduler", scheduler)
     capfd.readouterr()
     local, remote = _features(Path("local/s/s.geojson.gz")), _features(Path("remote/s/s.geojson.gz"))
     assert len(local) > 10
     assert [f["id"] for f in local] == [f["id"] for f in remote]
     assert [f["geometry"] for f in local] == [f["geometry"] for f in remote]
     summary = json.loads(Path("remote/s/summary.json").read_text())
-    workers = [k for k in summary["peak_rss_mb"] if k.startswith("worker")]
-    assert workers and all("127.0.0.1" in w for w in workers)
+    assert summary["peak_rss_mb"]["workers"] > 50 and summary["peak_rss_mb"]["driver"] > 50
     assert not any(Path(scheduler.cwd).iterdir()), "the worker wrote into its own working folder"
 
 
 def test_concurrent_runs_on_one_cluster_keep_their_own_results(scheduler, workdir, tmp_path):
-    """Two slides in flight at once on one client (as ``pipelines/cohort.py`` runs a
-    cohort): the same slide into two folders with two tile sizes. Each run gets its own
-    tiles (task keys must not collide)."""
+    """Two commands at once on one cluster: the same slide into two folders with two tile
+    sizes. Each run gets its own tiles (task keys must not collide)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from wsi_ircr.slide.cluster import scheduler_client
+    from wsi_ircr.slide.cohort import segment_slides
     from wsi_ircr.slide.config import SegmentConfig
-    from wsi_ircr.slide.pipeline import dask_client, model_info, segment_slide
+    from wsi_ircr.slide.pipeline import model_info
 
     configs = [SegmentConfig(model=str(workdir / "m.pt"), core_px=core, halo_px=32, max_nucleus_um=8)
                for core in (256, 384)]
     info = model_info(configs[0])
-    with dask_client(scheduler, configs[0]) as client, ThreadPoolExecutor(2) as pool:
-        summaries = list(pool.map(
-            lambda config: segment_slide(workdir / "s.tiff", tmp_path / str(config.core_px), config, client, info,
-                                         progress=False), configs))
+    slide = workdir / "s.tiff"
+    with scheduler_client(scheduler, configs[0]) as client, ThreadPoolExecutor(2) as pool:
+        reports = list(pool.map(
+            lambda config: segment_slides([slide], tmp_path / str(config.core_px), config, client, info), configs))
+    summaries = [report.summaries[slide] for report in reports]
     for core_px, summary in zip([256, 384], summaries):
         out = Path(summary["out_dir"])
         assert summary["tiles"]["core_px"] == core_px

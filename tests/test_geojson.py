@@ -13,7 +13,8 @@ from shapely.geometry import Point, Polygon, box
 
 from wsi_ircr.slide.geojson import NUCLEUS_COLOR, GeoJSONWriter, feature_uuid, validate_qupath_geojson
 from wsi_ircr.slide.grid import TileGrid
-from wsi_ircr.slide.stitch import owned_instances, tile_instances
+from wsi_ircr.slide.stitch import owned_instances as owned_and_dropped
+from wsi_ircr.slide.stitch import tile_instances
 from wsi_ircr.slide.table import (
     MEASUREMENTS,
     TABLE_COLUMNS,
@@ -21,6 +22,11 @@ from wsi_ircr.slide.table import (
     export_tile,
     nucleus_measurements,
 )
+
+
+def owned_instances(*args, **kwargs) -> np.ndarray:
+    """The owned labels of :func:`owned_and_dropped` (the dropped count is checked apart)."""
+    return owned_and_dropped(*args, **kwargs)[0]
 
 SQUARE = box(100.123, 200.456, 110.789, 212.0)
 

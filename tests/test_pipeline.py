@@ -28,7 +28,9 @@ from wsi_ircr.model.checkpoint import bundled_model_path, file_hash
 from wsi_ircr.slide import pipeline
 from wsi_ircr.slide.config import SegmentConfig
 from wsi_ircr.slide.geojson import feature_uuid, validate_qupath_geojson
-from wsi_ircr.slide.pipeline import dask_client, model_info, segment_slide, tile_slide
+from wsi_ircr.slide.cluster import local_client
+from wsi_ircr.slide.cohort import segment_slides
+from wsi_ircr.slide.pipeline import model_info, tile_slide
 from wsi_ircr.slide.store import TileStore
 
 pytestmark = pytest.mark.openslide
@@ -44,9 +46,18 @@ def small_config(**changes) -> SegmentConfig:
     return SegmentConfig(**{**SMALL, **changes})
 
 
+def segment_slide(slide, out_root, config, client, info, **kwargs) -> dict:
+    """One slide through ``segment_slides``: its summary, or its error raised as a UserError."""
+    slide = Path(slide).absolute()
+    report = segment_slides([slide], out_root, config, client, info, **kwargs)
+    if report.failed:
+        raise UserError(report.failed[slide])
+    return report.summaries[slide]
+
+
 @pytest.fixture(scope="module")
 def client():
-    with dask_client(None, small_config()) as c:
+    with local_client(small_config()) as c:
         yield c
 
 
@@ -78,7 +89,7 @@ def runs(slides, random_model, client, tmp_path_factory) -> dict[str, tuple[dict
     info = model_info(small_config(model=str(random_model)))
     out = {}
     for kind, slide in slides.items():
-        summary = segment_slide(slide, root, RUN_CONFIGS[kind](random_model), client, info, progress=False)
+        summary = segment_slide(slide, root, RUN_CONFIGS[kind](random_model), client, info)
         out[kind] = summary, Path(summary["out_dir"])
     return out
 
@@ -126,9 +137,12 @@ def test_outputs_and_summary(kind, runs, slides, random_model):
     assert summary["model"]["hash"] == file_hash(random_model)
     assert summary["config"] == to_dict(RUN_CONFIGS[kind](random_model))
     assert {"torch", "numpy", "zarr", "distributed", "openslide-python"} <= set(summary["versions"])
-    assert {"plan_tissue", "tile_store", "segment_wall", "stitch_export", "overlay", "total"} <= set(summary["seconds"])
+    assert {"plan_tissue", "tiles_wall", "stitch_export", "overlay", "total"} <= set(summary["seconds"])
     assert {"read_decode", "tile_load", "inference", "postprocess"} <= set(summary["task_seconds"])
     assert summary["resumed"] is False and summary["tiles"]["reused_results"] == 0
+    assert summary["tiles"]["reused_from_store"] == 0 and summary["nuclei_dropped_at_halo"] >= 0
+    assert summary["peak_rss_mb"]["driver"] > 50 and summary["peak_rss_mb"]["workers"] > 50
+    assert summary["bounds_offset_xy"] == [0, 0]
     store = TileStore.open(out / "tiles.zarr")
     assert store.complete and store.n_tiles == summary["tiles"]["segmented"] > 1
     overlay = Image.open(out / "overlay.png")
@@ -176,7 +190,7 @@ def test_bundled_model_puts_each_nucleus_once_at_level0(slide_mpp, radius_px, cl
                                  tissue_fraction=0.8)
     slide = write_aperio_svs(tmp_path / "known.svs", image, mpp=slide_mpp)
     config = small_config()
-    summary = segment_slide(slide, tmp_path / "out", config, client, model_info(config), progress=False)
+    summary = segment_slide(slide, tmp_path / "out", config, client, model_info(config))
     rows = read_table(Path(summary["out_dir"]))
     found = np.array([[float(r["centroid_x"]), float(r["centroid_y"])] for r in rows]).reshape(-1, 2)
     truth = _true_centroids_xy(labels)
@@ -195,7 +209,7 @@ def test_bundled_model_puts_each_nucleus_once_at_level0(slide_mpp, radius_px, cl
 def test_blank_slide_is_not_an_error(client, random_model, tmp_path):
     slide = write_pyramidal_tiff(tmp_path / "blank.tiff", np.full((300, 340, 3), 243, np.uint8), mpp=0.5, n_levels=1)
     config = small_config(model=str(random_model))
-    summary = segment_slide(slide, tmp_path / "out", config, client, model_info(config), progress=False)
+    summary = segment_slide(slide, tmp_path / "out", config, client, model_info(config))
     out = Path(summary["out_dir"])
     assert summary["nuclei"] == 0 and summary["tiles"]["segmented"] == 0 and summary["tissue_area_mm2"] == 0
     assert validate_qupath_geojson(out / "blank.geojson.gz") == 0
@@ -205,24 +219,27 @@ def test_blank_slide_is_not_an_error(client, random_model, tmp_path):
 def test_interrupted_run_resumes_to_the_same_result(runs, slides, random_model, client, tmp_path, monkeypatch):
     """A run stopped after the tile store and half of the tiles (simulated by running those
     stages alone) resumes with other execution settings and writes the reference GeoJSON."""
-    from wsi_ircr.slide.tasks import segment_tiles
+    from wsi_ircr.slide.tasks import SlideJob, segment_batch
 
     config = small_config(model=str(random_model))
     info = model_info(config)
-    run = tile_slide(slides["svs"], tmp_path, config, client, info, progress=False)
-    store = TileStore.open(run.out_dir / "tiles.zarr")
+    folder, plan = tile_slide(slides["svs"], tmp_path, config, client, info)
+    store = TileStore.open(folder.store_path)
     half = list(range(store.n_tiles // 2))
-    segment_tiles(str(store.path), half, info.path, info.hash, "cpu", str(run.out_dir / "work"))
+    job = SlideJob(str(slides["svs"]), None, plan.fingerprint, str(store.path), str(folder.work_dir), info.path,
+                   info.hash, "cpu")
+    folder.work_dir.mkdir()
+    segment_batch(job, half)
     chunks = {p: p.stat().st_mtime_ns for p in (store.path / "tiles").rglob("*") if p.is_file()}
 
     monkeypatch.setattr(pipeline, "CROP_SAMPLE", 5)  # the overlay crops from a small sample
     summary = segment_slide(slides["svs"], tmp_path, small_config(model=str(random_model), batch_tiles=3, device="cpu"),
-                            client, info, progress=False)
+                            client, info)
     assert summary["resumed"] is True
     assert summary["tiles"]["reused_from_store"] == store.n_tiles
     assert summary["tiles"]["reused_results"] == len(half) > 0
     assert chunks == {p: p.stat().st_mtime_ns for p in (store.path / "tiles").rglob("*") if p.is_file()}
-    assert read_features(run.out_dir) == read_features(runs["svs"][1])
+    assert read_features(folder.path) == read_features(runs["svs"][1])
     assert summary["config"]["batch_tiles"] == 3
 
 
@@ -236,7 +253,7 @@ def test_rerun_after_lost_outputs_gives_identical_geojson(runs, slides, random_m
     geojson.unlink()
     (out / "summary.json").unlink()
     config = RUN_CONFIGS["tiff"](random_model)
-    summary = segment_slide(slides["tiff"], tmp_path, config, client, model_info(config), progress=False)
+    summary = segment_slide(slides["tiff"], tmp_path, config, client, model_info(config))
     assert summary["resumed"] is True and summary["tiles"]["reused_results"] == 0
     assert summary["tiles"]["reused_from_store"] == summary["tiles"]["segmented"]
     assert gzip.decompress(geojson.read_bytes()) == gzip.decompress((reference / geojson.name).read_bytes())
@@ -246,7 +263,7 @@ def test_rerun_after_lost_outputs_gives_identical_geojson(runs, slides, random_m
 def test_unfinished_run_refuses_another_config_slide_or_model(slides, random_model, client, tmp_path):
     config = small_config(model=str(random_model))
     info = model_info(config)
-    tile_slide(slides["svs"], tmp_path, config, client, info, progress=False)
+    tile_slide(slides["svs"], tmp_path, config, client, info)
     with pytest.raises(UserError, match=r"unfinished run with another halo_px \(32 -> 48\)"):
         segment_slide(slides["svs"], tmp_path, small_config(model=str(random_model), halo_px=48), client, info,
                       progress=False)
@@ -254,11 +271,11 @@ def test_unfinished_run_refuses_another_config_slide_or_model(slides, random_mod
     other_slide.parent.mkdir(exist_ok=True)
     write_aperio_svs(other_slide, synthetic_he((260, 300), n_nuclei=10, seed=9)[0], mpp=0.5)
     with pytest.raises(UserError, match="unfinished run of another slide"):
-        segment_slide(other_slide, tmp_path, config, client, info, progress=False)
+        segment_slide(other_slide, tmp_path, config, client, info)
     other_model = signal_checkpoint(tmp_path / "other.pt", synthetic_he((256, 256), 20, seed=1)[0], seed=1)
     other = small_config(model=str(other_model))
     with pytest.raises(UserError, match="unfinished run of another model"):
-        segment_slide(slides["svs"], tmp_path, other, client, model_info(other), progress=False)
+        segment_slide(slides["svs"], tmp_path, other, client, model_info(other))
     assert not (tmp_path / "he" / "summary.json").exists()
 
 
@@ -288,6 +305,6 @@ def _meet_on_the_gpu(_: int) -> bool:
 def test_local_gpu_tasks_do_not_queue_behind_one_another():
     """With ``device: cuda`` the local worker's threads all run GPU tasks at once (one
     thread's post-processing overlaps another's inference): two GPU tasks meet at a barrier."""
-    with dask_client(None, small_config(device="cuda", threads_per_worker=2)) as gpu_client:
+    with local_client(small_config(device="cuda", threads_per_worker=2)) as gpu_client:
         futures = [gpu_client.submit(_meet_on_the_gpu, i, resources={"GPU": 1}, pure=False) for i in range(2)]
         assert gpu_client.gather(futures) == [True, True]

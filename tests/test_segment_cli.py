@@ -73,18 +73,22 @@ def _tiff_without_resolution(path: Path) -> Path:
     return path
 
 
-BAD_INPUTS = ["missing", "directory", "text", "truncated_svs", "dicom", "no_mpp", "smaller_than_a_tile",
-              "halo_below_nucleus", "cuda_without_gpu", "output_is_a_file"]
+# Errors of the whole command: exit 2 before any work, nothing written.
+COMMAND_ERRORS = ["folder_without_slides", "halo_below_nucleus", "cuda_without_gpu", "output_is_a_file"]
+# Errors of one slide: it fails alone (exit 1), recorded in OUT/cohort.csv, no run folder left.
+SLIDE_ERRORS = ["missing", "text", "truncated_svs", "dicom", "no_mpp", "smaller_than_a_tile"]
 
 
-@pytest.mark.parametrize("case", BAD_INPUTS)
+@pytest.mark.parametrize("case", COMMAND_ERRORS + SLIDE_ERRORS)
 def test_bad_input_is_one_line_and_leaves_nothing(case, slide, random_model, tmp_path, shared_slides, capfd, caplog):
     options = list(SMALL_TILES)
     expect = None
     if case == "missing":
         target, expect = tmp_path / "nope.svs", "no such file"
-    elif case == "directory":
-        target, expect = tmp_path, "directory"
+    elif case == "folder_without_slides":
+        target, expect = tmp_path / "empty", "no slide"
+        target.mkdir()
+        (target / "notes.txt").write_text("not a slide\n")
     elif case == "text":
         target = tmp_path / "notes.svs"
         target.write_text("not a slide\n")
@@ -110,12 +114,25 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, slide, random_model, tmp
         (tmp_path / "out").write_text("a file where the output folder should go\n")
     out = tmp_path / "out"
     code, lines = wsi_ircr("segment", target, "-o", out, "--model", random_model, *options, capfd=capfd, caplog=caplog)
-    assert code == 2, lines
+    assert code == (2 if case in COMMAND_ERRORS else 1), lines
     assert len(lines) == 1 and lines[0].startswith("error:"), lines
     assert "Traceback" not in lines[0]
     if expect:
         assert expect in lines[0], lines[0]
-    assert not out.is_dir() or not any(out.rglob("*")), sorted(out.rglob("*"))
+    if case in COMMAND_ERRORS:
+        assert not out.is_dir() or not any(out.rglob("*")), sorted(out.rglob("*"))
+    else:
+        assert sorted(p.name for p in out.iterdir()) == ["cohort.csv"], sorted(out.rglob("*"))
+        [row] = _rows(out)
+        assert row["slide"] == str(target.absolute()) and row["status"] == "failed"
+        assert row["error"] == lines[0].removeprefix("error: ")
+
+
+def _rows(out: Path) -> list[dict]:
+    import csv
+
+    with open(out / "cohort.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def test_slide_without_mpp_runs_with_mpp_option(random_model, tmp_path, capfd):
@@ -131,22 +148,31 @@ def test_a_real_process_prints_one_line_for_a_truncated_slide(slide, random_mode
     cut.write_bytes(slide.read_bytes()[:3000])
     proc = subprocess.run([sys.executable, "-m", "wsi_ircr", "segment", str(cut), "-o", str(tmp_path / "out"),
                            "--model", str(random_model)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert proc.stderr.startswith("error:") and proc.stdout == ""
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error:") and "cut.svs" in proc.stderr
+    assert proc.stdout == f"0 of 1 slides done, 1 failed; see {tmp_path / 'out' / 'cohort.csv'}\n"
 
 
-def test_finished_run_is_refused_then_redone_with_overwrite(slide, random_model, tmp_path, capfd):
+def test_finished_run_is_skipped_then_redone_with_overwrite_reusing_the_store(slide, random_model, tmp_path, capfd):
+    """A rerun skips a finished slide; ``--overwrite`` recomputes it from the kept tile store;
+    a finished run of other settings is refused (that slide fails) unless ``--overwrite``."""
     args = ["segment", slide, "-o", tmp_path, "--model", random_model, *SMALL_TILES]
     ok(*args, capfd=capfd)
     summary_path = tmp_path / "he" / "summary.json"
     first = summary_path.read_bytes()
-    code, lines = wsi_ircr(*args, capfd=capfd)
-    assert code == 2 and len(lines) == 1 and "finished run" in lines[0] and "--overwrite" in lines[0], lines
+    capfd.readouterr()
+    main([str(a) for a in args])
+    assert "1 of 1 slides done, 1 already finished" in capfd.readouterr().out
     assert summary_path.read_bytes() == first
+    chunks = {p: p.stat().st_mtime_ns for p in (tmp_path / "he" / "tiles.zarr" / "tiles").rglob("*") if p.is_file()}
     ok(*args, "--overwrite", capfd=capfd)
     again = json.loads(summary_path.read_text())
-    assert again["resumed"] is False and again["tiles"]["reused_from_store"] == 0
+    assert again["resumed"] is False and again["tiles"]["reused_results"] == 0
+    assert again["tiles"]["reused_from_store"] == again["tiles"]["segmented"] > 0
+    assert chunks == {p: p.stat().st_mtime_ns for p in (tmp_path / "he" / "tiles.zarr" / "tiles").rglob("*") if p.is_file()}
     assert again["nuclei"] == json.loads(first)["nuclei"] > 0
+    code, lines = wsi_ircr(*args, "--set", "tissue_mask=false", capfd=capfd)
+    assert code == 1 and len(lines) == 1 and "finished run with another tissue_mask" in lines[0], lines
 
 
 def test_tile_then_segment_reuses_the_store(slide, random_model, tmp_path, capfd):
@@ -166,7 +192,7 @@ def test_unfinished_run_with_another_config_is_refused(slide, random_model, tmp_
     ok("tile", slide, "-o", tmp_path, "--model", random_model, *SMALL_TILES, capfd=capfd)
     code, lines = wsi_ircr("segment", slide, "-o", tmp_path, "--model", random_model, *SMALL_TILES,
                            "--set", "tissue_mask=false", capfd=capfd)
-    assert code == 2 and len(lines) == 1 and "unfinished run with another tissue_mask" in lines[0], lines
+    assert code == 1 and len(lines) == 1 and "unfinished run with another tissue_mask" in lines[0], lines
     assert not (tmp_path / "he" / "summary.json").exists()
 
 

@@ -14,10 +14,15 @@ from wsi_ircr.slide.grid import TileGrid
 from wsi_ircr.slide.stitch import (
     TileInstances,
     assign_global_ids,
-    owned_instances,
+    owned_instances as owned_and_dropped,
     stitch_label_image,
     tile_instances,
 )
+
+
+def owned_instances(*args, **kwargs) -> np.ndarray:
+    """The owned labels of :func:`owned_and_dropped` (the dropped count is checked apart)."""
+    return owned_and_dropped(*args, **kwargs)[0]
 
 
 def _grid(shape_rc, core_px, halo_px) -> TileGrid:
@@ -165,11 +170,14 @@ def test_truncated_nuclei_can_be_dropped(caplog):
     gt = np.zeros((64, 64), np.int32)
     gt[10:22, 26:38] = 1
     gt[50:54, 50:54] = 2
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         owned = {t: owned_instances(_cut(gt, grid, t), grid, t, on_truncated="drop") for t in grid.all_tiles()}
     stitched = stitch_label_image(grid, owned)
     assert (stitched[gt == 1] == 0).all() and (stitched[gt == 2] > 0).all()
     assert "cut by the tile edge" in caplog.text
+    dropped = {t: owned_and_dropped(_cut(gt, grid, t), grid, t, on_truncated="drop")[1] for t in grid.all_tiles()}
+    # each of the two tiles sees a cut piece whose centroid lies in its own core
+    assert dropped == {(0, 0): 1, (0, 1): 1, (1, 0): 0, (1, 1): 0}
 
 
 def test_nucleus_touching_the_image_border_is_not_truncated():

@@ -14,7 +14,7 @@ from synthetic_slides import synthetic_he
 from wsi_ircr.errors import UserError
 from wsi_ircr.slide.grid import TileGrid
 from wsi_ircr.slide.reader import ArrayReader, open_slide, read_at_mpp
-from wsi_ircr.slide.store import FORMAT_VERSION, TileStore, create_tile_store, write_tile, write_tile_store
+from wsi_ircr.slide.store import FORMAT_VERSION, TileStore, create_tile_store, write_tile
 
 
 class CountingReader:
@@ -35,6 +35,18 @@ class CountingReader:
 @pytest.fixture(scope="module")
 def reader() -> ArrayReader:
     return ArrayReader(synthetic_he((200, 260), 20, seed=4)[0], mpp=0.5, n_levels=2, path="synthetic.tiff")
+
+
+def write_tile_store(reader, grid, tiles, path, *, fingerprint=None, progress=None, overwrite=False) -> TileStore:
+    """Create (or resume) the store and write its pending tiles in this process, as the
+    Dask tasks do; ``progress(1)`` after each tile written."""
+    store = create_tile_store(path, grid, tiles, fingerprint=fingerprint or reader.fingerprint(),
+                              slide_name=reader.path.name, overwrite=overwrite)
+    for i in store.pending():
+        write_tile(path, i, reader)
+        if progress is not None:
+            progress(1)
+    return store
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +107,18 @@ def test_mismatch_needs_overwrite(tmp_path, reader, grid):
             write_tile_store(reader, g, t, path, **kwargs)
     store = write_tile_store(reader, other_grid, other_grid.all_tiles(), path, overwrite=True)
     assert store.grid == other_grid and store.complete and TileStore.open(path).tile_px == 96
+
+
+def test_overwrite_keeps_a_matching_store(tmp_path, reader, grid):
+    """``--overwrite`` recomputes a run but reuses its tile store when slide, grid and tiles match."""
+    path = tmp_path / "t.zarr"
+    tiles = grid.all_tiles()[:3]
+    write_tile_store(reader, grid, tiles, path)
+    chunks = {p: p.stat().st_mtime_ns for p in (path / "tiles").rglob("*") if p.is_file()}
+    counting = CountingReader(reader)
+    store = write_tile_store(counting, grid, tiles, path, overwrite=True)
+    assert store.complete and counting.reads == 0
+    assert chunks == {p: p.stat().st_mtime_ns for p in (path / "tiles").rglob("*") if p.is_file()}
 
 
 def test_foreign_and_missing_folders(tmp_path, reader, grid):

@@ -17,7 +17,6 @@ from wsi_ircr.errors import UserError
 from wsi_ircr.io.images import write_label_png
 from wsi_ircr.model.checkpoint import load_checkpoint
 from wsi_ircr.model.inference import predict_maps_tensor
-from wsi_ircr.progress import Progress
 from wsi_ircr.train.config import DataConfig
 from wsi_ircr.train.data import CropSampler, TileSet, load_train_data
 from wsi_ircr.train.targets import hv_targets
@@ -404,49 +403,6 @@ def test_train_command_module_imports_no_torch():
     code = "import sys, wsi_ircr.cli.train; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
-
-
-# --- progress ----------------------------------------------------------------------------------
-
-
-def test_progress_off_a_terminal_prints_about_every_tenth(capsys):
-    with Progress("segment", 1000) as bar:
-        for _ in range(1000):
-            bar.update()
-    lines = capsys.readouterr().err.splitlines()
-    assert 2 <= len(lines) <= 11
-    assert lines[-1].startswith("segment: [####################] 1000/1000 tiles")
-    with Progress("segment", 10, enabled=False) as bar:
-        bar.update(10)
-    assert capsys.readouterr().err == ""
-
-
-def test_progress_past_the_total_and_on_a_terminal(monkeypatch, capsys):
-    with Progress("x", 3) as bar:
-        bar.update(5)
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) <= 2 and "#" * 21 not in lines[-1]
-
-    class Terminal:
-        def __init__(self):
-            self.text = ""
-
-        def write(self, text):
-            self.text += text
-
-        def flush(self):
-            pass
-
-        def isatty(self):
-            return True
-
-    term = Terminal()
-    monkeypatch.setattr(sys, "stderr", term)
-    with Progress("y", 4) as bar:
-        for _ in range(4):
-            bar.update()
-    assert term.text.count("\r") == 6  # enter, 4 updates, exit: redrawn in place
-    assert term.text.count("\n") == 1 and term.text.endswith("\n") and "4/4 tiles" in term.text.split("\r")[-1]
 
 
 class _OracleNet(torch.nn.Module):

@@ -1,63 +1,58 @@
-"""A small progress bar on stderr (done / total, rate, ETA); silent when disabled."""
+"""Progress on stderr (tqdm): slides done / total and tiles done / total with rate and ETA.
+
+Commands show the bars on a terminal only; a log file (a cluster job) gets one line per
+slide instead. Bars drawn into a file print at most every ``LOG_INTERVAL_S`` seconds.
+"""
 
 from __future__ import annotations
 
 import sys
-import time
 
-
-def _clock(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 60:02d}:{seconds % 60:02d}" if seconds < 3600 else f"{seconds // 3600}h{seconds % 3600 // 60:02d}"
+LOG_INTERVAL_S = 30.0
 
 
 def note(message: str) -> None:
-    """One status line on stderr (for the user, beside the progress bars)."""
-    sys.stderr.write(message + "\n")
-    sys.stderr.flush()
+    """One status line on stderr, printed above the progress bars when they are shown."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
 
 
-class Progress:
-    """``with Progress("segment", total) as bar: bar.update(n)``.
+class CohortProgress:
+    """Two bars: slides (done / total) and tiles (done / total, whose total grows as slides
+    are planned). Silent when ``enabled`` is False. Use as a context manager."""
 
-    On a terminal the line is redrawn in place; otherwise a line is printed at most every
-    10 % so logs of cluster jobs stay short.
-    """
+    def __init__(self, n_slides: int, enabled: bool = True):
+        self.enabled = enabled
+        self._slides = self._tiles = None
+        self.n_slides = n_slides
 
-    def __init__(self, label: str, total: int, enabled: bool = True, unit: str = "tiles"):
-        self.label, self.total, self.enabled, self.unit = label, total, enabled, unit
-        self.done = 0
-        self.start = time.monotonic()
-        self._tty = enabled and sys.stderr.isatty()
-        self._last_decile = -1
+    def __enter__(self) -> CohortProgress:
+        if self.enabled:
+            from tqdm import tqdm
 
-    def __enter__(self) -> Progress:
-        self._draw()
+            tty = sys.stderr.isatty()
+            common = {"file": sys.stderr, "dynamic_ncols": True, "mininterval": 0.5 if tty else LOG_INTERVAL_S,
+                      "maxinterval": 10 if tty else LOG_INTERVAL_S * 2}
+            self._slides = tqdm(total=self.n_slides, desc="slides", unit="slide", position=0, **common)
+            self._tiles = tqdm(total=0, desc="tiles ", unit="tile", position=1, **common)
         return self
 
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        self._draw()
+    def add_tiles(self, n: int) -> None:
+        """``n`` more tiles to segment (a slide was planned)."""
+        if self._tiles is not None and n:
+            self._tiles.total += n
+            self._tiles.refresh()
 
-    def _draw(self, final: bool = False) -> None:
-        if not self.enabled:
-            return
-        elapsed = time.monotonic() - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = max(self.total - self.done, 0) / rate if rate > 0 else 0.0
-        frac = min(self.done / self.total, 1.0) if self.total else 1.0
-        bar = "#" * int(frac * 20)
-        line = f"{self.label}: [{bar:<20}] {self.done}/{self.total} {self.unit} {_clock(elapsed)} elapsed, ETA {_clock(eta)}"
-        if self._tty:
-            sys.stderr.write("\r" + line + ("\n" if final else ""))
-            sys.stderr.flush()
-            return
-        decile = int(frac * 10)
-        if decile > self._last_decile:
-            self._last_decile = decile
-            sys.stderr.write(line + "\n")
-            sys.stderr.flush()
+    def tiles_done(self, n: int) -> None:
+        if self._tiles is not None:
+            self._tiles.update(n)
+
+    def slide_done(self) -> None:
+        if self._slides is not None:
+            self._slides.update(1)
 
     def __exit__(self, *exc) -> None:
-        if self._tty:
-            self._draw(final=True)
+        for bar in (self._tiles, self._slides):
+            if bar is not None:
+                bar.close()

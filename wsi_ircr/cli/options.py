@@ -1,4 +1,4 @@
-"""Option factories shared by the slide commands, and config resolution from them."""
+"""Option factories shared by the slide commands, and their config resolution."""
 
 from __future__ import annotations
 
@@ -8,18 +8,23 @@ import click
 
 
 def slide_options(func):
-    """Options common to ``segment`` and ``tile``: config, output, resolution, tiling."""
+    """Options common to ``segment`` and ``tile``: inputs, output, config, resolution, tiling."""
     options = [
+        click.argument("slides", nargs=-1, type=click.Path(path_type=Path)),
+        click.option("--list", "list_file", type=click.Path(path_type=Path),
+                     help="Text file with one slide path per line (relative paths: from the file's folder)."),
         click.option("-o", "--out", "out_root", type=click.Path(path_type=Path), default=Path("out"), show_default=True,
                      help="Output root; results go to OUT/<slide stem>/."),
         click.option("--config", "config_path", type=click.Path(path_type=Path),
-                     help="YAML config (see configs/segment/default.yaml)."),
+                     help="YAML config (defaults: configs/segment/default.yaml)."),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Any config key, e.g. --set batch_tiles=4."),
         click.option("--mpp", type=float, help="Level-0 microns per pixel; overrides (or replaces missing) slide metadata."),
         click.option("--core-px", type=int, help="Tile core size in model pixels (multiple of 16)."),
         click.option("--halo", "halo_px", type=int, help="Tile halo in model pixels; must exceed the largest nucleus."),
         click.option("--no-tissue-mask", is_flag=True, help="Process every tile, not only tissue."),
-        click.option("--overwrite", is_flag=True, help="Replace an existing run folder."),
+        click.option("--model", help="wsi-ircr checkpoint (.pt); default: the bundled model."),
+        click.option("--overwrite", is_flag=True,
+                     help="Redo finished runs and replace mismatching ones (a matching tile store is reused)."),
         click.option("--quiet", is_flag=True, help="No progress on stderr."),
     ]
     for option in reversed(options):
@@ -27,14 +32,9 @@ def slide_options(func):
     return func
 
 
-def resolve_segment_config(config_path, overrides, **cli_values):
-    """SegmentConfig from the YAML file, then ``--set`` items, then the explicit options."""
-    from wsi_ircr.config import apply_overrides, from_dict, read_yaml
+def resolve_segment_config(config_path, overrides, **explicit):
+    """SegmentConfig: explicit options (None = not given) > ``--set`` > YAML > defaults."""
+    from wsi_ircr.config import resolve_config
     from wsi_ircr.slide.config import SegmentConfig
 
-    data = read_yaml(config_path) if config_path else {}
-    data = apply_overrides(data, list(overrides))
-    for key, value in cli_values.items():
-        if value is not None:
-            data[key] = value
-    return from_dict(SegmentConfig, data, str(config_path or "segment config"))
+    return resolve_config(SegmentConfig, config_path, overrides, explicit)

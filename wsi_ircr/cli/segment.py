@@ -1,7 +1,8 @@
-"""``wsi-ircr segment``: slides in, QuPath nuclei out."""
+"""``wsi-ircr segment``: slides in, QuPath nuclei out; one slide or a cohort."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -10,35 +11,59 @@ from wsi_ircr.cli.options import resolve_segment_config, slide_options
 
 
 @click.command()
-@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
 @slide_options
-@click.option("--model", help="wsi-ircr checkpoint (.pt); default: the bundled model.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the network runs.")
-@click.option("--scheduler", metavar="tcp://HOST:PORT", help="Run on an existing Dask cluster instead of this machine.")
 @click.option("--workers", type=int, help="Local Dask worker processes (1 = threads in this process).")
-def segment(slides, out_root, config_path, overrides, mpp, core_px, halo_px, no_tissue_mask, overwrite, quiet, model,
-            device, scheduler, workers):
-    """Segment every nucleus of SLIDES (any format OpenSlide reads) into OUT/<stem>/.
+@click.option("--scheduler", metavar="tcp://HOST:PORT", help="Run on an existing Dask cluster.")
+@click.option("--cluster", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+              help="Start the cluster here, or as SLURM jobs (dask-jobqueue, pip install \"wsi-ircr[cluster]\").")
+@click.option("--cluster-config", type=click.Path(path_type=Path),
+              help="SLURM settings (default: configs/cluster/slurm.yaml).")
+def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, halo_px, no_tissue_mask, model,
+            overwrite, quiet, device, workers, scheduler, cluster, cluster_config):
+    """Segment every nucleus of SLIDES (files, or folders of slides OpenSlide reads) into
+    OUT/<stem>/, as one task graph over all slides.
 
     \b
     Writes <stem>.geojson.gz (QuPath detections; drag it onto the slide in QuPath),
-    nuclei.csv, overlay.png, tissue.png, summary.json and tiles.zarr. An interrupted run
-    resumes when the same command is run again.
+    nuclei.csv, overlay.png, tissue.png, summary.json and tiles.zarr per slide, and
+    OUT/cohort.csv (one row per slide ever run into OUT). A slide that fails is recorded
+    and the others go on; exit status 0 when every slide is done, 1 when one failed. The
+    same command again skips finished slides and resumes unfinished ones.
+
+    \b
+    Examples:
+      wsi-ircr segment slide.svs -o out/
+      wsi-ircr segment slides/ --list more.txt -o out/ --scheduler tcp://head:8786 --device cuda
+      wsi-ircr segment slides/ -o out/ --cluster slurm --cluster-config my_slurm.yaml
     """
-    from wsi_ircr.slide.pipeline import check_distinct_stems, dask_client, model_info, segment_slide
+    from wsi_ircr.progress import CohortProgress, note
+    from wsi_ircr.slide.cluster import connect
+    from wsi_ircr.slide.cohort import segment_slides
+    from wsi_ircr.slide.inputs import collect_slides
+    from wsi_ircr.slide.pipeline import check_settings, model_info
 
     config = resolve_segment_config(
         config_path, overrides, mpp=mpp, core_px=core_px, halo_px=halo_px, model=model, device=device, workers=workers,
         tissue_mask=False if no_tissue_mask else None,
     )
-    check_distinct_stems(slides)
-    if scheduler is None:  # a remote cluster's workers may have the GPU this machine lacks
+    paths = collect_slides(slides, list_file)
+    if scheduler is None and cluster == "local":  # remote workers may have the GPU this machine lacks
         from wsi_ircr.model.inference import resolve_device
 
         resolve_device(config.device)
     info = model_info(config)
-    with dask_client(scheduler, config) as client:
-        for slide in slides:
-            summary = segment_slide(slide, out_root, config, client, info, overwrite=overwrite, progress=not quiet)
-            click.echo(f"{slide}: {summary['nuclei']} nuclei ({summary['nuclei_per_mm2']:.0f}/mm^2 of "
-                       f"{summary['tissue_area_mm2']:.2f} mm^2 tissue) in {summary['seconds']['total']:.1f} s -> {summary['out_dir']}/")
+    check_settings(config, info)
+
+    def echo(line: str, is_error: bool) -> None:
+        if quiet and not is_error:
+            return
+        note(line) if sys.stderr.isatty() else click.echo(line, err=True)
+
+    with connect(config, scheduler, cluster, cluster_config) as client:
+        with CohortProgress(len(paths), enabled=not quiet and sys.stderr.isatty()) as progress:
+            report = segment_slides(paths, out_root, config, client, info, overwrite=overwrite, progress=progress,
+                                    echo=echo)
+    click.echo(report.line)
+    if report.failed:
+        sys.exit(1)

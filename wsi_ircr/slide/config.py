@@ -1,4 +1,9 @@
-"""Configuration of ``wsi-ircr segment`` (``configs/segment/default.yaml``)."""
+"""Configuration of ``wsi-ircr segment`` and ``wsi-ircr tile``.
+
+The defaults are the dataclass's; ``wsi_ircr/configs/segment/default.yaml`` (shipped in
+the package, ``configs/segment/`` in a checkout) lists them with comments and a test keeps
+the two equal.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,11 @@ class SegmentConfig:
         the largest nucleus (``max_nucleus_um``) for every nucleus to be seen whole.
     tissue_mask / tissue_mpp: detect tissue at this low resolution and skip empty tiles.
     batch_tiles: tiles per inference task (one forward batch).
+    tasks_in_flight: tile tasks submitted at once over all slides of a command, so memory
+        stays flat however large the cohort (0 = twice the cluster's worker threads).
     workers / threads_per_worker: the local Dask cluster (0 = from the CPU count).
+    torch_threads: CPU threads of torch per tile task (0 = the worker process's cores / its
+        concurrent tasks); results are reproducible across clusters for a fixed value.
     gzip: write ``<stem>.geojson.gz`` (QuPath opens it by drag and drop) or plain.
     """
 
@@ -28,8 +37,10 @@ class SegmentConfig:
     tissue_mask: bool = True
     tissue_mpp: float = 8.0
     batch_tiles: int = 2
+    tasks_in_flight: int = 0
     workers: int = 1
     threads_per_worker: int = 0
+    torch_threads: int = 0
     gzip: bool = True
     overlay_crops: int = 3
 
@@ -42,5 +53,5 @@ class SegmentConfig:
             raise ValueError(f"mpp must be > 0, got {self.mpp}")
         if self.tissue_mpp <= 0 or self.max_nucleus_um <= 0:
             raise ValueError("tissue_mpp and max_nucleus_um must be > 0")
-        if self.batch_tiles < 1 or self.workers < 0 or self.threads_per_worker < 0 or self.overlay_crops < 0:
-            raise ValueError("batch_tiles must be >= 1; workers, threads_per_worker, overlay_crops >= 0")
+        if self.batch_tiles < 1 or min(self.workers, self.threads_per_worker, self.torch_threads, self.overlay_crops, self.tasks_in_flight) < 0:
+            raise ValueError("batch_tiles must be >= 1; workers, threads_per_worker, torch_threads, tasks_in_flight, overlay_crops >= 0")

@@ -7,6 +7,11 @@ and its centre is ``(i + 0.5, j + 0.5)``. A pixel ``k`` of pyramid level ``L`` (
 ``target_mpp`` whose top-left corner is at level-0 ``origin_xy = (x0, y0)`` has pixel
 ``(r, c)`` covering level-0 ``[x0 + c*s, x0 + (c+1)*s) x [y0 + r*s, y0 + (r+1)*s)`` with
 ``s = target_mpp / slide_mpp`` (level-0 pixels per output pixel).
+
+Slides whose OpenSlide properties give a bounding box (``openslide.bounds-x/-y/-width/
+-height``: MIRAX, Leica, Ventana, ...) are read as QuPath reads them: level-0 ``(0, 0)`` is
+OpenSlide's ``(bounds-x, bounds-y)`` and the size is the box's, so exported coordinates
+land on the same pixels in QuPath (``bounds_offset_xy`` records the shift).
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from wsi_ircr.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Level-0 mpp outside this range is a placeholder (72 dpi TIFF default = 352.8 um/px), not a scan.
-PLAUSIBLE_MPP = (0.01, 100.0)
+# Level-0 mpp outside this range is a placeholder, not a scan: TIFF defaults of 72, 300 and
+# 600 dpi are 352.8, 84.7 and 42.3 um/px, while a 1x scan is about 10 um/px.
+PLAUSIBLE_MPP = (0.01, 10.0)
+BOUNDS_KEYS = ("openslide.bounds-x", "openslide.bounds-y", "openslide.bounds-width", "openslide.bounds-height")
 # Largest level window (pixels per side) read at once by read_scaled; bigger reads are split.
 MAX_READ_PX = 4096
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -47,6 +54,7 @@ class SlideReader(Protocol):
     objective_power: float | None
     associated_images: tuple[str, ...]
     properties: Mapping[str, str]
+    bounds_offset_xy: tuple[int, int]
 
     def read_region(
         self, location_xy: tuple[int, int], level: int, size_xy: tuple[int, int]
@@ -134,6 +142,16 @@ def _mpp_from_properties(props: Mapping[str, str], name: str) -> tuple[float | N
     return mpp, source
 
 
+def _bounds_xywh(props: Mapping[str, str]) -> tuple[int, int, int, int] | None:
+    """OpenSlide's bounding box (x, y, width, height) when all four properties are integers
+    (QuPath's rule for applying it), else None."""
+    try:
+        x, y, w, h = (int(props[k]) for k in BOUNDS_KEYS)
+    except (KeyError, ValueError):
+        return None
+    return (x, y, w, h) if w > 0 and h > 0 else None
+
+
 def _check_slide_path(path: Path) -> None:
     if not path.exists():
         raise UserError(f"{path}: no such file; check the slide path")
@@ -186,6 +204,14 @@ class OpenSlideReader:
         self.dimensions_xy = tuple(self._slide.dimensions)
         self.level_dimensions_xy = tuple(tuple(d) for d in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        self.bounds_offset_xy = (0, 0)
+        bounds = _bounds_xywh(self.properties)
+        if bounds is not None:
+            x, y, w, h = bounds
+            self.bounds_offset_xy = (x, y)
+            self.dimensions_xy = (w, h)
+            self.level_dimensions_xy = tuple((max(1, math.ceil(w / d)), max(1, math.ceil(h / d)))
+                                             for d in self.level_downsamples)
         self.vendor = props.get("openslide.vendor")
         try:
             self.objective_power = float(props["openslide.objective-power"])
@@ -203,7 +229,8 @@ class OpenSlideReader:
     def read_region(
         self, location_xy: tuple[int, int], level: int, size_xy: tuple[int, int]
     ) -> np.ndarray:
-        """uint8 (h, w, 3) RGB of ``level`` at level-0 ``location_xy``; outside the slide is white."""
+        """uint8 (h, w, 3) RGB of ``level`` at level-0 ``location_xy`` (within the bounds, if
+        any); outside the slide is white."""
         import openslide
 
         if not 0 <= level < len(self.level_downsamples):
@@ -211,7 +238,7 @@ class OpenSlideReader:
         w, h = int(size_xy[0]), int(size_xy[1])
         if w <= 0 or h <= 0:
             raise ValueError(f"size_xy must be positive, got {size_xy}")
-        x, y = int(location_xy[0]), int(location_xy[1])
+        x, y = int(location_xy[0]) + self.bounds_offset_xy[0], int(location_xy[1]) + self.bounds_offset_xy[1]
         try:
             rgba = np.asarray(self._slide.read_region((x, y), level, (w, h)))
         except openslide.OpenSlideError as e:
@@ -300,6 +327,7 @@ class ArrayReader:
         self.objective_power = None
         self.associated_images: tuple[str, ...] = ()
         self.properties: Mapping[str, str] = {}
+        self.bounds_offset_xy = (0, 0)
         self._fingerprint: str | None = None
 
     def read_region(
@@ -488,6 +516,7 @@ def describe_slide(reader: SlideReader) -> dict:
         "name": reader.path.name,
         "vendor": reader.vendor,
         "dimensions_xy": [w, h],
+        "bounds_offset_xy": list(reader.bounds_offset_xy),
         "mpp": reader.mpp,
         "mpp_source": reader.mpp_source,
         "size_mm_xy": None if reader.mpp is None else [w * reader.mpp / 1000, h * reader.mpp / 1000],

@@ -64,7 +64,7 @@ def _edge_labels(labels: np.ndarray, grid: TileGrid, tile: Tile) -> np.ndarray:
 
 
 def owned_instances(labels_tile: np.ndarray, grid: TileGrid, tile: Tile,
-                    on_truncated: Literal["raise", "drop"] = "raise") -> np.ndarray:
+                    on_truncated: Literal["raise", "drop"] = "raise") -> tuple[np.ndarray, int]:
     """Keep the instances of one tile whose anchor lies in the tile's core.
 
     The anchor is the centroid of the instance's pixels in the tile window, rounded half
@@ -83,7 +83,8 @@ def owned_instances(labels_tile: np.ndarray, grid: TileGrid, tile: Tile,
 
     Returns:
         int32 (tile_px, tile_px): owned instances relabelled 1..n in order of centroid
-        (row, col), then original label; 0 elsewhere.
+        (row, col), then original label; 0 elsewhere. And the number of instances dropped
+        because the window cuts them (0 unless ``on_truncated="drop"``).
     """
     labels = np.asarray(labels_tile)
     n_px = grid.tile_px
@@ -129,15 +130,18 @@ def owned_instances(labels_tile: np.ndarray, grid: TileGrid, tile: Tile,
                 f"halo too small: a nucleus at least {extent} px across (at {grid.mpp:g} mpp) touches the edge of "
                 f"tile {tuple(tile)}; increase --halo (now {grid.halo_px} px) above the largest nucleus diameter"
             )
-        log.warning("tile %s: dropping %d nuclei cut by the tile edge (up to %d px; halo %d px)",
+        log.info("tile %s: dropping %d nuclei cut by the tile edge (up to %d px; halo %d px)",
                     tuple(tile), int(cut.sum()), extent, grid.halo_px)
+        dropped = int((owned & cut).sum())
         owned &= ~cut
+    else:
+        dropped = 0
 
     keep = np.flatnonzero(owned)
     order = np.lexsort((ids[keep], sum_c[keep] / count[keep], sum_r[keep] / count[keep]))
     lut = np.zeros(n, np.int32)
     lut[keep[order]] = np.arange(1, len(keep) + 1, dtype=np.int32)
-    return lut[labels]
+    return lut[labels], dropped
 
 
 @dataclass
@@ -158,6 +162,8 @@ class TileInstances:
             "solidity", "circularity", "eccentricity", "extent", "mean_intensity" 0-255)
             plus "score" (mean nucleus probability, NaN without one).
         polygons: n outlines in target pixel-edge (x, y) coordinates.
+        dropped: nuclei this tile owned but dropped because its window cut them (the halo
+            is smaller than they are).
     """
 
     tile: Tile
@@ -166,6 +172,7 @@ class TileInstances:
     bbox_rc: np.ndarray
     features: dict[str, np.ndarray] = field(default_factory=dict)
     polygons: list[Polygon] = field(default_factory=list)
+    dropped: int = 0
 
 
 def tile_instances(owned: np.ndarray, grid: TileGrid, tile: Tile, image: np.ndarray | None = None,
@@ -229,11 +236,11 @@ def assign_global_ids(counts_per_tile: Mapping[Tile, int], order: Iterable[Tile]
 
 
 def stitch_label_image(grid: TileGrid, owned_tiles: Mapping[Tile, np.ndarray]) -> np.ndarray:
-    """Paste owned instance maps into one target-size instance map (tests, small images).
+    """Paste owned instance maps into one target-size instance map (images that fit in memory).
 
     Args:
         grid: the tile grid.
-        owned_tiles: tile -> int32 (tile_px, tile_px) from :func:`owned_instances`.
+        owned_tiles: tile -> int32 (tile_px, tile_px) owned labels from :func:`owned_instances`.
 
     Returns:
         int32 (H, W) = ``grid.shape_rc`` with global ids from :func:`assign_global_ids`;

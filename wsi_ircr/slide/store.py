@@ -11,6 +11,8 @@ Layout of the store folder (a zarr v3 group):
   ``slide_name``, ``slide_fingerprint``, ``tiles`` (list of [row, col], in store order).
 
 Writing is parallel-friendly: ``write_tile(store_path, i, reader)`` can run in any process.
+A store is reused by any later run of the same slide, grid and tile list (``--overwrite``
+included): only the tiles not written yet are read from the slide.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -176,7 +178,7 @@ def create_tile_store(
     slide_name: str,
     overwrite: bool = False,
 ) -> TileStore:
-    """Create an empty store, or reopen a matching one to resume.
+    """Create an empty store, or reopen a matching one to resume (its written tiles are kept).
 
     An existing store of another slide, grid or tile list is a UserError unless
     ``overwrite`` (which replaces it; folders that are not tile stores are never replaced).
@@ -199,11 +201,12 @@ def create_tile_store(
         empty_dir = path.is_dir() and not any(path.iterdir())
         if attrs is None and not empty_dir:
             raise UserError(f"{path} exists and is not a wsi-ircr tile store; choose another output folder")
-        if attrs is not None and not overwrite:
+        if attrs is not None:
             why = _mismatch(path, attrs, expected)
-            if why is not None:
+            if why is None:
+                return TileStore(path)
+            if not overwrite:
                 raise UserError(f"{path}: cannot resume: {why}; pass --overwrite or choose another output folder")
-            return TileStore(path)
     n = len(expected["tiles"])
     tp = grid.tile_px
     with atomic_path(path) as tmp:
@@ -234,32 +237,3 @@ def write_tile(store_path: str | os.PathLike, i: int, reader: SlideReader) -> No
     except FileNotFoundError:
         raise UserError(f"{path}: no tile store here; run `wsi-ircr tile` to write one") from None
     _open_cached(str(path), mtime_ns).write(i, reader)
-
-
-def write_tile_store(
-    reader: SlideReader,
-    grid: TileGrid,
-    tiles: Sequence[Tile],
-    path: str | os.PathLike,
-    *,
-    fingerprint: str | None = None,
-    progress: Callable[[int], None] | None = None,
-    overwrite: bool = False,
-) -> TileStore:
-    """Write (or resume) the tile store at ``path``: every tile of ``tiles`` read at ``grid.mpp``.
-
-    ``fingerprint`` defaults to ``reader.fingerprint()``; ``progress(n)`` is called with the
-    number of tiles just written (1 per tile; tiles already done are skipped).
-    """
-    store = create_tile_store(
-        path, grid, tiles, fingerprint=fingerprint or reader.fingerprint(),
-        slide_name=reader.path.name, overwrite=overwrite,
-    )
-    pending = store.pending()
-    if len(pending) < store.n_tiles:
-        log.info("%s: resuming, %d of %d tiles already written", store.path, store.n_tiles - len(pending), store.n_tiles)
-    for i in pending:
-        store.write(i, reader)
-        if progress is not None:
-            progress(1)
-    return store

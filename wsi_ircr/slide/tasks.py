@@ -37,6 +37,11 @@ def load_result(results_dir: str | Path, tile: Tile):
         return pickle.load(f)
 
 
+# Torch CPU threads per task on this worker process, set once by the ``TorchThreads``
+# worker plugin (wsi_ircr.slide.cluster); None = cores / this worker's concurrent tasks.
+TORCH_THREADS: int | None = None
+
+
 def _worker_threads() -> int:
     """Concurrent tasks on this worker (1 outside a Dask worker)."""
     try:
@@ -45,6 +50,13 @@ def _worker_threads() -> int:
         return max(1, get_worker().state.nthreads)
     except (ImportError, ValueError, AttributeError):
         return 1
+
+
+def cpu_threads() -> int:
+    """Torch threads for one task of this process (see ``TORCH_THREADS``)."""
+    if TORCH_THREADS is not None:
+        return TORCH_THREADS
+    return max(1, len(os.sched_getaffinity(0)) // _worker_threads())
 
 
 def _require_on_worker(path: str | None) -> None:
@@ -61,9 +73,9 @@ def get_predictor(model_path: str | None, model_hash: str, device: str):
 
     Keyed by the file hash the driver saw, so a model file replaced at the same path is
     loaded anew; a worker that finds another file there (a changed or unshared file) raises
-    a UserError. On the CPU, torch gets cores / concurrent tasks threads at every call, so
-    tasks do not oversubscribe and every task of a run computes with the same thread count
-    (the float results of a convolution depend on it).
+    a UserError. On the CPU, torch gets ``cpu_threads()`` at every call, so tasks do not
+    oversubscribe and every task of a run computes with the same thread count (the float
+    results of a convolution depend on it).
     """
     from wsi_ircr.model.checkpoint import load_checkpoint
     from wsi_ircr.model.inference import Predictor
@@ -88,11 +100,11 @@ def get_predictor(model_path: str | None, model_hash: str, device: str):
 
 
 def _with_cpu_threads(predictor):
-    """Set torch's CPU threads to cores / concurrent tasks when ``predictor`` runs on the CPU."""
+    """Set torch's CPU threads to ``cpu_threads()`` when ``predictor`` runs on the CPU."""
     if predictor.device.type == "cpu":
         import torch
 
-        threads = max(1, (os.cpu_count() or 1) // _worker_threads())
+        threads = cpu_threads()
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
     return predictor
@@ -122,12 +134,41 @@ def get_reader(slide_path: str, mpp: float | None, fingerprint: str):
         return reader
 
 
+@dataclass(frozen=True)
+class SlideJob:
+    """What a tile task of one slide needs, as plain paths and hashes (any worker, any folder).
+
+    slide_path / mpp / fingerprint: the slide, its mpp override (None: metadata) and the
+        driver's ``reader.fingerprint()``.
+    store_path / results_dir: the run's tile store and per-tile results folder.
+    model_path / model_hash / device: the checkpoint (None: bundled) and where it runs.
+    """
+
+    slide_path: str
+    mpp: float | None
+    fingerprint: str
+    store_path: str
+    results_dir: str
+    model_path: str | None
+    model_hash: str
+    device: str
+
+
 @dataclass
 class BatchReport:
-    """What a task did: instances per tile and seconds per stage (summed over its tiles)."""
+    """What a task did: instances and dropped nuclei per tile, seconds per stage (summed
+    over its tiles) and the worker process's resident memory at its end (MiB)."""
 
     counts: dict[Tile, int] = field(default_factory=dict)
+    dropped: dict[Tile, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    rss_mb: float = 0.0
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def write_tiles(store_path: str, indices: list[int], slide_path: str, mpp: float | None,
@@ -142,38 +183,44 @@ def write_tiles(store_path: str, indices: list[int], slide_path: str, mpp: float
     reader = get_reader(slide_path, mpp, fingerprint)
     for i in indices:
         write_tile(store_path, i, reader)
-    return BatchReport(seconds={"read_decode": time.perf_counter() - t0})
+    return BatchReport(seconds={"read_decode": time.perf_counter() - t0}, rss_mb=_rss_mb())
 
 
-def segment_tiles(store_path: str, indices: list[int], model_path: str | None, model_hash: str, device: str,
-                  results_dir: str, on_truncated: str = "drop") -> BatchReport:
-    """Segment tiles ``indices`` of the store and save each tile's owned instances.
+def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop") -> BatchReport:
+    """Tiles ``indices`` of the job's store: read from the slide those not stored yet, run
+    the network on them as one batch, ``segment_tile`` each, save each tile's result.
 
-    ``model_path`` (None: the bundled model) must have the file hash ``model_hash``.
-
-    Stages timed: ``tile_load`` (zarr read + decompression), ``inference`` (network),
-    ``postprocess`` (watershed, ownership, measurements, outlines).
+    Stages timed: ``read_decode`` (slide reads for tiles not in the store), ``tile_load``
+    (zarr reads), ``inference`` (network), ``postprocess`` (watershed, ownership,
+    measurements, outlines).
     """
     from wsi_ircr.io.atomic import atomic_open
-    from wsi_ircr.slide.stitch import owned_instances, tile_instances
-    from wsi_ircr.slide.store import TileStore
+    from wsi_ircr.slide.segmentation import segment_tile
+    from wsi_ircr.slide.store import TileStore, write_tile
 
-    report = BatchReport(seconds={"tile_load": 0.0, "inference": 0.0, "postprocess": 0.0})
+    report = BatchReport(seconds={"read_decode": 0.0, "tile_load": 0.0, "inference": 0.0, "postprocess": 0.0})
     t0 = time.perf_counter()
-    store = TileStore.open(store_path)
-    images = np.stack([store.read(i) for i in indices])
+    store = TileStore.open(job.store_path)
+    done = store.done_flags()
+    missing = [i for i in indices if not done[i]]
+    if missing:
+        reader = get_reader(job.slide_path, job.mpp, job.fingerprint)
+        for i in missing:
+            write_tile(job.store_path, i, reader)
     t1 = time.perf_counter()
-    predictor = get_predictor(model_path, model_hash, device)
-    probs, hvs = predictor.predict_maps(images)
+    images = np.stack([store.read(i) for i in indices])
     t2 = time.perf_counter()
+    predictor = get_predictor(job.model_path, job.model_hash, job.device)
+    probs, hvs = predictor.predict_maps(images)
+    t3 = time.perf_counter()
     for i, image, prob, hv in zip(indices, images, probs, hvs):
         tile = store.tiles[i]
-        labels = predictor.instances(prob, hv)
-        owned = owned_instances(labels, store.grid, tile, on_truncated=on_truncated)
-        instances = tile_instances(owned, store.grid, tile, image=image, np_prob=prob)
-        with atomic_open(result_path(results_dir, tile), "wb") as f:
+        instances = segment_tile(image, predictor, store.grid, tile, maps=(prob, hv), on_truncated=on_truncated)
+        with atomic_open(result_path(job.results_dir, tile), "wb") as f:
             pickle.dump(instances, f, protocol=pickle.HIGHEST_PROTOCOL)
         report.counts[tile] = instances.count
-    t3 = time.perf_counter()
-    report.seconds.update(tile_load=t1 - t0, inference=t2 - t1, postprocess=t3 - t2)
+        report.dropped[tile] = instances.dropped
+    t4 = time.perf_counter()
+    report.rss_mb = _rss_mb()
+    report.seconds.update(read_decode=t1 - t0, tile_load=t2 - t1, inference=t3 - t2, postprocess=t4 - t3)
     return report

@@ -1,0 +1,154 @@
+"""Cohorts: one task graph over slides, failure isolation, cohort.csv across reruns, inputs."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import time
+from pathlib import Path
+
+import pytest
+from model_fixtures import signal_checkpoint
+from synthetic_slides import synthetic_he, write_aperio_svs, write_pyramidal_tiff
+
+from wsi_ircr.cli import main
+from wsi_ircr.errors import UserError
+from wsi_ircr.slide import cohort as cohort_mod
+from wsi_ircr.slide import tasks
+from wsi_ircr.slide.cluster import local_client
+from wsi_ircr.slide.cohort import segment_slides
+from wsi_ircr.slide.config import SegmentConfig
+from wsi_ircr.slide.inputs import collect_slides
+from wsi_ircr.slide.pipeline import model_info
+
+pytestmark = pytest.mark.openslide
+SMALL = {"core_px": 256, "halo_px": 32, "max_nucleus_um": 8.0, "threads_per_worker": 1, "batch_tiles": 1,
+         "tissue_mask": False}
+CLI = ["--core-px", "256", "--halo", "32", "--set", "max_nucleus_um=8", "--set", "threads_per_worker=1", "--quiet",
+       "--no-tissue-mask"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    image, _ = synthetic_he((256, 256), n_nuclei=20, seed=7)
+    return signal_checkpoint(tmp_path_factory.mktemp("model") / "random.pt", image)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """a.svs (6 tiles at the model's mpp), b.tiff (4 tiles) and a truncated c.svs."""
+    root = tmp_path_factory.mktemp("cohort")
+    a, _ = synthetic_he((260, 300), n_nuclei=40, seed=3, radius_px=(4, 6))
+    write_aperio_svs(root / "a.svs", a, mpp=0.5)
+    b, _ = synthetic_he((400, 480), n_nuclei=60, seed=4, radius_px=(4, 6))
+    write_pyramidal_tiff(root / "b.tiff", b, mpp=0.25, n_levels=2)
+    (root / "c.svs").write_bytes((root / "a.svs").read_bytes()[:4000])
+    return root
+
+
+@pytest.fixture(scope="module")
+def client():
+    with local_client(SegmentConfig(**SMALL)) as c:
+        yield c
+
+
+def rows(out: Path) -> dict[str, dict]:
+    with open(out / "cohort.csv", newline="") as f:
+        return {Path(r["slide"]).name: r for r in csv.DictReader(f)}
+
+
+def geojson(out: Path, stem: str) -> bytes:
+    return gzip.decompress((out / stem / f"{stem}.geojson.gz").read_bytes())
+
+
+def test_collect_slides_from_files_folders_and_lists(folder, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# cohort\n\n{folder / 'a.svs'}\nrelative/x.svs\n")
+    got = collect_slides([folder / "b.tiff"], listing)
+    assert got == [folder / "b.tiff", folder / "a.svs", tmp_path / "relative" / "x.svs"]
+    assert collect_slides([folder]) == [folder / "a.svs", folder / "b.tiff", folder / "c.svs"]
+    (tmp_path / "empty").mkdir()
+    for args, words in [(([tmp_path / "empty"],), "no slide"), (([], tmp_path / "none.txt"), "--list"),
+                        (([],), "no slides given"), (([folder / "a.svs", folder / "a.svs"],), "listed twice")]:
+        with pytest.raises(UserError, match=words):
+            collect_slides(*args)
+    (tmp_path / "a.tiff").write_bytes(b"")
+    with pytest.raises(UserError, match=r"a.svs and .*a.tiff would both write OUT/a/"):
+        collect_slides([folder / "a.svs", tmp_path / "a.tiff"])
+
+
+def test_one_graph_bounded_in_flight_corrupt_slide_alone_and_the_table_kept(folder, model, client, tmp_path,
+                                                                            monkeypatch):
+    """Three slides, at most 2 tile tasks in flight: b's tiles start before a is exported (no
+    barrier between slides), c (truncated) fails alone, and every done slide's GeoJSON is
+    that of a run of it alone. cohort.csv keeps rows across commands into the same OUT."""
+    config = SegmentConfig(**SMALL, model=str(model), tasks_in_flight=2)
+    info = model_info(config)
+    events, most = [], [0]
+    submit, finish = cohort_mod._Cohort._submit, cohort_mod.finish_slide
+
+    def spy_submit(self, run):
+        events.append(("submit", run.folder.stem, time.perf_counter()))
+        submit(self, run)
+        most[0] = max(most[0], len(self.futures))
+
+    def spy_finish(*args, **kwargs):
+        summary = finish(*args, **kwargs)
+        events.append(("exported", Path(summary["out_dir"]).name, time.perf_counter()))
+        return summary
+
+    monkeypatch.setattr(cohort_mod._Cohort, "_submit", spy_submit)
+    monkeypatch.setattr(cohort_mod, "finish_slide", spy_finish)
+    slides = collect_slides([folder])
+    report = segment_slides(slides, tmp_path / "all", config, client, info)
+    assert sorted(p.name for p in report.done) == ["a.svs", "b.tiff"] and list(report.failed) == [folder / "c.svs"]
+    assert most[0] == 2
+    first_b = min(t for kind, stem, t in events if kind == "submit" and stem == "b")
+    a_exported = next(t for kind, stem, t in events if kind == "exported" and stem == "a")
+    assert first_b < a_exported
+    table = rows(tmp_path / "all")
+    assert table["a.svs"]["status"] == table["b.tiff"]["status"] == "done"
+    assert table["c.svs"]["status"] == "failed" and "c.svs" in table["c.svs"]["error"]
+    assert int(table["a.svs"]["nuclei"]) == report.summaries[folder / "a.svs"]["nuclei"] > 0
+    assert not (tmp_path / "all" / "c").exists()
+    assert not list((tmp_path / "all").glob(".*partial"))
+
+    alone = segment_slides([folder / "a.svs"], tmp_path / "alone", config, client, info)
+    assert alone.done == [folder / "a.svs"]
+    assert geojson(tmp_path / "all", "a") == geojson(tmp_path / "alone", "a")
+    segment_slides([folder / "b.tiff"], tmp_path / "alone", config, client, info)
+    assert set(rows(tmp_path / "alone")) == {"a.svs", "b.tiff"}  # the earlier command's row is kept
+    assert geojson(tmp_path / "all", "b") == geojson(tmp_path / "alone", "b")
+
+
+def test_a_task_error_fails_its_slide_alone(folder, model, client, tmp_path, monkeypatch):
+    """Any exception in a tile task (not only user errors) fails that slide, not the command."""
+    config = SegmentConfig(**SMALL, model=str(model))
+    segment_batch = tasks.segment_batch
+
+    def flaky(job, indices, *args):
+        if job.slide_path.endswith("b.tiff"):
+            raise RuntimeError("disk on fire")
+        return segment_batch(job, indices, *args)
+
+    monkeypatch.setattr(tasks, "segment_batch", flaky)
+    report = segment_slides([folder / "a.svs", folder / "b.tiff"], tmp_path, config, client, model_info(config))
+    assert report.done == [folder / "a.svs"]
+    assert report.failed == {folder / "b.tiff": f"{folder / 'b.tiff'}: RuntimeError: disk on fire"}
+    assert (tmp_path / "b" / "run.json").exists() and not (tmp_path / "b" / "summary.json").exists()
+    monkeypatch.setattr(tasks, "segment_batch", segment_batch)
+    again = segment_slides([folder / "a.svs", folder / "b.tiff"], tmp_path, config, client, model_info(config))
+    assert again.skipped == [folder / "a.svs"] and again.done == [folder / "b.tiff"] and not again.failed
+    assert rows(tmp_path)["b.tiff"]["status"] == "done"
+
+
+def test_cli_list_with_a_missing_slide_exits_1_with_a_summary(folder, model, tmp_path, capfd):
+    listing = folder / "list.txt"
+    listing.write_text("a.svs\nmissing.svs\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", "--list", str(listing), "-o", str(tmp_path), "--model", str(model), *CLI])
+    out, err = capfd.readouterr()
+    assert exit_info.value.code == 1
+    assert out == f"1 of 2 slides done, 1 failed; see {tmp_path / 'cohort.csv'}\n"
+    assert err.count("\n") == 1 and "missing.svs: no such file" in err
+    assert rows(tmp_path)["missing.svs"]["status"] == "failed" and rows(tmp_path)["a.svs"]["status"] == "done"

@@ -1,0 +1,327 @@
+"""One slide or a cohort, as one task graph: tiles of every slide share the cluster.
+
+The driver plans slides one after another while the cluster works, keeps at most
+``tasks_in_flight`` tile tasks submitted (memory stays flat however large the cohort),
+exports a finished slide in a background thread while other slides' tiles run, and
+records every slide in ``OUT/cohort.csv`` (rewritten atomically as slides finish, rows of
+earlier runs kept). A slide that fails is recorded and the others go on. A rerun skips
+finished slides and resumes unfinished ones at tile level.
+"""
+
+from __future__ import annotations
+
+import csv
+import queue
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wsi_ircr.errors import UserError
+from wsi_ircr.io.atomic import atomic_open
+from wsi_ircr.slide.config import SegmentConfig
+from wsi_ircr.slide.pipeline import ModelInfo, SlidePlan, TileResults, driver_rss_mb, finish_slide, plan_slide
+from wsi_ircr.slide.run_folder import RunFolder, run_key, run_stem
+
+TABLE = "cohort.csv"
+COLUMNS = ("slide", "status", "nuclei", "tissue_mm2", "nuclei_per_mm2", "seconds", "error")
+
+
+class CohortTable:
+    """``OUT/cohort.csv``: one row per slide ever run into OUT (keyed by its run folder)."""
+
+    def __init__(self, out_root: str | Path):
+        self.path = Path(out_root) / TABLE
+        self.rows: dict[str, dict] = {}
+        if self.path.exists():
+            try:
+                with open(self.path, newline="") as f:
+                    reader = csv.DictReader(f)
+                    if tuple(reader.fieldnames or ()) != COLUMNS:
+                        raise ValueError("other columns")
+                    for row in reader:
+                        self.rows[run_stem(row["slide"])] = row
+            except (OSError, ValueError, UnicodeDecodeError, csv.Error) as e:
+                raise UserError(f"{self.path}: not a cohort table of wsi-ircr ({e}); move it away or choose "
+                                "another -o") from None
+
+    def record(self, row: dict) -> None:
+        """Add or replace the row of ``row["slide"]`` and rewrite the file atomically."""
+        self.rows[run_stem(row["slide"])] = {k: row.get(k, "") for k in COLUMNS}
+        with atomic_open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.rows.values())
+
+
+def _done_row(summary: dict) -> dict:
+    return {"slide": summary["slide"], "status": "done", "nuclei": summary["nuclei"],
+            "tissue_mm2": f"{summary['tissue_area_mm2']:.4f}", "nuclei_per_mm2": f"{summary['nuclei_per_mm2']:.1f}",
+            "seconds": summary["seconds"]["total"], "error": ""}
+
+
+def error_text(slide: Path, error: BaseException) -> str:
+    """One line naming the slide: a UserError's message, or the exception's type and message."""
+    text = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+    text = " ".join(text.split())
+    return text if str(slide) in text or slide.name in text else f"{slide}: {text}"
+
+
+@dataclass
+class CohortReport:
+    """What a command did: slides done now, skipped as already done, failed (with the error),
+    and the summary of every done or skipped slide."""
+
+    done: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: dict[Path, str] = field(default_factory=dict)
+    summaries: dict[Path, dict] = field(default_factory=dict)
+    table: Path | None = None
+
+    @property
+    def line(self) -> str:
+        """The one-line summary printed at the end of a command."""
+        n = len(self.done) + len(self.skipped) + len(self.failed)
+        parts = [f"{len(self.done) + len(self.skipped)} of {n} slides done"]
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} already finished")
+        if self.failed:
+            parts.append(f"{len(self.failed)} failed")
+        return ", ".join(parts) + f"; see {self.table}"
+
+
+@dataclass(eq=False)
+class SlideRun:
+    """A slide between planning and its summary."""
+
+    slide: Path
+    folder: RunFolder
+    reader: object
+    plan: SlidePlan
+    job: object
+    resumed: bool
+    stored: int
+    batches: deque
+    results: TileResults
+    seconds: dict
+    t_start: float
+    rss_mb: float
+    in_flight: int = 0
+    t_tiles: float | None = None
+
+
+def _batches(items: list[int], size: int) -> deque:
+    return deque(items[i:i + size] for i in range(0, len(items), size))
+
+
+class _Cohort:
+    """The driver loop of ``segment_slides`` (one instance per call)."""
+
+    def __init__(self, slides, out_root, config: SegmentConfig, client, model: ModelInfo, overwrite: bool,
+                 progress, echo: Callable[[str, bool], None]):
+        from wsi_ircr.slide.cluster import total_threads
+
+        self.slides = deque(Path(s) for s in slides)
+        self.out_root = Path(out_root).absolute()
+        if self.out_root.exists() and not self.out_root.is_dir():
+            raise UserError(f"-o {out_root}: exists and is not a folder; choose another -o")
+        self.config, self.client, self.model, self.overwrite = config, client, model, overwrite
+        self.progress, self.echo = progress, echo
+        self.table = CohortTable(self.out_root)
+        self.report = CohortReport(table=self.table.path)
+        self.limit = config.tasks_in_flight or max(4, 2 * total_threads(client))
+        self.events: queue.Queue = queue.Queue()
+        self.active: list[SlideRun] = []
+        self.futures: dict = {}
+        self.exports = 0
+        self.token = uuid.uuid4().hex[:8]
+
+    # -- slides -------------------------------------------------------------------------
+
+    def _fail(self, slide: Path, error: BaseException, t_start: float) -> None:
+        """Record ``slide`` as failed (its row, one error line); the others go on."""
+        text = error_text(slide, error)
+        self.report.failed[slide] = text
+        self.table.record({"slide": str(slide), "status": "failed", "seconds": round(time.perf_counter() - t_start, 3),
+                           "error": text})
+        self.echo(f"error: {text}", True)
+        self.progress.slide_done()
+
+    def _start(self, slide: Path) -> None:
+        """Plan ``slide`` and queue its tile batches; skip it when finished; record a failure."""
+        from wsi_ircr.slide.reader import open_slide
+        from wsi_ircr.slide.store import create_tile_store
+        from wsi_ircr.slide.tasks import SlideJob, load_result, result_path
+
+        t_start = time.perf_counter()
+        reader = None
+        try:
+            folder = RunFolder.for_slide(self.out_root, slide)
+            reader = open_slide(slide, mpp=self.config.mpp)
+            key = run_key(slide.name, reader.fingerprint(), self.model.hash, self.config)
+            if not self.overwrite and folder.finished(key):
+                reader.close()
+                summary = folder.summary() or {}
+                self.report.skipped.append(slide)
+                self.report.summaries[slide] = summary
+                self.table.record(_done_row(summary) | {"slide": str(slide)})
+                self.echo(f"{slide}: already done ({summary.get('nuclei')} nuclei) -> {folder.path}/", False)
+                self.progress.slide_done()
+                return
+            plan = plan_slide(reader, self.config, self.model.mpp)
+            seconds = {"plan_tissue": time.perf_counter() - t_start}
+            resumed = folder.prepare(key, self.overwrite)
+            store = create_tile_store(folder.store_path, plan.grid, plan.tiles, fingerprint=plan.fingerprint,
+                                      slide_name=slide.name, overwrite=self.overwrite)
+            stored = store.n_done
+            folder.work_dir.mkdir(parents=True, exist_ok=True)
+            results = TileResults({}, {}, {})
+            pending = []
+            for i, tile in enumerate(store.tiles):
+                if result_path(folder.work_dir, tile).exists():
+                    saved = load_result(folder.work_dir, tile)
+                    results.counts[tile], results.dropped[tile] = saved.count, saved.dropped
+                else:
+                    pending.append(i)
+            results.reused = len(store.tiles) - len(pending)
+            job = SlideJob(str(slide), self.config.mpp, plan.fingerprint, str(folder.store_path),
+                           str(folder.work_dir), self.model.path, self.model.hash, self.config.device)
+        except Exception as e:  # noqa: BLE001 - any slide may fail alone
+            if reader is not None:
+                reader.close()
+            self._fail(slide, e, t_start)
+            return
+        run = SlideRun(slide, folder, reader, plan, job, resumed, stored, _batches(pending, self.config.batch_tiles),
+                       results, seconds, t_start, driver_rss_mb())
+        self.progress.add_tiles(len(plan.tiles))
+        self.progress.tiles_done(results.reused)
+        self.active.append(run)
+        self._maybe_export(run)
+
+    def _maybe_export(self, run: SlideRun) -> None:
+        """Once every tile of ``run`` is segmented, export it in a background thread."""
+        if run.batches or run.in_flight:
+            return
+        self.active.remove(run)
+        run.seconds["tiles_wall"] = time.perf_counter() - (run.t_tiles or time.perf_counter())
+        self.exports += 1
+        future = self.pool.submit(finish_slide, run.reader, run.plan, run.folder, self.model, self.config,
+                                  run.results, run.seconds, run.resumed, run.stored, run.t_start, run.rss_mb)
+        future.add_done_callback(lambda f, run=run: self.events.put(("export", run, f)))
+
+    def _exported(self, run: SlideRun, future) -> None:
+        self.exports -= 1
+        run.reader.close()
+        try:
+            summary = future.result()
+        except Exception as e:  # noqa: BLE001
+            self._fail(run.slide, e, run.t_start)
+            return
+        self.report.done.append(run.slide)
+        self.report.summaries[run.slide] = summary
+        self.table.record(_done_row(summary))
+        self.echo(f"{run.slide}: {summary['nuclei']} nuclei ({summary['nuclei_per_mm2']:.0f}/mm^2 of "
+                  f"{summary['tissue_area_mm2']:.2f} mm^2 tissue) in {summary['seconds']['total']:.1f} s "
+                  f"-> {run.folder.path}/", False)
+        if summary["nuclei_dropped_at_halo"]:
+            self.echo(f"warning: {run.slide}: {summary['nuclei_dropped_at_halo']} nuclei larger than the halo were "
+                      f"dropped (halo {run.plan.grid.halo_px} px); raise --halo above the largest nucleus", True)
+        self.progress.slide_done()
+
+    # -- tile tasks ---------------------------------------------------------------------
+
+    def _submit(self, run: SlideRun) -> None:
+        from wsi_ircr.slide.tasks import segment_batch
+
+        batch = run.batches.popleft()
+        resources = {"GPU": 1} if self.config.device == "cuda" else None
+        future = self.client.submit(segment_batch, run.job, batch, key=f"segment-{self.token}-{run.folder.stem}-{batch[0]}",
+                                    resources=resources, pure=False)
+        self.futures[future] = (run, batch)
+        run.in_flight += 1
+        run.t_tiles = run.t_tiles or time.perf_counter()
+        future.add_done_callback(lambda f: self.events.put(("task", None, f)))
+
+    def _finished_task(self, future) -> None:
+        if future not in self.futures:
+            return  # a task of a slide that already failed
+        run, batch = self.futures.pop(future)
+        run.in_flight -= 1
+        if future.status == "finished":
+            run.results.add(future.result())
+            self.progress.tiles_done(len(batch))
+            self._maybe_export(run)
+            return
+        try:
+            error = future.exception()
+        except Exception as e:  # noqa: BLE001 - e.g. the future was cancelled
+            error = e
+        self._abandon(run)
+        self._fail(run.slide, error, run.t_start)
+
+    def _abandon(self, run: SlideRun) -> None:
+        """Cancel the slide's other tasks; its run folder stays unfinished (a rerun resumes it)."""
+        mine = [f for f, (r, _) in self.futures.items() if r is run]
+        for f in mine:
+            del self.futures[f]
+        if mine:
+            self.client.cancel(mine)
+        run.batches.clear()
+        run.reader.close()
+        if run in self.active:
+            self.active.remove(run)
+
+    # -- loop ---------------------------------------------------------------------------
+
+    def _feed(self) -> None:
+        while len(self.futures) < self.limit:
+            run = next((r for r in self.active if r.batches), None)
+            if run is not None:
+                self._submit(run)
+            elif self.slides:
+                self._start(self.slides.popleft())
+            else:
+                return
+
+    def run(self) -> CohortReport:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="export") as self.pool:
+            try:
+                while True:
+                    self._feed()
+                    if not self.futures and not self.exports and not self.slides and not self.active:
+                        break
+                    kind, run, future = self.events.get()
+                    if kind == "task":
+                        self._finished_task(future)
+                    else:
+                        self._exported(run, future)
+            except BaseException:
+                self.client.cancel(list(self.futures))
+                for run in self.active:
+                    run.reader.close()
+                raise
+        return self.report
+
+
+def segment_slides(slides, out_root: str | Path, config: SegmentConfig, client, model: ModelInfo, *,
+                   overwrite: bool = False, progress=None,
+                   echo: Callable[[str, bool], None] | None = None) -> CohortReport:
+    """Segment ``slides`` into ``out_root/<stem>/`` on the cluster of ``client``.
+
+    Args:
+        slides: slide paths (their stems must be distinct: see ``inputs.collect_slides``).
+        config / model: the resolved config and ``pipeline.model_info(config)``.
+        overwrite: redo finished and mismatching runs (a matching tile store is reused).
+        progress: a ``wsi_ircr.progress.CohortProgress`` (None: silent).
+        echo: ``echo(line, is_error)`` receives one line per slide as it ends.
+
+    Returns:
+        The report; every slide also has its row in ``out_root/cohort.csv``.
+    """
+    from wsi_ircr.progress import CohortProgress
+
+    return _Cohort(slides, out_root, config, client, model, overwrite, progress or CohortProgress(0, enabled=False),
+                   echo or (lambda line, is_error: None)).run()

@@ -1,0 +1,83 @@
+"""The per-tile algorithm, callable without Dask: tile image -> model maps -> post-processing
+-> ownership -> measurements and outlines.
+
+``segment_tile`` is what every tile task of a slide runs; ``segment_array`` runs the same
+grid and ownership rule over an image held in memory and stitches one instance map.
+Both take a ``wsi_ircr.model.inference.Predictor`` (its ``predict_maps``, ``instances`` and
+``mpp``); images are uint8 RGB at the predictor's mpp.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from wsi_ircr.slide.grid import Tile, TileGrid
+from wsi_ircr.slide.stitch import TileInstances, owned_instances, stitch_label_image, tile_instances
+
+if TYPE_CHECKING:
+    from wsi_ircr.model.inference import Predictor
+
+Maps = tuple[np.ndarray, np.ndarray]
+
+
+def _owned(image: np.ndarray, predictor: Predictor, grid: TileGrid, tile: Tile, maps: Maps | None,
+           on_truncated: Literal["raise", "drop"]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(owned int32 (tile_px, tile_px), probability float32 (tile_px, tile_px), dropped count)."""
+    if image.shape != (grid.tile_px, grid.tile_px, 3) or image.dtype != np.uint8:
+        raise ValueError(f"tile {tuple(tile)}: expected uint8 ({grid.tile_px}, {grid.tile_px}, 3), "
+                         f"got {image.dtype} {image.shape}")
+    if maps is None:
+        probs, hvs = predictor.predict_maps(image[None])
+        maps = probs[0], hvs[0]
+    prob, hv = maps
+    owned, dropped = owned_instances(predictor.instances(prob, hv), grid, tile, on_truncated=on_truncated)
+    return owned, prob, dropped
+
+
+def segment_tile(image: np.ndarray, predictor: Predictor, grid: TileGrid, tile: Tile, *, maps: Maps | None = None,
+                 on_truncated: Literal["raise", "drop"] = "drop") -> TileInstances:
+    """Segment one tile of ``grid`` into the nuclei it owns.
+
+    Args:
+        image: uint8 (tile_px, tile_px, 3) RGB of the tile's read window (core + halo) at
+            ``grid.mpp`` (= ``predictor.mpp``).
+        predictor: the model and its post-processing.
+        grid: the tile grid; ``tile`` = (row, col) in it.
+        maps: the tile's (probability (tile_px, tile_px), HV (2, tile_px, tile_px)) when a
+            batched forward pass already computed them; None = run the network here.
+        on_truncated: a nucleus cut by the window (halo too small): "drop" it (counted in
+            ``TileInstances.dropped``) or "raise" a UserError.
+
+    Returns:
+        The owned nuclei in target-image coordinates (centroids, boxes, features, outlines).
+    """
+    owned, prob, dropped = _owned(image, predictor, grid, tile, maps, on_truncated)
+    instances = tile_instances(owned, grid, tile, image=image, np_prob=prob)
+    instances.dropped = dropped
+    return instances
+
+
+def segment_array(image: np.ndarray, predictor: Predictor, core_px: int = 896, halo_px: int = 64) -> np.ndarray:
+    """Segment an image held in memory tile by tile, with the slide pipeline's ownership rule.
+
+    Args:
+        image: uint8 (H, W, 3) RGB at ``predictor.mpp``.
+        core_px, halo_px: tile core and halo in pixels (the halo must exceed the largest nucleus).
+
+    Returns:
+        int32 (H, W) instance map, 0 = background; ids 1..n in row-major tile order.
+    """
+    h, w = image.shape[:2]
+    grid = TileGrid((w, h), predictor.mpp, predictor.mpp, core_px, halo_px)
+    n = grid.tile_px
+    owned = {}
+    for tile in grid.all_tiles():
+        r0, c0 = grid.read_origin_rc(tile)
+        window = np.full((n, n, 3), 255, np.uint8)
+        rs, cs = max(r0, 0), max(c0, 0)
+        re, ce = min(r0 + n, h), min(c0 + n, w)
+        window[rs - r0:re - r0, cs - c0:ce - c0] = image[rs:re, cs:ce]
+        owned[tile] = _owned(window, predictor, grid, tile, None, "drop")[0]
+    return stitch_label_image(grid, owned)
