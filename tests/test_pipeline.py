@@ -230,6 +230,17 @@ def test_interrupted_run_resumes_to_the_same_result(runs, slides, random_model, 
                    info.hash, "cpu")
     folder.work_dir.mkdir()
     segment_batch(job, half)
+    # the task's saved result is segment_tile's, called directly
+    from wsi_ircr.model.checkpoint import load_checkpoint
+    from wsi_ircr.model.inference import Predictor
+    from wsi_ircr.slide.segmentation import segment_tile
+    from wsi_ircr.slide.tasks import load_result
+
+    direct = segment_tile(store.read(0), Predictor(load_checkpoint(random_model), device="cpu"), store.grid,
+                          store.tiles[0])
+    saved = load_result(folder.work_dir, store.tiles[0])
+    assert saved.count == direct.count > 0
+    np.testing.assert_allclose(saved.centroid_rc, direct.centroid_rc, atol=1e-6)
     chunks = {p: p.stat().st_mtime_ns for p in (store.path / "tiles").rglob("*") if p.is_file()}
 
     monkeypatch.setattr(pipeline, "CROP_SAMPLE", 5)  # the overlay crops from a small sample
