@@ -7,13 +7,10 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from local_dask import dask_processes, free_port
 from model_fixtures import signal_checkpoint
 from synthetic_slides import synthetic_he, write_pyramidal_tiff
 
@@ -21,31 +18,6 @@ from wsi_ircr.cli import main
 
 pytestmark = [pytest.mark.distributed, pytest.mark.openslide]
 TILES = ["--core-px", "256", "--halo", "32", "--set", "max_nucleus_um=8", "--quiet"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _dask_cli() -> str:
-    beside = Path(sys.executable).parent / "dask"
-    found = str(beside) if beside.exists() else shutil.which("dask")
-    if found is None:
-        pytest.skip("the dask command-line tool is not installed")
-    return found
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for proc in reversed(procs):
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class Scheduler(str):
@@ -61,31 +33,9 @@ class Scheduler(str):
 def scheduler(tmp_path_factory) -> Scheduler:
     """Address of a scheduler with one single-threaded worker whose working folder is not
     the test's (relative paths shipped to it would point elsewhere)."""
-    dask_cli = _dask_cli()
     elsewhere = tmp_path_factory.mktemp("worker_cwd")
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": elsewhere}
-    procs = [subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                              **quiet)]
-    try:
-        procs.append(subprocess.Popen([dask_cli, "worker", address, "--nworkers", "1", "--nthreads", "1",
-                                       "--no-dashboard", "--host", "127.0.0.1"], **quiet))
-        from distributed import Client
-
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with Client(address, timeout="5s") as client:
-                    client.wait_for_workers(1, timeout=60)
-                break
-            except (OSError, TimeoutError):
-                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                    pytest.fail("the dask scheduler or worker did not start")
-                time.sleep(0.5)
+    with dask_processes(elsewhere) as address:
         yield Scheduler(address, elsewhere)
-    finally:
-        _stop(procs)
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +106,7 @@ def test_concurrent_runs_on_one_cluster_keep_their_own_results(scheduler, workdi
 def test_unreachable_scheduler_is_one_line(workdir, tmp_path, capfd):
     with pytest.raises(SystemExit) as exit_info:
         main(["segment", str(workdir / "s.tiff"), "-o", str(tmp_path), "--model", str(workdir / "m.pt"), *TILES,
-              "--scheduler", f"tcp://127.0.0.1:{_free_port()}"])
+              "--scheduler", f"tcp://127.0.0.1:{free_port()}"])
     err = capfd.readouterr().err
     assert exit_info.value.code == 2
     assert err.startswith("error: --scheduler") and err.count("\n") == 1 and "Traceback" not in err, err
