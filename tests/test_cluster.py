@@ -88,3 +88,17 @@ def test_worker_setup_pins_one_gpu_per_process_and_fixed_threads(monkeypatch):
     assert tasks.TORCH_THREADS == 3
     WorkerSetup().setup(SimpleNamespace(name="w", state=SimpleNamespace(nthreads=6)))
     assert tasks.TORCH_THREADS == 1  # an existing cluster: its --nthreads are the process's cores
+
+
+def test_pipeline_recipes_are_valid_and_import_nothing_private():
+    import re
+    import subprocess
+    from pathlib import Path
+
+    pipelines = Path(__file__).resolve().parents[1] / "pipelines"
+    assert load_slurm_config(pipelines / "slurm_gpu.yaml").worker_processes == 2
+    assert subprocess.run(["bash", "-n", str(pipelines / "slurm_cohort.sh")]).returncode == 0
+    for path in pipelines.glob("*.py"):
+        private = re.findall(r"^\s*(?:from wsi_ircr[\w.]* import .*\b_\w+|import wsi_ircr[\w.]*\._\w+)", path.read_text(),
+                             re.MULTILINE)
+        assert not private, (path.name, private)
