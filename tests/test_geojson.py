@@ -9,9 +9,10 @@ import uuid
 
 import numpy as np
 import pytest
+from qupath_geojson import validate_qupath_geojson
 from shapely.geometry import Point, Polygon, box
 
-from wsi_ircr.slide.geojson import NUCLEUS_COLOR, GeoJSONWriter, feature_uuid, validate_qupath_geojson
+from wsi_ircr.slide.geojson import NUCLEUS_COLOR, GeoJSONWriter, feature_uuid
 from wsi_ircr.slide.grid import TileGrid
 from wsi_ircr.slide.stitch import owned_instances as owned_and_dropped
 from wsi_ircr.slide.stitch import tile_instances

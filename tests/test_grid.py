@@ -65,7 +65,8 @@ def test_coordinate_transforms():
     g = TileGrid((1000, 800), slide_mpp=0.5, mpp=0.25, core_px=100, halo_px=20)
     pts = np.array([[0.0, 0.0], [10.0, 4.0], [3.5, 7.25]])
     np.testing.assert_allclose(g.target_to_level0_xy(pts), [[0, 0], [2, 5], [3.625, 1.75]])
-    np.testing.assert_allclose(g.tile_to_level0_xy((1, 2), [[20.0, 20.0]]), [[100.0, 50.0]])
+    tile_origin_rc = np.add(g.read_origin_rc((1, 2)), [20.0, 20.0])  # a point inside tile (1, 2)
+    np.testing.assert_allclose(g.target_to_level0_xy(tile_origin_rc[None]), [[100.0, 50.0]])
     assert g.target_to_level0_xy(np.zeros((3, 4, 2))).shape == (3, 4, 2)
 
 

@@ -19,6 +19,7 @@ import pytest
 import shapely
 from model_fixtures import signal_checkpoint
 from PIL import Image
+from qupath_geojson import validate_qupath_geojson
 from shapely.geometry import shape
 from synthetic_slides import synthetic_he, write_aperio_svs, write_pyramidal_tiff
 
@@ -26,10 +27,10 @@ from wsi_ircr.config import to_dict
 from wsi_ircr.errors import UserError
 from wsi_ircr.model.checkpoint import bundled_model_path, file_hash
 from wsi_ircr.slide import pipeline
-from wsi_ircr.slide.config import SegmentConfig
-from wsi_ircr.slide.geojson import feature_uuid, validate_qupath_geojson
 from wsi_ircr.slide.cluster import local_client
 from wsi_ircr.slide.cohort import segment_slides
+from wsi_ircr.slide.config import SegmentConfig
+from wsi_ircr.slide.geojson import feature_uuid
 from wsi_ircr.slide.pipeline import model_info, tile_slide
 from wsi_ircr.slide.store import TileStore
 

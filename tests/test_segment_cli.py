@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 from model_fixtures import signal_checkpoint
+from qupath_geojson import validate_qupath_geojson
 from synthetic_slides import synthetic_he, write_aperio_svs
 
 from wsi_ircr.cli import main
 from wsi_ircr.model.checkpoint import bundled_model_path
-from wsi_ircr.slide.geojson import validate_qupath_geojson
 
 pytestmark = pytest.mark.openslide
 REPO = Path(__file__).resolve().parents[1]

@@ -121,10 +121,6 @@ class TileGrid:
             raise ValueError(f"points_rc must have shape (..., 2), got {pts.shape}")
         return pts[..., ::-1] * self.scale
 
-    def tile_to_level0_xy(self, tile: Tile, points_rc: np.ndarray) -> np.ndarray:
-        """float (..., 2) (row, col) inside tile ``tile``'s read window -> level-0 (x, y)."""
-        return self.target_to_level0_xy(np.asarray(points_rc, dtype=np.float64) + self.read_origin_rc(tile))
-
     def all_tiles(self) -> list[Tile]:
         """Every (row, col), row-major."""
         return [(r, c) for r in range(self.n_rows) for c in range(self.n_cols)]

@@ -1,0 +1,96 @@
+"""A checker of QuPath GeoJSON files for tests: loads a whole (possibly gzipped) file and
+checks every feature the way QuPath imports nucleus detections."""
+
+from __future__ import annotations
+
+import gzip as gzip_module
+import json
+import math
+import os
+import uuid as uuid_module
+from pathlib import Path
+from typing import IO
+
+import shapely
+from shapely.geometry import Polygon
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"non-finite number {name} (JSON has no NaN or Infinity)")
+
+
+def _open_maybe_gzip(path: Path) -> IO[bytes]:
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    return gzip_module.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+
+
+def _check_feature(feature: object, seen: set[str]) -> None:
+    if not isinstance(feature, dict) or feature.get("type") != "Feature":
+        raise ValueError('not a {"type": "Feature"} object')
+    try:
+        feature_id = str(uuid_module.UUID(str(feature.get("id"))))
+    except ValueError:
+        raise ValueError(f"id {feature.get('id')!r} is not a UUID") from None
+    if feature_id in seen:
+        raise ValueError(f"duplicate id {feature_id}")
+    seen.add(feature_id)
+    geometry = feature.get("geometry")
+    if not isinstance(geometry, dict) or geometry.get("type") != "Polygon":
+        raise ValueError("geometry is not a Polygon")
+    rings = geometry.get("coordinates")
+    if not isinstance(rings, list) or not rings:
+        raise ValueError("Polygon has no rings")
+    for ring in rings:
+        if len(ring) < 4 or ring[0] != ring[-1]:
+            raise ValueError("a ring is not closed or has fewer than 4 positions")
+    polygon = Polygon(rings[0], rings[1:])
+    if polygon.is_empty or not polygon.is_valid:
+        raise ValueError(f"invalid polygon: {shapely.is_valid_reason(polygon)}")
+    properties = feature.get("properties")
+    if not isinstance(properties, dict) or properties.get("objectType") != "detection":
+        raise ValueError('properties.objectType is not "detection"')
+    if "type" in properties or "object_type" in properties:
+        raise ValueError('properties hold a "type" or pre-0.3 "object_type" key')
+    classification = properties.get("classification")
+    if not isinstance(classification, dict) or not isinstance(classification.get("name"), str):
+        raise ValueError("classification has no name")
+    color = classification.get("color")
+    if not (isinstance(color, list) and len(color) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in color)):
+        raise ValueError(f"classification color {color!r} is not [r, g, b] in 0-255")
+    measurements = properties.get("measurements", {})
+    if not isinstance(measurements, dict):
+        raise ValueError("measurements is not an object")
+    for name, value in measurements.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"measurement {name!r} = {value!r} is not a finite number")
+
+
+def validate_qupath_geojson(path: str | os.PathLike) -> int:
+    """Check that a (possibly gzipped) GeoJSON file is a FeatureCollection QuPath imports as
+    nucleus detections; loads the whole file (for tests and spot checks).
+
+    Checks: valid JSON without NaN/Infinity; every feature a Feature with a unique UUID id,
+    a valid non-empty Polygon with closed rings, ``properties.objectType == "detection"``,
+    no ``type``/``object_type`` key in properties, a classification with a name and an RGB
+    color, finite numeric measurements.
+
+    Returns:
+        The number of features. Raises ValueError naming the file and the first bad feature.
+    """
+    path = Path(path)
+    with _open_maybe_gzip(path) as f:
+        try:
+            data = json.load(f, parse_constant=_reject_constant)
+        except (ValueError, EOFError, OSError) as error:  # bad JSON, NaN, truncated gzip
+            raise ValueError(f"{path}: not valid JSON: {error}") from None
+    if not (isinstance(data, dict) and data.get("type") == "FeatureCollection"
+            and isinstance(data.get("features"), list)):
+        raise ValueError(f'{path}: not a {{"type": "FeatureCollection", "features": [...]}} object')
+    seen: set[str] = set()
+    for index, feature in enumerate(data["features"]):
+        try:
+            _check_feature(feature, seen)
+        except ValueError as error:
+            raise ValueError(f"{path}: feature {index}: {error}") from None
+    return len(data["features"])
