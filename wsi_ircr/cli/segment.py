@@ -38,7 +38,7 @@ def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, h
       wsi-ircr segment slides/ -o out/ --cluster slurm --cluster-config my_slurm.yaml
     """
     from wsi_ircr.progress import CohortProgress, note
-    from wsi_ircr.slide.cluster import connect
+    from wsi_ircr.slide.cluster import connect, load_slurm_config
     from wsi_ircr.slide.cohort import segment_slides
     from wsi_ircr.slide.inputs import collect_slides
     from wsi_ircr.slide.pipeline import check_settings, model_info
@@ -60,10 +60,14 @@ def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, h
             return
         note(line) if sys.stderr.isatty() else click.echo(line, err=True)
 
+    min_in_flight = 4
+    if cluster == "slurm" and not scheduler:  # enough waiting tasks for the adaptive cluster to start every job
+        slurm = load_slurm_config(cluster_config)
+        min_in_flight = 2 * slurm.maximum_jobs * slurm.cores
     with connect(config, scheduler, cluster, cluster_config) as client:
         with CohortProgress(len(paths), enabled=not quiet and sys.stderr.isatty()) as progress:
             report = segment_slides(paths, out_root, config, client, info, overwrite=overwrite, progress=progress,
-                                    echo=echo)
+                                    echo=echo, min_in_flight=min_in_flight)
     click.echo(report.line)
     if report.failed:
         sys.exit(1)

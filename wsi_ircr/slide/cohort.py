@@ -121,9 +121,7 @@ class _Cohort:
     """The driver loop of ``segment_slides`` (one instance per call)."""
 
     def __init__(self, slides, out_root, config: SegmentConfig, client, model: ModelInfo, overwrite: bool,
-                 progress, echo: Callable[[str, bool], None]):
-        from wsi_ircr.slide.cluster import total_threads
-
+                 progress, echo: Callable[[str, bool], None], min_in_flight: int):
         self.slides = deque(Path(s) for s in slides)
         self.out_root = Path(out_root).absolute()
         if self.out_root.exists() and not self.out_root.is_dir():
@@ -132,7 +130,7 @@ class _Cohort:
         self.progress, self.echo = progress, echo
         self.table = CohortTable(self.out_root)
         self.report = CohortReport(table=self.table.path)
-        self.limit = config.tasks_in_flight or max(4, 2 * total_threads(client))
+        self.min_in_flight = min_in_flight
         self.events: queue.Queue = queue.Queue()
         self.active: list[SlideRun] = []
         self.futures: dict = {}
@@ -276,8 +274,16 @@ class _Cohort:
 
     # -- loop ---------------------------------------------------------------------------
 
+    def _limit(self) -> int:
+        """Tile tasks to keep submitted: ``tasks_in_flight``, else twice the worker threads
+        the cluster has now (it may grow), at least ``min_in_flight``."""
+        from wsi_ircr.slide.cluster import total_threads
+
+        return self.config.tasks_in_flight or max(self.min_in_flight, 2 * total_threads(self.client))
+
     def _feed(self) -> None:
-        while len(self.futures) < self.limit:
+        limit = self._limit()
+        while len(self.futures) < limit:
             run = next((r for r in self.active if r.batches), None)
             if run is not None:
                 self._submit(run)
@@ -307,8 +313,8 @@ class _Cohort:
 
 
 def segment_slides(slides, out_root: str | Path, config: SegmentConfig, client, model: ModelInfo, *,
-                   overwrite: bool = False, progress=None,
-                   echo: Callable[[str, bool], None] | None = None) -> CohortReport:
+                   overwrite: bool = False, progress=None, echo: Callable[[str, bool], None] | None = None,
+                   min_in_flight: int = 4) -> CohortReport:
     """Segment ``slides`` into ``out_root/<stem>/`` on the cluster of ``client``.
 
     Args:
@@ -317,6 +323,8 @@ def segment_slides(slides, out_root: str | Path, config: SegmentConfig, client, 
         overwrite: redo finished and mismatching runs (a matching tile store is reused).
         progress: a ``wsi_ircr.progress.CohortProgress`` (None: silent).
         echo: ``echo(line, is_error)`` receives one line per slide as it ends.
+        min_in_flight: tile tasks kept submitted even while few workers have joined (an
+            adaptive cluster grows only when tasks wait).
 
     Returns:
         The report; every slide also has its row in ``out_root/cohort.csv``.
@@ -324,4 +332,4 @@ def segment_slides(slides, out_root: str | Path, config: SegmentConfig, client, 
     from wsi_ircr.progress import CohortProgress
 
     return _Cohort(slides, out_root, config, client, model, overwrite, progress or CohortProgress(0, enabled=False),
-                   echo or (lambda line, is_error: None)).run()
+                   echo or (lambda line, is_error: None), min_in_flight).run()

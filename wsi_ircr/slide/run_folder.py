@@ -98,12 +98,13 @@ class RunFolder:
             return None
 
     def finished(self, key: dict) -> bool:
-        """True when the folder holds a finished run with this key (a rerun skips it); a
-        UserError when it holds a finished run of anything else."""
+        """True when the folder holds a finished run with this key (a rerun skips it; the
+        wsi-ircr version that made it does not matter); a UserError when it holds a finished
+        run of another slide, model or settings."""
         if not self.summary_file.exists():
             return False
         previous = self._key()
-        if previous != key:
+        if not isinstance(previous, dict) or {**previous, "wsi_ircr": None} != {**key, "wsi_ircr": None}:
             raise UserError(f"{self.path}: holds a finished run {_difference(previous, key)}; "
                             "pass --overwrite to redo it or choose another -o")
         return True
