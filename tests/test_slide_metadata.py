@@ -97,3 +97,12 @@ def test_geojson_of_a_bounded_slide_lands_on_qupath_pixels(bounded, tmp_path):
     truth = truth[inside] - (x, y)
     near = np.linalg.norm(truth[:, None] - found[None], axis=2) < 2.0
     assert len(truth) > 20 and (near.sum(axis=1) == 1).mean() > 0.8
+
+
+def test_info_shows_the_bounds(bounded, capsys):
+    from wsi_ircr.cli import main
+
+    path, _, _ = bounded
+    main(["info", str(path)])
+    out = capsys.readouterr().out
+    assert "size:        480 x 400 px" in out and "bounds:      level-0 (0, 0) is OpenSlide's (64, 48)" in out

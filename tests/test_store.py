@@ -80,6 +80,7 @@ def test_resume_writes_only_unfinished_tiles(tmp_path, reader, grid):
         store.write(i, reader)
     store._tiles[1] = np.zeros((grid.tile_px,) * 2 + (3,), np.uint8)  # chunk written, flag not: interrupted
     assert store.n_done == 3 and not store.complete and store.pending()[:2] == [1, 4]
+    assert [store.is_done(i) for i in range(4)] == [True, False, True, True]
     with pytest.raises(UserError, match="tile 1 .* not written yet"):
         store.read(1)
     counting = CountingReader(reader)

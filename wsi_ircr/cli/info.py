@@ -22,6 +22,8 @@ def _format_text(d: dict) -> str:
         f"slide:       {d['path']}",
         f"vendor:      {d['vendor'] or 'unknown'}",
         f"size:        {size}",
+        *([f"bounds:      level-0 (0, 0) is OpenSlide's {tuple(d['bounds_offset_xy'])} (as in QuPath)"]
+          if any(d["bounds_offset_xy"]) else []),
         f"mpp:         {mpp}",
         f"objective:   {objective}",
         "levels:",

@@ -116,6 +116,10 @@ class TileStore:
         flags[idx[idx < self.n_tiles]] = True
         return flags
 
+    def is_done(self, i: int) -> bool:
+        """Whether tile ``i`` is completely written (its ``done`` chunk file exists)."""
+        return (self.path / "done" / "c" / str(int(i))).exists()
+
     @property
     def n_done(self) -> int:
         return int(self.done_flags().sum())

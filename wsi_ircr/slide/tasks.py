@@ -201,8 +201,7 @@ def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop")
     report = BatchReport(seconds={"read_decode": 0.0, "tile_load": 0.0, "inference": 0.0, "postprocess": 0.0})
     t0 = time.perf_counter()
     store = TileStore.open(job.store_path)
-    done = store.done_flags()
-    missing = [i for i in indices if not done[i]]
+    missing = [i for i in indices if not store.is_done(i)]
     if missing:
         reader = get_reader(job.slide_path, job.mpp, job.fingerprint)
         for i in missing:
