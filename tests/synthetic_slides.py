@@ -167,3 +167,43 @@ def synthetic_he(
     image[nuclei] += 15 * shade[nuclei]
     image += rng.normal(0, 3, image.shape)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), labels
+
+
+def write_leica_scn(path: str | Path, image_rgb: np.ndarray, mpp: float, offset_xy: tuple[int, int],
+                    margin_xy: tuple[int, int] = (100, 60)) -> Path:
+    """Write a Leica SCN (BigTIFF with the SCN XML) whose one brightfield main image lies at
+    level-0 ``offset_xy`` of a larger collection, so OpenSlide reports
+    ``openslide.bounds-x/-y = offset_xy`` and bounds-width/-height = the image size.
+    Two levels (1x, 2x downsampled), deflate, ``mpp`` in the resolution tags."""
+    import tifffile
+
+    path = Path(path)
+    h, w = image_rgb.shape[:2]
+    nm = mpp * 1000
+    cw, ch = w + offset_xy[0] + margin_xy[0], h + offset_xy[1] + margin_xy[1]
+    levels = pyramid_levels(image_rgb, 2)
+    dims = "\n".join(f'        <dimension sizeX="{lv.shape[1]}" sizeY="{lv.shape[0]}" r="{k}" ifd="{k}"/>'
+                     for k, lv in enumerate(levels))
+    xml = f"""<?xml version="1.0" encoding="utf-8"?>
+<scn xmlns="http://www.leica-microsystems.com/scn/2010/10/01">
+  <collection name="synthetic" uuid="00000000-0000-0000-0000-000000000001" sizeX="{round(cw * nm)}" sizeY="{round(ch * nm)}">
+    <image name="main" uuid="00000000-0000-0000-0000-000000000002">
+      <creationDate>2024-01-01T00:00:00Z</creationDate>
+      <device model="Leica SCN400;Leica SCN" version="1.5"/>
+      <pixels sizeX="{w}" sizeY="{h}">
+{dims}
+      </pixels>
+      <view sizeX="{round(w * nm)}" sizeY="{round(h * nm)}" offsetX="{round(offset_xy[0] * nm)}" offsetY="{round(offset_xy[1] * nm)}" spacingZ="0"/>
+      <scanSettings>
+        <objectiveSettings><objective>40</objective></objectiveSettings>
+        <illuminationSettings><numericalAperture>0.65</numericalAperture><illuminationSource>brightfield</illuminationSource></illuminationSettings>
+      </scanSettings>
+    </image>
+  </collection>
+</scn>"""
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for k, level in enumerate(levels):
+            res = 1e4 / (mpp * 2**k)
+            tif.write(level, tile=(256, 256), photometric="rgb", description=xml if k == 0 else None,
+                      resolution=(res, res), resolutionunit="CENTIMETER", compression="zlib", metadata=None)
+    return path

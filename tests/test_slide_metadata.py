@@ -6,7 +6,7 @@ import csv
 
 import numpy as np
 import pytest
-from synthetic_slides import synthetic_he, write_pyramidal_tiff
+from synthetic_slides import synthetic_he, write_leica_scn
 
 from wsi_ircr.errors import UserError
 from wsi_ircr.model.checkpoint import bundled_model_path
@@ -41,29 +41,24 @@ BOUNDS_XYWH = (64, 48, 480, 400)
 
 
 @pytest.fixture
-def bounded(monkeypatch, tmp_path):
-    """A real pyramidal TIFF (0.25 mpp, 600 x 500 px) whose OpenSlide properties carry a
-    bounding box, as MIRAX or Leica slides do; returns (path, image, labels)."""
-    import openslide
-
+def bounded(tmp_path):
+    """A synthetic Leica SCN (0.25 mpp) whose 480 x 400 px main image lies at (64, 48) of
+    its collection: OpenSlide reports it as openslide.bounds-*; returns (path, image, labels)
+    with ``image`` the main image as written, and ``labels`` its nuclei in the full frame."""
     image, labels = synthetic_he((500, 600), n_nuclei=70, seed=8, radius_px=(8, 12), tissue_fraction=0.8)
-    path = write_pyramidal_tiff(tmp_path / "bounded.tiff", image, mpp=0.25, n_levels=2, compression="deflate")
-    keys = reader_mod.BOUNDS_KEYS
-
-    class BoundedOpenSlide(openslide.OpenSlide):
-        @property
-        def properties(self):
-            return {**super().properties, **{k: str(v) for k, v in zip(keys, BOUNDS_XYWH)}}
-
-    monkeypatch.setattr(openslide, "OpenSlide", BoundedOpenSlide)
-    return path, image, labels
+    x, y, w, h = BOUNDS_XYWH
+    path = write_leica_scn(tmp_path / "bounded.scn", image[y:y + h, x:x + w], mpp=0.25, offset_xy=(x, y))
+    full = np.full_like(image, 255)
+    full[y:y + h, x:x + w] = image[y:y + h, x:x + w]
+    return path, full, labels
 
 
 def test_reader_puts_the_origin_at_the_bounds_as_qupath_does(bounded):
     path, image, _ = bounded
     x, y, w, h = BOUNDS_XYWH
     with open_slide(path) as r:
-        assert r.dimensions_xy == (w, h) and r.bounds_offset_xy == (x, y)
+        assert r.vendor == "leica" and r.properties["openslide.bounds-x"] == str(x)
+        assert r.dimensions_xy == (w, h) and r.bounds_offset_xy == (x, y) and r.mpp == pytest.approx(0.25)
         assert r.level_dimensions_xy[1] == (w // 2, h // 2)
         np.testing.assert_array_equal(r.read_region((0, 0), 0, (w, h)), image[y:y + h, x:x + w])
         np.testing.assert_array_equal(r.read_region((10, 20), 0, (5, 5)), image[y + 20:y + 25, x + 10:x + 15])
@@ -71,7 +66,8 @@ def test_reader_puts_the_origin_at_the_bounds_as_qupath_does(bounded):
 
 def test_geojson_of_a_bounded_slide_lands_on_qupath_pixels(bounded, tmp_path):
     """Nuclei inside the bounds are exported once each, at their position relative to the
-    bounds' corner (QuPath's level-0 frame for such slides)."""
+    bounds' corner (QuPath's level-0 frame for such slides; without the shift they would
+    land 64 px right and 48 px down of their pixels)."""
     if not bundled_model_path().exists():
         pytest.skip("the bundled model is not in wsi_ircr/weights")
     from wsi_ircr.slide.cluster import local_client
