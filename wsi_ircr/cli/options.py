@@ -25,7 +25,7 @@ def slide_options(func):
         click.option("--model", help="wsi-ircr checkpoint (.pt); default: the bundled model."),
         click.option("--overwrite", is_flag=True,
                      help="Redo finished runs and replace mismatching ones (a matching tile store is reused)."),
-        click.option("--quiet", is_flag=True, help="No progress on stderr."),
+        click.option("--quiet", is_flag=True, help="No progress on stderr (errors and warnings only)."),
     ]
     for option in reversed(options):
         func = option(func)

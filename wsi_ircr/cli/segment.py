@@ -58,7 +58,10 @@ def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, h
     def echo(line: str, is_error: bool) -> None:
         if quiet and not is_error:
             return
-        note(line) if sys.stderr.isatty() else click.echo(line, err=True)
+        if sys.stderr.isatty():
+            note(line)  # above the progress bars
+        else:
+            click.echo(line, err=True)
 
     min_in_flight = 4
     if cluster == "slurm" and not scheduler:  # enough waiting tasks for the adaptive cluster to start every job
