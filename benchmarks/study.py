@@ -85,13 +85,13 @@ def retune(run_dir: Path, method: str) -> bool:
     images = [read_image(DATA / "images" / f"{s}.tif") for s in stems]
     labels = [read_label(DATA / "labels" / f"{s}.png") for s in stems]
     base = dataclasses.replace(best.postprocess, marker_radius=current.postprocess.marker_radius)
-    best.postprocess, aji = tune_postprocess(best.build(), images, labels, base, torch.device("cpu"), current.tune_marker_radii)
+    best.postprocess, aji = tune_postprocess(best.build(), images, labels, base, torch.device("cpu"), current.tune_marker_radii, mpp=best.mpp)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     best.meta["metrics"] = {**(best.meta.get("metrics") or {}), "val_aji_tuned_postprocess": aji,
-                            "retuned": f"post-processing re-tuned over marker radii {list(current.tune_marker_radii)}",
+                            "retuned": f"post-processing re-tuned over marker radii {list(current.tune_marker_radii, mpp=best.mpp)}",
                             "train_seconds": metrics["train_seconds"]}
     save_checkpoint(run_dir / "model.pt", best)
-    used["tune_marker_radii"] = list(current.tune_marker_radii)
+    used["tune_marker_radii"] = list(current.tune_marker_radii, mpp=best.mpp)
     used["retuned_without_training"] = True
     with atomic_open(run_dir / "config.yaml") as f:
         yaml.safe_dump(used, f, sort_keys=False)

@@ -49,7 +49,7 @@ def main() -> None:
         pairs = [p for p in pair_folders(args.tune_images, args.tune_labels) if not stems or p[0] in stems]
         images = [read_image(p[1]) for p in pairs]
         labels = [read_label(p[2]) for p in pairs]
-        ckpt.postprocess, aji = tune_postprocess(ckpt.build(), images, labels, ckpt.postprocess, torch.device("cpu"))
+        ckpt.postprocess, aji = tune_postprocess(ckpt.build(), images, labels, ckpt.postprocess, torch.device("cpu"), mpp=ckpt.mpp)
         notes["postprocess_tuned_on"] = {"stems": [p[0] for p in pairs], "aji": aji}
         print(f"tuned on {len(pairs)} tiles: AJI {aji:.4f} {ckpt.postprocess}", file=sys.stderr)
     ckpt.meta = {**ckpt.meta, "data": {**DATA_NOTE, "tiles": (ckpt.meta.get("data") or {}).get("labelled")}}

@@ -94,7 +94,7 @@ TOUCHING = [(30, 20), (30, 37), (30, 54), (58, 28), (52, 46)]  # radius 10: pair
 def test_ideal_maps_of_touching_disks_give_one_instance_each():
     labels = disk_labels((80, 80), TOUCHING, 10)
     assert len(np.unique(labels)) - 1 == len(TOUCHING)
-    pred = instances_from_maps((labels > 0).astype(np.float32), hv_targets(labels))
+    pred = instances_from_maps((labels > 0).astype(np.float32), hv_targets(labels), mpp=0.25)
     assert pred.dtype == np.int32 and pred.shape == labels.shape
     assert sorted(np.unique(pred)) == list(range(len(TOUCHING) + 1))  # ids 1..N, sequential
     ious = [best_iou(labels == i, pred) for i in range(1, len(TOUCHING) + 1)]
@@ -107,7 +107,7 @@ def test_ideal_maps_of_touching_disks_give_one_instance_each():
 def test_without_hv_touching_disks_merge():
     """Control: the separation above comes from the HV maps, not from the foreground shape."""
     labels = disk_labels((80, 80), TOUCHING[:3], 10)
-    pred = instances_from_maps((labels > 0).astype(np.float32), np.zeros((2, 80, 80), np.float32))
+    pred = instances_from_maps((labels > 0).astype(np.float32), np.zeros((2, 80, 80), np.float32), mpp=0.25)
     assert pred.max() == 1
 
 
@@ -116,13 +116,42 @@ def test_small_and_faint_objects_are_dropped():
     labels[2:5, 55:58] = 3  # 9 px speck
     prob = (labels > 0).astype(np.float32)
     prob[labels == 2] = 0.3  # below np_threshold
-    pred = instances_from_maps(prob, hv_targets(labels), PostProcessConfig(min_area_px=30))
+    pred = instances_from_maps(prob, hv_targets(labels), PostProcessConfig(min_area_um2=1.875), mpp=0.25)
     assert pred.max() == 1 and best_iou(labels == 1, pred) > 0.8
+
+
+def test_thresholds_mean_the_same_nuclei_at_any_mpp():
+    """Physical units: a 4 um^2 nucleus survives min_area 1.875 um^2 at 0.25 and at 0.5 um/px,
+    a 1.2 um^2 speck is dropped at both; in pixels (30 px) the nucleus would vanish at 0.5."""
+    fine = disk_labels((96, 96), [(30, 30), (60, 60)], 4.6)  # about 66 px = 4.1 um^2 each at 0.25
+    fine[80:84, 10:15] = 3  # 20 px = 1.25 um^2 at 0.25
+    coarse = fine[::2, ::2]
+    post = PostProcessConfig()
+    for labels, mpp in ((fine, 0.25), (coarse, 0.5)):
+        pred = instances_from_maps((labels > 0).astype(np.float32), hv_targets(labels), post, mpp=mpp)
+        assert pred.max() == 2, mpp
+        assert pred[labels == 3].max() == 0, mpp
+    assert post.in_pixels(0.5)["min_area_px"] <= (coarse == 1).sum() < 30  # a 30 px rule would drop it at 0.5
+    assert post.in_pixels(0.25) == {"edge_threshold": 0.25, "min_marker_px": 8, "min_area_px": 30, "smooth_sigma_px": 1.0}
+
+
+def test_pixel_unit_checkpoints_load_in_physical_units(tmp_path):
+    """A checkpoint saved before physical units (thresholds in px at its mpp) keeps its meaning."""
+    ckpt = small_checkpoint()
+    save_checkpoint(tmp_path / "old.pt", ckpt)
+    payload = torch.load(tmp_path / "old.pt", weights_only=True)
+    payload["postprocess"] = {"np_threshold": 0.45, "edge_threshold": 0.35, "marker_radius": 0.3,
+                              "min_marker_px": 8, "min_area_px": 30, "smooth_sigma_px": 1.0}
+    torch.save(payload, tmp_path / "old.pt")
+    post = load_checkpoint(tmp_path / "old.pt").postprocess  # small_checkpoint is at 0.5 um/px
+    assert post.np_threshold == 0.45 and post.edge_threshold_per_um == pytest.approx(0.7)
+    assert post.min_marker_um2 == pytest.approx(2.0) and post.min_area_um2 == pytest.approx(7.5)
+    assert post.in_pixels(0.5) == pytest.approx({"edge_threshold": 0.35, "min_marker_px": 8, "min_area_px": 30, "smooth_sigma_px": 1.0})
 
 
 @pytest.mark.parametrize("value", [0.0, 0.2])
 def test_empty_probability_gives_zeros(value):
-    pred = instances_from_maps(np.full((40, 50), value, np.float32), np.zeros((2, 40, 50), np.float32))
+    pred = instances_from_maps(np.full((40, 50), value, np.float32), np.zeros((2, 40, 50), np.float32), mpp=0.25)
     assert pred.dtype == np.int32 and pred.shape == (40, 50) and not pred.any()
 
 
@@ -131,11 +160,11 @@ def test_empty_probability_gives_zeros(value):
     [
         ({"np_threshold": 0.0}, "np_threshold"),
         ({"np_threshold": 1.0}, "np_threshold"),
-        ({"edge_threshold": 0.0}, "edge_threshold"),
+        ({"edge_threshold_per_um": 0.0}, "edge_threshold_per_um"),
         ({"marker_radius": -1.0}, "marker_radius"),
-        ({"min_marker_px": 0}, "min_marker_px"),
-        ({"min_area_px": 0}, "min_area_px"),
-        ({"smooth_sigma_px": -0.5}, "smooth_sigma_px"),
+        ({"min_marker_um2": 0}, "min_marker_um2"),
+        ({"min_area_um2": 0}, "min_area_um2"),
+        ({"smooth_sigma_um": -0.5}, "smooth_sigma_um"),
     ],
 )
 def test_postprocess_config_validation(changes, word):
@@ -155,7 +184,7 @@ def test_checkpoint_round_trip(tmp_path):
     image = np.full((64, 64, 3), 220, np.uint8)
     image[labels > 0] = (80, 30, 120)
     priors = MorphologyPriors.fit([labels], [image]).to_dict()
-    post = PostProcessConfig(np_threshold=0.4, edge_threshold=0.35, marker_radius=0.45)
+    post = PostProcessConfig(np_threshold=0.4, edge_threshold_per_um=1.4, marker_radius=0.45)
     meta = {"config": {"steps": 3, "data": {"val": ["a"]}}, "metrics": {"val": {"aji": 0.5}}}
     ckpt = small_checkpoint(postprocess=post, priors=priors, meta=meta, train_state={"step": 3})
     digest = save_checkpoint(tmp_path / "m.pt", ckpt)
@@ -315,8 +344,8 @@ def test_segment_image_with_windows_approaches_single_pass_with_more_context():
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.5 * errors[0], errors
     pred = predictor.segment_image(image, window_px=64, overlap_px=16)
     assert pred.dtype == np.int32 and pred.shape == (150, 130)
-    np.testing.assert_array_equal(pred, instances_from_maps(*predictor.predict_image_maps(image, 64, 16), predictor.postprocess))
-    np.testing.assert_array_equal(predictor.segment_image(image, window_px=256), instances_from_maps(prob, hv, predictor.postprocess))
+    np.testing.assert_array_equal(pred, predictor.instances(*predictor.predict_image_maps(image, 64, 16)))
+    np.testing.assert_array_equal(predictor.segment_image(image, window_px=256), predictor.instances(prob, hv))
 
 
 def test_segment_tiles_shapes_and_batches():

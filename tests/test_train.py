@@ -212,7 +212,7 @@ def test_tiles_smaller_than_the_crop_are_user_errors():
 SMALL = ["--device", "cpu", "--set", "crop_px=32", "--set", "batch_size=2", "--set", "unlabelled_batch_size=2",
          "--set", "threads=1", "--set", "val_every=2", "--set", "log_every=1", "--set", "lr=0.001"]
 IRCR = ["--set", "mt_weight=1", "--set", "miac_weight=10", "--set", "piac_weight=1", "--set", "rampup_steps=0",
-        "--set", "postprocess.min_area_px=8", "--set", "postprocess.min_marker_px=2"]
+        "--set", "postprocess.min_area_um2=0.5", "--set", "postprocess.min_marker_um2=0.125"]
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -267,7 +267,7 @@ def test_train_full_ircr_end_to_end(dataset, tmp_path, capsys, piac_mode):
     metrics = assert_run_folder(out)
     assert len(metrics["data"]["labelled"]) == 2 and len(metrics["data"]["unlabelled"]) == 3 + 3
     model = load_checkpoint(out / "model.pt")
-    assert model.priors is not None and model.postprocess.min_area_px == 8
+    assert model.priors is not None and model.postprocess.min_area_um2 == 0.5
     assert model.meta["config"]["miac_weight"] == 10.0 and model.meta["config"]["piac_mode"] == piac_mode
     for term in ("sup=", "mt=", "miac=", "piac="):
         assert term in err, term
@@ -473,16 +473,16 @@ def test_tune_postprocess_tries_only_the_given_marker_radii():
         labels[(rr - r) ** 2 + (cc - c) ** 2 <= 64] = i
     net = _OracleNet(labels, hv_scale=0.5)  # a soft HV map: large radii merge touching nuclei
     image = np.zeros((64, 64, 3), np.uint8)
-    base = PostProcessConfig(min_marker_px=2, min_area_px=8)
+    base = PostProcessConfig(min_marker_um2=0.125, min_area_um2=0.5)
     for radii in [(0.45,), (0.1, 0.3), (0.3, 0.6)]:
-        best, score = tune_postprocess(net, [image], [labels], base, torch.device("cpu"), radii)
-        assert best.marker_radius in radii and best.min_marker_px == 2
+        best, score = tune_postprocess(net, [image], [labels], base, torch.device("cpu"), radii, mpp=0.25)
+        assert best.marker_radius in radii and best.min_marker_um2 == 0.125
         prob, hv = predict_maps_tensor(net, torch.zeros(1, 3, 64, 64))
-        assert score == pytest.approx(aji(labels, instances_from_maps(prob[0].numpy(), hv[0].numpy(), best)))
-        others = [aji(labels, instances_from_maps(prob[0].numpy(), hv[0].numpy(), dataclasses.replace(best, marker_radius=r)))
+        assert score == pytest.approx(aji(labels, instances_from_maps(prob[0].numpy(), hv[0].numpy(), best, mpp=0.25)))
+        others = [aji(labels, instances_from_maps(prob[0].numpy(), hv[0].numpy(), dataclasses.replace(best, marker_radius=r), mpp=0.25))
                   for r in radii]
         assert score == pytest.approx(max(others))
-    best, score = tune_postprocess(net, [image], [labels], base, torch.device("cpu"), (0.3, 0.6))
+    best, score = tune_postprocess(net, [image], [labels], base, torch.device("cpu"), (0.3, 0.6), mpp=0.25)
     assert best.marker_radius == 0.3 and score > 0.9
 
 

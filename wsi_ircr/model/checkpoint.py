@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_ircr.errors import UserError
-from wsi_ircr.model.postprocess import PostProcessConfig
+from wsi_ircr.model.postprocess import PostProcessConfig, legacy_postprocess
 
 FORMAT = "wsi-ircr-checkpoint"
 VERSION = 1
@@ -131,7 +131,9 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
         raise UserError(f"{path}: checkpoint version {payload.get('version')} is not supported (expected {VERSION}); upgrade wsi-ircr")
     try:
         arch, model_state, mpp = str(payload["arch"]), dict(payload["model"]), float(payload["mpp"])
-        postprocess = dict(payload["postprocess"])
+        if not 0 < mpp < 100:
+            raise ValueError("'mpp'")
+        postprocess = legacy_postprocess(dict(payload["postprocess"]), mpp)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: damaged wsi-ircr checkpoint (bad or missing field {e}); train or download it again") from None
     return Checkpoint(

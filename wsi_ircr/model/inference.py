@@ -71,7 +71,7 @@ class Predictor:
 
     def instances(self, prob: np.ndarray, hv: np.ndarray) -> np.ndarray:
         """This model's post-processing: probability (H, W) + HV (2, H, W) at ``self.mpp`` -> int32 (H, W)."""
-        return instances_from_maps(prob, hv, self.postprocess)
+        return instances_from_maps(prob, hv, self.postprocess, mpp=self.mpp)
 
     def segment_tiles(self, tiles: np.ndarray) -> list[np.ndarray]:
         """uint8 (N, H, W, 3) -> N int32 (H, W) instance maps."""

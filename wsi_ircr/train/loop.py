@@ -69,7 +69,7 @@ def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
 def _instances(out: dict[str, torch.Tensor], cfg: TrainConfig) -> list[np.ndarray]:
     prob = torch.softmax(out["np"].detach().float(), dim=1)[:, 1].cpu().numpy()
     hv = out["hv"].detach().float().cpu().numpy()
-    return [instances_from_maps(p, h, cfg.postprocess) for p, h in zip(prob, hv)]
+    return [instances_from_maps(p, h, cfg.postprocess, mpp=cfg.data.mpp) for p, h in zip(prob, hv)]
 
 
 def validate(net: torch.nn.Module, val, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
@@ -81,7 +81,7 @@ def validate(net: torch.nn.Module, val, cfg: TrainConfig, device: torch.device) 
     with torch.inference_mode():
         for image, labels in zip(val.images, val.labels):
             prob, hv = predict_maps_tensor(net, _to_tensor(image[None], device))
-            pred = instances_from_maps(prob[0].cpu().numpy(), hv[0].cpu().numpy(), cfg.postprocess)
+            pred = instances_from_maps(prob[0].cpu().numpy(), hv[0].cpu().numpy(), cfg.postprocess, mpp=cfg.data.mpp)
             scores.append(score_instances(labels, pred))
     return mean_scores(scores)
 
@@ -316,7 +316,7 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
         from wsi_ircr.train.tune import tune_postprocess
 
         final.postprocess, tuned = tune_postprocess(final.build().to(trainer.device), data.val.images, data.val.labels,
-                                                    cfg.postprocess, trainer.device, cfg.tune_marker_radii)
+                                                    cfg.postprocess, trainer.device, cfg.tune_marker_radii, mpp=cfg.data.mpp)
         final.meta["metrics"]["val_aji_tuned_postprocess"] = tuned
         best["aji_tuned_postprocess"] = tuned
         if progress:

@@ -14,15 +14,15 @@ from wsi_ircr.train.config import TUNE_MARKER_RADII
 
 GRID = {
     "np_threshold": (0.4, 0.5),
-    "edge_threshold": (0.2, 0.35, 0.5, 0.8),
+    "edge_threshold_per_um": (0.8, 1.4, 2.0, 3.2),
 }
 
 
 def tune_postprocess(net: torch.nn.Module, images: list[np.ndarray], labels: list[np.ndarray],
                      base: PostProcessConfig, device: torch.device,
-                     marker_radii: tuple[float, ...] = TUNE_MARKER_RADII) -> tuple[PostProcessConfig, float]:
+                     marker_radii: tuple[float, ...] = TUNE_MARKER_RADII, *, mpp: float) -> tuple[PostProcessConfig, float]:
     """The point of ``GRID`` x ``marker_radii`` with the best mean AJI on (images uint8 (H, W, 3),
-    labels int (H, W)).
+    labels int (H, W)) at ``mpp`` um/px.
 
     Network maps are computed once per tile; returns (config, its mean AJI).
     """
@@ -39,7 +39,7 @@ def tune_postprocess(net: torch.nn.Module, images: list[np.ndarray], labels: lis
     grid = {**GRID, "marker_radius": tuple(marker_radii)}
     for values in itertools.product(*grid.values()):
         candidate = dataclasses.replace(base, **dict(zip(grid, values)))
-        score = float(np.mean([aji(lab, instances_from_maps(p, h, candidate)) for (p, h), lab in zip(maps, labels)]))
+        score = float(np.mean([aji(lab, instances_from_maps(p, h, candidate, mpp=mpp)) for (p, h), lab in zip(maps, labels)]))
         if score > best_score:
             best, best_score = candidate, score
     return best, best_score
