@@ -377,3 +377,73 @@ def test_resolve_device():
     assert "--device cpu" in str(e.value)
     with pytest.raises(UserError):
         Predictor(small_checkpoint(), device="cuda")
+
+
+# --- resolution and test-time augmentation ------------------------------------------------------
+
+
+class BlobNet(torch.nn.Module):
+    """An oracle that segments dark pixels and returns their exact NP / HV maps: it commutes with
+    flips and transposes, so test-time augmentation must give back its plain output."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        from scipy import ndimage as ndi
+
+        fg = (x[:, 0] < 0.5).numpy()
+        labels = [ndi.label(f)[0] for f in fg]
+        hv = torch.from_numpy(np.stack([hv_targets(lab) for lab in labels]))
+        fg_t = torch.from_numpy(fg).float()
+        return {"np": torch.stack([4 - 8 * fg_t, 8 * fg_t - 4], 1), "hv": hv}
+
+
+def test_tta_undoes_every_view():
+    from wsi_ircr.model.inference import _unview, _view
+
+    x = torch.rand(2, 3, 20, 30)
+    for k in range(8):
+        viewed = _view(x, k)
+        assert viewed.shape[-2:] == ((30, 20) if k & 4 else (20, 30))
+        prob, _ = _unview(viewed[:, 0], viewed[:, 1:], k)
+        assert torch.equal(prob, x[:, 0]), k
+    predictor = Predictor(small_checkpoint(), device="cpu")
+    predictor.net = BlobNet()
+    image = disks_image((96, 80), seed=3)
+    plain_prob, plain_hv = predictor.predict_maps(image[None])
+    for tta in (2, 4, 8):
+        predictor.tta = tta
+        prob, hv = predictor.predict_maps(image[None])
+        np.testing.assert_allclose(prob, plain_prob, atol=1e-6)
+        np.testing.assert_allclose(hv, plain_hv, atol=1e-5)  # h and v turned back with the pixels
+    predictor.net = PixelNet()  # not equivariant: the views really differ and are averaged
+    assert not np.allclose(predictor.predict_maps(image[None])[1], Predictor(small_checkpoint(), device="cpu").predict_maps(image[None])[1])
+    with pytest.raises(UserError, match="--tta 3"):
+        Predictor(small_checkpoint(), device="cpu", tta=3)
+
+
+def test_segment_image_at_another_mpp_scores_on_the_images_grid():
+    """A 0.5 um/px model on a 0.25 um/px image: resampled in, maps resampled back, instances on the image's grid."""
+    from wsi_ircr.metrics import aji
+
+    rng = np.random.default_rng(0)
+    centres = [(r, c) for r in range(24, 200, 44) for c in range(24, 180, 44)]
+    truth = disk_labels((200, 180), [(r + rng.uniform(-4, 4), c + rng.uniform(-4, 4)) for r, c in centres], 12)
+    image = np.full((200, 180, 3), (230, 190, 220), np.uint8)
+    image[truth > 0] = (90, 40, 130)
+    predictor = Predictor(small_checkpoint(), device="cpu")  # a 0.5 um/px checkpoint
+    predictor.net = BlobNet()
+    pred = predictor.segment_image(image, mpp=0.25)
+    assert pred.shape == truth.shape and pred.max() == truth.max()
+    assert aji(truth, pred) > 0.9
+    assert predictor.segment_image(image[::2, ::2], mpp=0.5).shape == (100, 90)  # the model's own mpp: no resampling
+    with pytest.raises(UserError, match="too small"):
+        predictor.segment_image(image[:40, :40], mpp=0.1)
+
+
+def test_resize_labels_keeps_ids_and_area():
+    from wsi_ircr.model.resample import resize_labels, scaled_shape
+
+    labels = disk_labels((100, 90), [(30, 30), (60, 60)], 12)
+    small = resize_labels(labels, scaled_shape(labels.shape, 0.25, 0.5))
+    assert small.shape == (50, 45) and small.dtype == np.int32 and set(np.unique(small)) == {0, 1, 2}
+    assert abs((small == 1).sum() * 4 - (labels == 1).sum()) < 0.1 * (labels == 1).sum()
+    np.testing.assert_array_equal(resize_labels(small, labels.shape)[::2, ::2], small)
