@@ -16,7 +16,7 @@ from wsi_ircr.cli import main
 from wsi_ircr.errors import UserError
 from wsi_ircr.io.images import write_label_png
 from wsi_ircr.model.checkpoint import load_checkpoint
-from wsi_ircr.model.inference import predict_maps_tensor
+from wsi_ircr.model.inference import Predictor, predict_maps_tensor
 from wsi_ircr.progress import Progress
 from wsi_ircr.train.config import DataConfig
 from wsi_ircr.train.data import CropSampler, TileSet, load_train_data
@@ -257,6 +257,24 @@ def test_train_supervised_end_to_end(dataset, tmp_path, capsys):
     assert "step 4/4 sup=" in err and "miac" not in err and "val step 4" in err
 
 
+def test_train_at_half_the_tiles_resolution(dataset, tmp_path, capsys):
+    """mpp=0.5 on 0.25 um/px tiles: crops come from tiles resampled to 0.5, the checkpoint runs at
+    0.5, and validation scores whole tiles on the labels' 0.25 grid."""
+    data = load_train_data(DataConfig(images=str(dataset["images"]), labels=str(dataset["labels"]), val=("t5",)), model_mpp=0.5)
+    assert data.labelled.images[0].shape == (TILE // 2, TILE // 2, 3) and data.labelled.labels[0].shape == (TILE // 2, TILE // 2)
+    assert data.val.images[0].shape == (TILE, TILE, 3)
+    out = tmp_path / "run"
+    code, _, err = run_cli(train_argv(dataset, out, 2, "--set", "mpp=0.5", "--set", "tune_postprocess=true"), capsys)
+    assert code == 0, err
+    model = load_checkpoint(out / "model.pt")
+    assert model.mpp == 0.5 and model.meta["config"]["data"]["mpp"] == 0.25
+    assert 0.0 <= model.meta["metrics"]["val_aji_tuned_postprocess"] <= 1.0
+    code, _, err = run_cli(train_argv(dataset, tmp_path / "bad", 2, "--set", "mpp=0"), capsys)
+    assert code == 2 and "mpp" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(train_argv(dataset, tmp_path / "tiny", 2, "--set", "mpp=4"), capsys)  # 96 px tiles -> 6 px
+    assert code == 2 and "smaller than crop_px" in err
+
+
 @pytest.mark.parametrize("piac_mode", ["pseudo_label", "consistency"])
 def test_train_full_ircr_end_to_end(dataset, tmp_path, capsys, piac_mode):
     out = tmp_path / "run"
@@ -474,15 +492,16 @@ def test_tune_postprocess_tries_only_the_given_marker_radii():
     net = _OracleNet(labels, hv_scale=0.5)  # a soft HV map: large radii merge touching nuclei
     image = np.zeros((64, 64, 3), np.uint8)
     base = PostProcessConfig(min_marker_um2=0.125, min_area_um2=0.5)
+    predictor = Predictor.from_network(net, 0.25, base, torch.device("cpu"))
     for radii in [(0.45,), (0.1, 0.3), (0.3, 0.6)]:
-        best, score = tune_postprocess(net, [image], [labels], base, torch.device("cpu"), radii, mpp=0.25)
+        best, score = tune_postprocess(predictor, [image], [labels], radii, mpp=0.25)
         assert best.marker_radius in radii and best.min_marker_um2 == 0.125
         prob, hv = predict_maps_tensor(net, torch.zeros(1, 3, 64, 64))
         assert score == pytest.approx(aji(labels, instances_from_maps(prob[0].numpy(), hv[0].numpy(), best, mpp=0.25)))
         others = [aji(labels, instances_from_maps(prob[0].numpy(), hv[0].numpy(), dataclasses.replace(best, marker_radius=r), mpp=0.25))
                   for r in radii]
         assert score == pytest.approx(max(others))
-    best, score = tune_postprocess(net, [image], [labels], base, torch.device("cpu"), (0.3, 0.6), mpp=0.25)
+    best, score = tune_postprocess(predictor, [image], [labels], (0.3, 0.6), mpp=0.25)
     assert best.marker_radius == 0.3 and score > 0.9
 
 

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from wsi_ircr.errors import UserError
 from wsi_ircr.model.checkpoint import Checkpoint
-from wsi_ircr.model.postprocess import instances_from_maps
+from wsi_ircr.model.postprocess import PostProcessConfig, instances_from_maps
 
 _ALIGN = 16
 
@@ -83,6 +83,17 @@ class Predictor:
         self.model_hash = checkpoint.model_hash
         self.net = checkpoint.build().to(self.device).to(memory_format=torch.channels_last)
 
+    @classmethod
+    def from_network(cls, net: torch.nn.Module, mpp: float, postprocess: PostProcessConfig, device: torch.device) -> Predictor:
+        """A predictor around a live network (e.g. during training), used as it is: no copy, no mode change."""
+        from wsi_ircr.model.checkpoint import Checkpoint
+
+        self = cls.__new__(cls)
+        self.checkpoint = Checkpoint(arch="", model_state={}, mpp=mpp, postprocess=postprocess)
+        self.device, self.batch_size, self.tta = device, 1, 1
+        self.mpp, self.postprocess, self.model_hash, self.net = mpp, postprocess, "", net
+        return self
+
     def _maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Maps of float (N, 3, H, W), averaged over ``self.tta`` views."""
         if self.tta == 1:
@@ -144,22 +155,26 @@ class Predictor:
                 hv[:, r0:r1, c0:c1] = v[0, :, r0 - rr0 : r1 - rr0, c0 - cc0 : c1 - cc0]
         return prob, hv
 
-    def segment_image(self, image: np.ndarray, mpp: float | None = None, window_px: int = 1024, overlap_px: int = 128) -> np.ndarray:
-        """uint8 (H, W, 3) at ``mpp`` um/px (default: the model's) -> int32 (H, W) on the same grid.
+    def maps_at(self, image: np.ndarray, mpp: float | None = None, window_px: int = 1024, overlap_px: int = 128) -> tuple[np.ndarray, np.ndarray]:
+        """``predict_image_maps`` of uint8 (H, W, 3) at ``mpp`` um/px (default: the model's), on the image's grid.
 
-        An image at another mpp is resampled to the model's, and the network maps are
-        resampled back (bilinear) and post-processed on the image's own grid, so instances
-        are scored where the labels are. Maps come from overlapping windows, then one
-        post-processing.
+        An image at another mpp is resampled to the model's, and the maps back (bilinear).
         """
         from wsi_ircr.model.resample import resize_image, resize_maps, same_mpp, scaled_shape
 
         if mpp is None or same_mpp(mpp, self.mpp):
-            return self.instances(*self.predict_image_maps(image, window_px, overlap_px))
+            return self.predict_image_maps(image, window_px, overlap_px)
         shape = scaled_shape(image.shape[:2], mpp, self.mpp)
         if min(shape) < _ALIGN:
             raise UserError(f"a {image.shape[0]}x{image.shape[1]} px image at {mpp} um/px is {shape[0]}x{shape[1]} px at the "
                             f"model's {self.mpp} um/px, too small to segment; check the mpp")
         prob, hv = self.predict_image_maps(resize_image(image, shape), window_px, overlap_px)
-        prob, hv = resize_maps(prob, hv, image.shape[:2])
-        return self.instances(prob, hv, mpp)
+        return resize_maps(prob, hv, image.shape[:2])
+
+    def segment_image(self, image: np.ndarray, mpp: float | None = None, window_px: int = 1024, overlap_px: int = 128) -> np.ndarray:
+        """uint8 (H, W, 3) at ``mpp`` um/px (default: the model's) -> int32 (H, W) on the same grid.
+
+        Maps from ``maps_at`` (overlapping windows, resampled back when the mpp differs),
+        then one post-processing on the image's own grid, so instances land where the labels are.
+        """
+        return self.instances(*self.maps_at(image, mpp, window_px, overlap_px), mpp)

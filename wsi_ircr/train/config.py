@@ -10,6 +10,8 @@ loss (``pseudo_label``), or the squared teacher-student difference (``consistenc
 ``strong_strength`` scales the student's photometric view of unlabelled crops and
 ``labelled_strength`` the same augmentation of labelled crops (0 = none).
 ``miac_temperature`` < 1 sharpens the teacher's nucleus probability in the MIAC term.
+``mpp`` is the network's operating resolution (null: the tiles' ``data.mpp``); the checkpoint
+carries it, and post-processing thresholds are physical (um, um^2) so they hold at any mpp.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class DataConfig:
         rest join the unlabelled pool. Chosen with ``label_seed``.
     labelled_fraction: the same as a fraction of the pool (rounded, at least 1 tile);
         set at most one of ``labelled`` and ``labelled_fraction``.
-    mpp: resolution of the tiles (microns per pixel), stored in the checkpoint.
+    mpp: resolution of the tiles (microns per pixel); training tiles are resampled to the
+        model's ``TrainConfig.mpp`` when it differs, validation tiles are scored at this one.
     """
 
     images: str = ""
@@ -63,6 +66,7 @@ class TrainConfig:
     """All knobs of ``wsi-ircr train`` (see configs/train/*.yaml)."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    mpp: float | None = None
     arch: str = "lite-s"
     steps: int = 2000
     batch_size: int = 8
@@ -104,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"ema_alpha must be in [0, 1), got {self.ema_alpha}")
         if min(self.mt_weight, self.miac_weight, self.piac_weight) < 0:
             raise ValueError("mt_weight, miac_weight and piac_weight must be >= 0")
+        if self.mpp is not None and not 0 < self.mpp <= 10:
+            raise ValueError(f"mpp (the model's resolution, um/px) must be in (0, 10] or null, got {self.mpp}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not self.tune_marker_radii or min(self.tune_marker_radii) <= 0:
@@ -114,6 +120,11 @@ class TrainConfig:
             raise ValueError("strong_strength and labelled_strength must be >= 0")
         if self.unlabelled_batch_size < 0 or self.rampup_steps < 0 or self.threads < 0:
             raise ValueError("unlabelled_batch_size, rampup_steps and threads must be >= 0")
+
+    @property
+    def model_mpp(self) -> float:
+        """The network's operating resolution (um/px): ``mpp``, or the tiles' ``data.mpp`` when null."""
+        return self.data.mpp if self.mpp is None else self.mpp
 
     @property
     def semi_supervised(self) -> bool:

@@ -43,8 +43,24 @@ def _resolve(base: Path, value: str) -> Path:
     return path if path.is_absolute() else (base / path)
 
 
-def load_train_data(cfg: DataConfig, base_dir: Path = Path(".")) -> TrainData:
-    """Read the folders of ``cfg`` (relative paths resolve against ``base_dir``) and split them."""
+def _resampled(tiles: TileSet, from_mpp: float, to_mpp: float) -> TileSet:
+    """Training tiles at ``to_mpp``: images bilinear (antialiased), labels nearest."""
+    from wsi_ircr.model.resample import resize_image, resize_labels, same_mpp, scaled_shape
+
+    if same_mpp(from_mpp, to_mpp):
+        return tiles
+    shapes = [scaled_shape(im.shape[:2], from_mpp, to_mpp) for im in tiles.images]
+    images = [resize_image(im, s) for im, s in zip(tiles.images, shapes)]
+    labels = None if tiles.labels is None else [resize_labels(lab, s) for lab, s in zip(tiles.labels, shapes)]
+    return TileSet(tiles.stems, images, labels)
+
+
+def load_train_data(cfg: DataConfig, base_dir: Path = Path("."), model_mpp: float | None = None) -> TrainData:
+    """Read the folders of ``cfg`` (relative paths resolve against ``base_dir``) and split them.
+
+    Labelled and unlabelled training tiles are resampled from ``cfg.mpp`` to ``model_mpp``
+    (None: no resampling); validation tiles stay at ``cfg.mpp``, where their labels are.
+    """
     from wsi_ircr.io.images import check_pair, list_images, pair_folders, read_image, read_label
 
     if not cfg.images or not cfg.labels:
@@ -84,7 +100,9 @@ def load_train_data(cfg: DataConfig, base_dir: Path = Path(".")) -> TrainData:
         for path in list_images(_resolve(base_dir, cfg.unlabelled)):
             unlabelled.stems.append(path.stem)
             unlabelled.images.append(read_image(path))
-    return TrainData(load(lab_stems, True), unlabelled, load(sorted(cfg.val), True))
+    to_mpp = cfg.mpp if model_mpp is None else model_mpp
+    return TrainData(_resampled(load(lab_stems, True), cfg.mpp, to_mpp), _resampled(unlabelled, cfg.mpp, to_mpp),
+                     load(sorted(cfg.val), True))
 
 
 class CropSampler:

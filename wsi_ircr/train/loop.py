@@ -21,7 +21,7 @@ import torch
 from wsi_ircr.config import to_dict
 from wsi_ircr.errors import UserError
 from wsi_ircr.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from wsi_ircr.model.inference import predict_maps_tensor, resolve_device
+from wsi_ircr.model.inference import Predictor, resolve_device
 from wsi_ircr.model.net import build_model
 from wsi_ircr.model.postprocess import instances_from_maps
 from wsi_ircr.train.config import TrainConfig
@@ -69,21 +69,17 @@ def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
 def _instances(out: dict[str, torch.Tensor], cfg: TrainConfig) -> list[np.ndarray]:
     prob = torch.softmax(out["np"].detach().float(), dim=1)[:, 1].cpu().numpy()
     hv = out["hv"].detach().float().cpu().numpy()
-    return [instances_from_maps(p, h, cfg.postprocess, mpp=cfg.data.mpp) for p, h in zip(prob, hv)]
+    return [instances_from_maps(p, h, cfg.postprocess, mpp=cfg.model_mpp) for p, h in zip(prob, hv)]
 
 
 def validate(net: torch.nn.Module, val, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
-    """Mean instance metrics of ``net`` on the validation tiles (whole tiles, one pass each)."""
+    """Mean instance metrics of ``net`` on the validation tiles, whole tiles scored on their own grid."""
     from wsi_ircr.metrics import mean_scores, score_instances
 
     net.eval()
-    scores = []
-    with torch.inference_mode():
-        for image, labels in zip(val.images, val.labels):
-            prob, hv = predict_maps_tensor(net, _to_tensor(image[None], device))
-            pred = instances_from_maps(prob[0].cpu().numpy(), hv[0].cpu().numpy(), cfg.postprocess, mpp=cfg.data.mpp)
-            scores.append(score_instances(labels, pred))
-    return mean_scores(scores)
+    predictor = Predictor.from_network(net, cfg.model_mpp, cfg.postprocess, device)
+    return mean_scores([score_instances(labels, predictor.segment_image(image, cfg.data.mpp))
+                        for image, labels in zip(val.images, val.labels)])
 
 
 class Trainer:
@@ -136,7 +132,7 @@ class Trainer:
         return Checkpoint(
             arch=self.cfg.arch,
             model_state=net.state_dict(),
-            mpp=self.cfg.data.mpp,
+            mpp=self.cfg.model_mpp,
             postprocess=self.cfg.postprocess,
             priors=self.priors,
             meta={"config": to_dict(self.cfg), "data": self.data.describe(), "metrics": metrics, "versions": versions()},
@@ -290,7 +286,7 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    data = load_train_data(cfg.data, base_dir)
+    data = load_train_data(cfg.data, base_dir, cfg.model_mpp)
     if cfg.semi_supervised and not len(data.unlabelled):
         raise UserError("semi-supervised terms are on but there are no unlabelled tiles; set data.unlabelled or data.labelled below the pool size")
     if progress:
@@ -315,8 +311,9 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
     if cfg.tune_postprocess and len(data.val):
         from wsi_ircr.train.tune import tune_postprocess
 
-        final.postprocess, tuned = tune_postprocess(final.build().to(trainer.device), data.val.images, data.val.labels,
-                                                    cfg.postprocess, trainer.device, cfg.tune_marker_radii, mpp=cfg.data.mpp)
+        predictor = Predictor.from_network(final.build().to(trainer.device), cfg.model_mpp, cfg.postprocess, trainer.device)
+        final.postprocess, tuned = tune_postprocess(predictor, data.val.images, data.val.labels, cfg.tune_marker_radii,
+                                                    mpp=cfg.data.mpp)
         final.meta["metrics"]["val_aji_tuned_postprocess"] = tuned
         best["aji_tuned_postprocess"] = tuned
         if progress:
