@@ -10,6 +10,8 @@ loss (``pseudo_label``), or the squared teacher-student difference (``consistenc
 ``strong_strength`` scales the student's photometric view of unlabelled crops and
 ``labelled_strength`` the same augmentation of labelled crops (0 = none).
 ``miac_temperature`` < 1 sharpens the teacher's nucleus probability in the MIAC term.
+``ema_weights``: validate and ship the EMA of the weights (the teacher, kept in every run)
+instead of the student; semi-supervised runs always ship the teacher.
 ``mpp`` is the network's operating resolution (null: the tiles' ``data.mpp``); the checkpoint
 carries it, and post-processing thresholds are physical (um, um^2) so they hold at any mpp.
 """
@@ -78,6 +80,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0
     ema_alpha: float = 0.95
+    ema_weights: bool = False
     mt_weight: float = 0.0
     miac_weight: float = 0.0
     piac_weight: float = 0.0

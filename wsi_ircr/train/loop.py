@@ -140,8 +140,8 @@ class Trainer:
         )
 
     def eval_net(self) -> torch.nn.Module:
-        """The network to validate and ship: the teacher when a teacher is trained."""
-        return self.teacher if self.cfg.semi_supervised else self.student
+        """The network to validate and ship: the teacher (EMA of the weights) when trained or asked for."""
+        return self.teacher if self.cfg.semi_supervised or self.cfg.ema_weights else self.student
 
     def supervised_loss(self, batch: dict) -> torch.Tensor:
         from wsi_ircr.train.losses import instance_loss
