@@ -521,3 +521,79 @@ def test_labelled_strength_augments_what_the_student_sees(dataset, tmp_path, str
     assert torch.isfinite(loss) and seen[0].shape == raw.shape
     assert 0.0 <= float(seen[0].min()) and float(seen[0].max()) <= 1.0
     assert torch.equal(seen[0], raw) == (strength == 0.0)
+
+
+# --- several labelled sources ----------------------------------------------------------------
+
+
+def extra_source(root: Path, kind: str) -> dict:
+    """Three 64 px tiles at 0.5 um/px: instance maps or binary masks, an ignore mask on the first."""
+    images, labels = write_tiles(root / kind, ["x0", "x1", "x2"], seed=50, size=64)
+    if kind == "binary":
+        for path in labels.iterdir():
+            write_label_png(path, (np.array(Image.open(path)) > 0).astype(np.uint16) * 255)
+    ignore = root / kind / "ignore"
+    ignore.mkdir()
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :20] = 255
+    Image.fromarray(mask).save(ignore / "x0.png")
+    return {"images": str(images), "labels": str(labels), "ignore": str(ignore), "kind": kind, "mpp": 0.5, "exclude": ["x2"]}
+
+
+def test_extra_sources_are_resampled_masked_and_weighted_by_area(dataset):
+    from wsi_ircr.config import from_dict
+
+    cfg = from_dict(DataConfig, {"images": str(dataset["images"]), "labels": str(dataset["labels"]), "val": ["t5"],
+                                 "extra": [extra_source(dataset["root"], "binary")]})
+    data = load_train_data(cfg)
+    assert data.labelled.stems == ["t0", "t1", "t2", "t3", "t4", "x0", "x1"]  # x2 excluded
+    assert data.labelled.binary == [False] * 5 + [True] * 2
+    assert data.labelled.images[-1].shape == (128, 128, 3)  # 64 px at 0.5 -> 128 px at 0.25
+    assert set(np.unique(data.labelled.labels[-1])) == {0, 1}  # binary: foreground only
+    ignore = data.labelled.ignore[5]
+    assert ignore.shape == (128, 128) and ignore[:, :40].all() and not ignore[:, 40:].any()
+    assert data.labelled.ignore[6] is None and data.labelled.ignore[0] is None
+    sampler = CropSampler(data.labelled, 32, np.random.default_rng(0))
+    areas = np.array([96 * 96] * 5 + [128 * 128] * 2, float)
+    np.testing.assert_allclose(sampler.tile_p, areas / areas.sum())
+    batch = sampler.sample(64)
+    assert batch["valid"].shape == (64, 32, 32) and batch["hv_valid"].shape == (64,)
+    assert 0 < batch["hv_valid"].sum() < 64 and (batch["valid"] == 0).any()
+    for image, valid, hv_ok in zip(batch["image"], batch["valid"], batch["hv_valid"]):
+        if (valid == 0).any():  # only the binary tile x0 has an ignore mask, and it moved with the image
+            assert hv_ok == 0
+
+
+def test_instance_loss_ignores_masked_pixels_and_hv_of_binary_crops():
+    from wsi_ircr.train.losses import instance_loss
+
+    torch.manual_seed(0)
+    out = {"np": torch.randn(2, 2, 16, 16), "hv": torch.tanh(torch.randn(2, 2, 16, 16))}
+    target_np = (torch.rand(2, 16, 16) > 0.5).long()
+    target_hv = torch.rand(2, 2, 16, 16) * 2 - 1
+    weight = torch.ones(2, 16, 16)
+    weight[:, :, :8] = 0
+    hv_weight = weight.clone()
+    hv_weight[1] = 0
+    base = instance_loss(out, target_np, target_hv, weight, hv_weight)
+    changed_np, changed_hv = target_np.clone(), target_hv.clone()
+    changed_np[:, :, :8] = 1 - changed_np[:, :, :8]  # only ignored pixels change
+    changed_hv[1] = -changed_hv[1]  # HV of the binary crop changes
+    assert torch.allclose(instance_loss(out, changed_np, changed_hv, weight, hv_weight), base)
+    assert not torch.allclose(instance_loss(out, target_np, changed_hv, weight, weight), base)
+
+
+def test_train_with_a_binary_source_end_to_end(dataset, tmp_path, capsys):
+    import yaml
+
+    config = tmp_path / "sources.yaml"
+    config.write_text(yaml.safe_dump({"data": {"extra": [extra_source(tmp_path, "binary"), extra_source(tmp_path, "instances")]}}))
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--config", str(config), *train_argv(dataset, out, 2)[1:]], capsys)
+    assert code == 0, err
+    metrics = assert_run_folder(out)
+    assert metrics["data"]["labelled"][-4:] == ["x0", "x1", "x0", "x1"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"data": {"extra": [{**extra_source(tmp_path / "b", "binary"), "exclude": ["nope"]}]}}))
+    code, _, err = run_cli(["train", "--config", str(bad), *train_argv(dataset, tmp_path / "bad", 2)[1:]], capsys)
+    assert code == 2 and "nope" in err and len(err.strip().splitlines()) == 1

@@ -27,6 +27,33 @@ TUNE_MARKER_RADII = (0.2, 0.3)  # marker radii tried by ``train.tune`` unless a 
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """One more labelled source, with its own folders, resolution and kind of labels.
+
+    images/labels: folders of RGB tiles and label maps with the same stems.
+    kind: ``instances`` (instance maps: NP and HV are trained) or ``binary`` (nucleus masks,
+        any non-zero value a nucleus: only the NP branch learns from them).
+    ignore: optional folder of masks with the same stems; non-zero pixels were left
+        unannotated and add nothing to the loss.
+    mpp: resolution of the tiles (um/px); they are resampled to the model's.
+    exclude: stems not trained on (e.g. that source's own validation tiles).
+    """
+
+    images: str = ""
+    labels: str = ""
+    kind: Literal["instances", "binary"] = "instances"
+    ignore: str | None = None
+    mpp: float = 0.25
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.images or not self.labels:
+            raise ValueError("every extra source needs images and labels folders")
+        if not 0 < self.mpp <= 10:
+            raise ValueError(f"mpp must be in (0, 10], got {self.mpp}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the tiles are and which of them are labelled, validation or excluded.
 
@@ -40,6 +67,8 @@ class DataConfig:
         set at most one of ``labelled`` and ``labelled_fraction``.
     mpp: resolution of the tiles (microns per pixel); training tiles are resampled to the
         model's ``TrainConfig.mpp`` when it differs, validation tiles are scored at this one.
+    extra: more labelled sources (``SourceConfig``), all of whose tiles are trained on
+        (except their ``exclude``d stems); crops are drawn in proportion to tile area.
     """
 
     images: str = ""
@@ -51,6 +80,7 @@ class DataConfig:
     labelled_fraction: float | None = None
     label_seed: int = 0
     mpp: float = 0.25
+    extra: tuple[SourceConfig, ...] = ()
 
     def __post_init__(self):
         if self.labelled is not None and self.labelled < 1:

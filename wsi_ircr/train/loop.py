@@ -153,7 +153,11 @@ class Trainer:
             x = strong_view(x, self.gen, self.cfg.labelled_strength)
         target_np = torch.from_numpy((batch["labels"] > 0).astype(np.int64)).to(self.device)
         target_hv = torch.from_numpy(batch["hv"]).to(self.device)
-        return instance_loss(self.student(x), target_np, target_hv)
+        if "valid" not in batch:
+            return instance_loss(self.student(x), target_np, target_hv)
+        valid = torch.from_numpy(batch["valid"]).to(self.device)
+        hv_valid = valid * torch.from_numpy(batch["hv_valid"]).to(self.device)[:, None, None]
+        return instance_loss(self.student(x), target_np, target_hv, valid, hv_valid)
 
     def unsupervised_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         from wsi_ircr.train.augment import strong_view, weak_view
@@ -267,10 +271,13 @@ class Trainer:
 
 
 def fit_priors(data: TrainData) -> dict:
-    """PIAC morphology priors fitted on the labelled ground truth (saved with the checkpoint)."""
+    """PIAC morphology priors fitted on the labelled instance maps (binary-mask tiles left out;
+    saved with the checkpoint)."""
     from wsi_ircr.train.piac import MorphologyPriors
 
-    return MorphologyPriors.fit(data.labelled.labels, data.labelled.images).to_dict()
+    tiles = data.labelled
+    keep = [i for i in range(len(tiles)) if not (tiles.binary and tiles.binary[i])]
+    return MorphologyPriors.fit([tiles.labels[i] for i in keep], [tiles.images[i] for i in keep]).to_dict()
 
 
 def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume: bool = False, progress: bool = True) -> dict:
