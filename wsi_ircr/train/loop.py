@@ -62,8 +62,9 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float)
 
 
 def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1], channels-last in memory (as the networks)."""
+    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _instances(out: dict[str, torch.Tensor], cfg: TrainConfig) -> list[np.ndarray]:
@@ -91,7 +92,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        self.student = build_model(cfg.arch).to(self.device)
+        self.student = build_model(cfg.arch).to(self.device).to(memory_format=torch.channels_last)  # faster convolutions
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
