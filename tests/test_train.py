@@ -597,3 +597,17 @@ def test_train_with_a_binary_source_end_to_end(dataset, tmp_path, capsys):
     bad.write_text(yaml.safe_dump({"data": {"extra": [{**extra_source(tmp_path / "b", "binary"), "exclude": ["nope"]}]}}))
     code, _, err = run_cli(["train", "--config", str(bad), *train_argv(dataset, tmp_path / "bad", 2)[1:]], capsys)
     assert code == 2 and "nope" in err and len(err.strip().splitlines()) == 1
+
+
+def test_scale_jitter_zooms_crops_and_keeps_labels_aligned():
+    tiles = labelled_tiles()
+    plain = CropSampler(tiles, 32, np.random.default_rng(3)).sample(16)
+    zoomed = CropSampler(tiles, 32, np.random.default_rng(3), scale_jitter=0.3).sample(16)
+    assert zoomed["image"].shape == plain["image"].shape
+    areas = lambda b: np.mean([np.bincount(lab.ravel())[1:].max(initial=0) for lab in b["labels"]])  # noqa: E731
+    assert areas(zoomed) != areas(plain)
+    for image, labels in zip(zoomed["image"], zoomed["labels"]):  # nuclei pixels are dark, background pink
+        if (labels > 0).sum() > 20:
+            assert image[..., 1][labels > 0].mean() < image[..., 1][labels == 0].mean() - 40
+    with pytest.raises(UserError, match="scale_jitter"):
+        CropSampler(labelled_tiles(size=256), 192, np.random.default_rng(0), scale_jitter=0.3)

@@ -8,7 +8,8 @@ weights apply to: pseudo-labels from the teacher's kept instances trained with t
 loss (``pseudo_label``), or the squared teacher-student difference (``consistency``).
 ``tune_marker_radii`` are the marker radii tried when post-processing is tuned on ``data.val``.
 ``strong_strength`` scales the student's photometric view of unlabelled crops and
-``labelled_strength`` the same augmentation of labelled crops (0 = none).
+``labelled_strength`` the same augmentation of labelled crops (0 = none); ``scale_jitter`` s
+zooms every crop by a factor in [1 - s, 1 + s] (0 = none, at most 0.4).
 ``miac_temperature`` < 1 sharpens the teacher's nucleus probability in the MIAC term.
 ``ema_weights``: validate and ship the EMA of the weights (the teacher, kept in every run)
 instead of the student; semi-supervised runs always ship the teacher.
@@ -124,6 +125,7 @@ class TrainConfig:
     piac_w_good: float = 2.0
     piac_mode: Literal["pseudo_label", "consistency"] = "pseudo_label"
     strong_strength: float = 1.0
+    scale_jitter: float = 0.0
     labelled_strength: float = 1.0
     val_every: int = 250
     log_every: int = 25
@@ -149,6 +151,8 @@ class TrainConfig:
             raise ValueError(f"tune_marker_radii must be a non-empty list of values > 0, got {list(self.tune_marker_radii)}")
         if self.miac_temperature <= 0:
             raise ValueError(f"miac_temperature must be > 0, got {self.miac_temperature}")
+        if not 0 <= self.scale_jitter <= 0.4:
+            raise ValueError(f"scale_jitter must be in [0, 0.4], got {self.scale_jitter}")
         if self.strong_strength < 0 or self.labelled_strength < 0:
             raise ValueError("strong_strength and labelled_strength must be >= 0")
         if self.unlabelled_batch_size < 0 or self.rampup_steps < 0 or self.threads < 0:

@@ -161,9 +161,11 @@ class CropSampler:
 
     A crop of ``crop_px + 2 * margin_px`` is cut and augmented; HV targets are computed on
     it so nuclei cut by the final ``crop_px`` border keep the targets of their full shape.
+    ``scale_jitter`` s > 0 zooms every crop by a factor uniform in [1 - s, 1 + s] (nuclei sizes
+    vary between scanners and slides); the margin must cover the border a zoom-out leaves.
     """
 
-    def __init__(self, tiles: TileSet, crop_px: int, rng: np.random.Generator, margin_px: int = 32):
+    def __init__(self, tiles: TileSet, crop_px: int, rng: np.random.Generator, margin_px: int = 32, scale_jitter: float = 0.0):
         if not len(tiles):
             raise ValueError("CropSampler needs at least one tile")
         small = [(s, im.shape[:2]) for s, im in zip(tiles.stems, tiles.images) if min(im.shape[:2]) < crop_px]
@@ -171,7 +173,11 @@ class CropSampler:
             stem, (h, w) = small[0]
             raise UserError(f"tile {stem!r} is {h}x{w} px, smaller than crop_px={crop_px} ({len(small)} such tile(s)); "
                             f"lower crop_px (a multiple of 16) or remove the small tiles")
+        if not 0 <= scale_jitter < 1 or (1 - scale_jitter) * (crop_px + 2 * margin_px) < crop_px:
+            raise UserError(f"scale_jitter={scale_jitter} zooms crop_px={crop_px} out past its {margin_px} px margin; "
+                            f"lower scale_jitter to at most {2 * margin_px / (crop_px + 2 * margin_px):.2f} or crop_px")
         self.tiles, self.crop_px, self.rng, self.margin_px = tiles, crop_px, rng, margin_px
+        self.scale_range = (1 - scale_jitter, 1 + scale_jitter) if scale_jitter > 0 else None
         areas = np.array([im.shape[0] * im.shape[1] for im in tiles.images], np.float64)
         self.tile_p = None if np.all(areas == areas[0]) else areas / areas.sum()  # crops in proportion to area
 
@@ -209,14 +215,14 @@ class CropSampler:
             r0, c0 = self._window(image.shape[:2])
             crop = self._cut(image, r0, c0, size)
             if self.tiles.labels is None:
-                crop, _ = geometric_augment(crop, np.zeros(crop.shape[:2], np.int32), self.rng)
+                crop, _ = geometric_augment(crop, np.zeros(crop.shape[:2], np.int32), self.rng, self.scale_range)
                 images.append(crop[m : m + c, m : m + c])
                 continue
             lab = self._cut(self.tiles.labels[i], r0, c0, size)
             ignore = self.tiles.ignore[i] if partial else None
             if ignore is not None:  # the mask rides along as a 4th channel through the same geometry
                 crop = np.concatenate([crop, self._cut(ignore.astype(np.uint8), r0, c0, size)[..., None]], axis=2)
-            crop, lab = geometric_augment(crop, lab, self.rng)
+            crop, lab = geometric_augment(crop, lab, self.rng, self.scale_range)
             images.append(crop[m : m + c, m : m + c, :3])
             labels.append(lab[m : m + c, m : m + c])
             hvs.append(hv_targets(lab)[:, m : m + c, m : m + c])

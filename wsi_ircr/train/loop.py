@@ -98,8 +98,9 @@ class Trainer:
             p.requires_grad_(False)
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: lr_factor(step, cfg.steps))
-        self.labelled = CropSampler(data.labelled, cfg.crop_px, self.rng)
-        self.unlabelled = CropSampler(data.unlabelled, cfg.crop_px, self.rng) if len(data.unlabelled) and cfg.semi_supervised else None
+        self.labelled = CropSampler(data.labelled, cfg.crop_px, self.rng, scale_jitter=cfg.scale_jitter)
+        self.unlabelled = (CropSampler(data.unlabelled, cfg.crop_px, self.rng, scale_jitter=cfg.scale_jitter)
+                           if len(data.unlabelled) and cfg.semi_supervised else None)
         self.step = 0
         self.best = {"aji": -1.0, "step": 0}
         self.history: list[dict] = []
