@@ -4,7 +4,7 @@ Every row is a run of ``configs/train/recipe.yaml`` (Kumar pool, 4 validation ti
 selection and post-processing tuning) with the overrides of its command, scored with the
 public ``wsi-ircr evaluate`` on the 14 Kumar test tiles, which no choice ever looks at.
 
-    python benchmarks/recipe.py train NAME [--set KEY=VALUE ...]   # runs/recipe/NAME (resumes if cut)
+    python benchmarks/recipe.py train NAME [--sources] [--set KEY=VALUE ...]   # runs/recipe/NAME (resumes if cut)
     python benchmarks/recipe.py score NAME [NAME ...] [--tta 8]     # evaluates, records, rewrites recipe.md
 
 Results: ``benchmarks/results/recipe.json`` (one entry per scored run) and the table in
@@ -24,19 +24,33 @@ sys.path.insert(0, str(Path(__file__).parent))
 from study import DATA, test_folder  # noqa: E402
 
 RUNS = REPO / "runs" / "recipe"
+SHARED = DATA.parent
+# Held-out validation tiles of the extra sources (excluded from training by configs/train/sources.yaml).
+SOURCE_VAL = {
+    "nuinsseg": ("nuinsseg-spleen", "labels", 0.25, [f"human_spleen_{i:02d}" for i in (6, 12, 18, 24, 30, 34)]),
+    "cryonuseg": ("cryonuseg-frozen", "binary", 0.24, [f"Human_{o}_03" for o in ("AdrenalGland", "Larynx", "Mediastinum",
+                                                                              "Pancreas", "Skin", "Testes")]),
+}
 RESULTS = REPO / "benchmarks" / "results" / "recipe.json"
 TABLE = REPO / "benchmarks" / "recipe.md"
 CONFIG = "configs/train/recipe.yaml"
 
 
-def train(name: str, overrides: list[str]) -> None:
+def train(name: str, overrides: list[str], sources: bool) -> None:
+    import yaml
+
     out = RUNS / name
     cmd = ["wsi-ircr", "train", "--config", CONFIG, "--out", str(out.relative_to(REPO))]
+    if sources:
+        extra = yaml.safe_load((REPO / "configs/train/sources.yaml").read_text())["data"]["extra"]
+        overrides = [f"data.extra={json.dumps(extra)}", *overrides]
     cmd += [a for o in overrides for a in ("--set", o)]
     if (out / "last.pt").exists():
         cmd.append("--resume")
     out.mkdir(parents=True, exist_ok=True)
     (out / "command.txt").write_text(" ".join(a for a in cmd if a != "--resume") + "\n")
+    if sources:
+        (out / "command.txt").write_text(f"python benchmarks/recipe.py train {name} --sources" + "".join(f" --set {o}" for o in overrides[1:]) + "\n")
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
@@ -60,6 +74,21 @@ def score(name: str, tta: int) -> dict:
     def mean_aji(stems: list[str]) -> float:
         return sum(test["per_image"][s]["aji"] for s in stems) / len(stems)
 
+    sources = {}
+    for source, (folder, labels, mpp, stems) in SOURCE_VAL.items():
+        root = RUNS / f"val-{source}"
+        for sub_dir, src in (("images", "images"), ("labels", labels)):
+            (root / sub_dir).mkdir(parents=True, exist_ok=True)
+            for stem in stems:
+                link = root / sub_dir / f"{stem}.png"
+                if not link.exists():
+                    link.symlink_to(SHARED / folder / src / f"{stem}.png")
+        path = out / f"val-{source}{suffix}.json"
+        if not path.exists():
+            subprocess.run(["wsi-ircr", "evaluate", "--images", str(root / "images"), "--labels", str(root / "labels"),
+                            "--model", str(out / "model.pt"), "--json", str(path), "--tta", str(tta), "--mpp", str(mpp), "--quiet"],
+                           check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+        sources[source] = json.loads(path.read_text())["mean"]
     minutes = metrics["train_seconds"] / 60
     return {
         "name": name + suffix,
@@ -70,15 +99,16 @@ def score(name: str, tta: int) -> dict:
         "best_step": metrics["best"]["step"], "val_aji": round(metrics["best"].get("aji_tuned_postprocess", metrics["best"]["aji"]), 4),
         **{f"test_{k}": round(test["mean"][k], 4) for k in ("aji", "dice", "pq", "f1")},
         "test_aji_same_organ": round(mean_aji(split["testA"]), 4), "test_aji_new_organ": round(mean_aji(split["testB"]), 4),
+        "val_nuinsseg_aji": round(sources["nuinsseg"]["aji"], 4), "val_cryonuseg_dice": round(sources["cryonuseg"]["dice"], 4),
     }
 
 
 def write_table(rows: list[dict]) -> None:
-    head = ("| run | arch | mpp | batch | steps | TTA | CPU min | val AJI | test AJI | Dice | PQ | F1 | AJI same / new organ |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| run | arch | mpp | batch | steps | TTA | CPU min | val AJI | NuInsSeg val AJI | CryoNuSeg val Dice "
+            "| test AJI | Dice | PQ | F1 | AJI same / new organ |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(f"| {r['name']} | {r['arch']} | {r['mpp']} | {r['batch']} | {r['steps']} | {r['tta']} | {r['cpu_minutes']} | "
-                   f"{r['val_aji']} | {r['test_aji']} | {r['test_dice']} | {r['test_pq']} | {r['test_f1']} | "
-                   f"{r['test_aji_same_organ']} / {r['test_aji_new_organ']} |\n" for r in rows)
+                   f"{r['val_aji']} | {r['val_nuinsseg_aji']} | {r['val_cryonuseg_dice']} | {r['test_aji']} | {r['test_dice']} | "
+                   f"{r['test_pq']} | {r['test_f1']} | {r['test_aji_same_organ']} / {r['test_aji_new_organ']} |\n" for r in rows)
     commands = "".join(f"- {r['name']}: `{r['command']}`" + (f" then `--tta {r['tta']}` at evaluation" if r["tta"] != 1 else "") + "\n"
                        for r in rows)
     text = TABLE.read_text() if TABLE.exists() else ""
@@ -97,12 +127,13 @@ def main() -> None:
     t = sub.add_parser("train")
     t.add_argument("name")
     t.add_argument("--set", dest="overrides", action="append", default=[])
+    t.add_argument("--sources", action="store_true", help="add the extra labelled sources of configs/train/sources.yaml")
     s = sub.add_parser("score")
     s.add_argument("names", nargs="+")
     s.add_argument("--tta", type=int, default=1)
     args = parser.parse_args()
     if args.what == "train":
-        train(args.name, args.overrides)
+        train(args.name, args.overrides, args.sources)
         return
     rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     for name in args.names:
