@@ -447,3 +447,17 @@ def test_resize_labels_keeps_ids_and_area():
     assert small.shape == (50, 45) and small.dtype == np.int32 and set(np.unique(small)) == {0, 1, 2}
     assert abs((small == 1).sum() * 4 - (labels == 1).sum()) < 0.1 * (labels == 1).sum()
     np.testing.assert_array_equal(resize_labels(small, labels.shape)[::2, ::2], small)
+
+
+@pytest.mark.parametrize("mpp", [None, 0, -0.25, "0.25", 84.7])
+def test_checkpoint_without_a_valid_mpp_is_one_line(tmp_path, mpp):
+    save_checkpoint(tmp_path / "m.pt", small_checkpoint())
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    if mpp is None:
+        del payload["mpp"]
+    else:
+        payload["mpp"] = mpp
+    torch.save(payload, tmp_path / "m.pt")
+    with pytest.raises(UserError, match="no valid mpp") as e:
+        load_checkpoint(tmp_path / "m.pt")
+    assert str(tmp_path / "m.pt") in str(e.value) and "\n" not in str(e.value)
