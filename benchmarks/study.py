@@ -73,6 +73,7 @@ def retune(run_dir: Path, method: str) -> bool:
     from wsi_ircr.io.images import read_image, read_label
     from wsi_ircr.model.checkpoint import load_checkpoint, save_checkpoint
     from wsi_ircr.train.config import TrainConfig
+    from wsi_ircr.model.inference import Predictor
     from wsi_ircr.train.tune import tune_postprocess
 
     used = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -84,8 +85,9 @@ def retune(run_dir: Path, method: str) -> bool:
     stems = used["data"]["val"]
     images = [read_image(DATA / "images" / f"{s}.tif") for s in stems]
     labels = [read_label(DATA / "labels" / f"{s}.png") for s in stems]
-    base = dataclasses.replace(best.postprocess, marker_radius=current.postprocess.marker_radius)
-    best.postprocess, aji = tune_postprocess(best.build(), images, labels, base, torch.device("cpu"), current.tune_marker_radii)
+    best.postprocess = dataclasses.replace(best.postprocess, marker_radius=current.postprocess.marker_radius)
+    predictor = Predictor(best, device="cpu")
+    best.postprocess, aji = tune_postprocess(predictor, images, labels, current.tune_marker_radii, mpp=best.mpp)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     best.meta["metrics"] = {**(best.meta.get("metrics") or {}), "val_aji_tuned_postprocess": aji,
                             "retuned": f"post-processing re-tuned over marker radii {list(current.tune_marker_radii)}",

@@ -16,10 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from wsi_ircr.io.images import pair_folders, read_image, read_label
 from wsi_ircr.model.checkpoint import load_checkpoint, save_checkpoint
+from wsi_ircr.model.inference import Predictor
 from wsi_ircr.train.tune import tune_postprocess
 
 DATA_NOTE = {
@@ -49,7 +48,7 @@ def main() -> None:
         pairs = [p for p in pair_folders(args.tune_images, args.tune_labels) if not stems or p[0] in stems]
         images = [read_image(p[1]) for p in pairs]
         labels = [read_label(p[2]) for p in pairs]
-        ckpt.postprocess, aji = tune_postprocess(ckpt.build(), images, labels, ckpt.postprocess, torch.device("cpu"))
+        ckpt.postprocess, aji = tune_postprocess(Predictor(ckpt, device="cpu"), images, labels, mpp=ckpt.mpp)
         notes["postprocess_tuned_on"] = {"stems": [p[0] for p in pairs], "aji": aji}
         print(f"tuned on {len(pairs)} tiles: AJI {aji:.4f} {ckpt.postprocess}", file=sys.stderr)
     ckpt.meta = {**ckpt.meta, "data": {**DATA_NOTE, "tiles": (ckpt.meta.get("data") or {}).get("labelled")}}

@@ -27,6 +27,6 @@ def signal_checkpoint(path: Path, image: np.ndarray, mpp: float = 0.25, seed: in
         net.train()(x)
         prob, _ = predict_maps_tensor(net.eval(), x)
     threshold = float(np.clip(np.quantile(prob.numpy(), 0.7), 0.01, 0.99))
-    post = PostProcessConfig(np_threshold=threshold, min_area_px=8, min_marker_px=4)
+    post = PostProcessConfig(np_threshold=threshold, min_area_um2=8 * mpp**2, min_marker_um2=4 * mpp**2)
     save_checkpoint(path, Checkpoint(arch="lite-s", model_state=net.state_dict(), mpp=mpp, postprocess=post))
     return path

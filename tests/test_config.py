@@ -144,10 +144,10 @@ def test_numbers_in_exponent_notation_are_accepted_for_floats():
 
 def test_load_config_from_yaml_with_overrides(tmp_path):
     path = write(tmp_path, "steps: 10\ndata:\n  images: imgs\n  val: [a, b]\npostprocess:\n  np_threshold: 0.4\n")
-    cfg = load_config(TrainConfig, path, ["data.labelled=2", "postprocess.min_area_px=12", "steps=20", "arch=lite-m"])
+    cfg = load_config(TrainConfig, path, ["data.labelled=2", "postprocess.min_area_um2=0.75", "steps=20", "arch=lite-m"])
     assert cfg.steps == 20 and cfg.arch == "lite-m"
     assert cfg.data == DataConfig(images="imgs", val=("a", "b"), labelled=2)
-    assert cfg.postprocess == PostProcessConfig(np_threshold=0.4, min_area_px=12)
+    assert cfg.postprocess == PostProcessConfig(np_threshold=0.4, min_area_um2=0.75)
     # overrides parse YAML values: lists, null, booleans
     cfg = load_config(TrainConfig, path, ["data.include=[x, y]", "data.unlabelled=null", "tune_postprocess=false"])
     assert cfg.data.include == ("x", "y") and cfg.data.unlabelled is None and cfg.tune_postprocess is False

@@ -55,7 +55,7 @@ class ShiftingPredictor:
         self.shift = shift
         self.calls = 0
 
-    def segment_image(self, image: np.ndarray) -> np.ndarray:
+    def segment_image(self, image: np.ndarray, mpp: float | None = None) -> np.ndarray:
         from scipy import ndimage as ndi
 
         self.calls += 1
@@ -70,7 +70,7 @@ def test_evaluate_folder_perfect_prediction(tmp_path):
     pairs = pair_folders(*make_folder(tmp_path))
     lines = []
     result = evaluate_folder(ShiftingPredictor(0), pairs, save_dir=tmp_path / "pred", progress=lines.append)
-    assert set(result) == {"mean", "per_image", "model"}
+    assert set(result) == {"mean", "per_image", "model", "mpp"} and result["mpp"] == 0.25
     assert result["mean"] == dict.fromkeys(METRIC_KEYS, 1.0)
     assert list(result["per_image"]) == ["a", "b"]
     assert result["per_image"]["a"]["n_true"] == result["per_image"]["a"]["n_pred"] == 5
@@ -198,7 +198,7 @@ def test_cli_end_to_end_with_a_checkpoint(tmp_path, capsys):
     code, out, err = run_cli([*args, "--json", str(out_json), "--save-predictions", str(pred_dir)], capsys)
     assert code == 0, err
     data = json.loads(out_json.read_text())
-    assert set(data) == {"mean", "per_image", "model"}
+    assert set(data) == {"mean", "per_image", "model", "mpp", "tta"} and data["tta"] == 1
     assert set(data["mean"]) == set(METRIC_KEYS)
     assert all(0.0 <= v <= 1.0 for v in data["mean"].values())
     assert list(data["per_image"]) == ["a", "b"]
@@ -215,3 +215,24 @@ def test_cli_end_to_end_with_a_checkpoint(tmp_path, capsys):
     # --quiet: the same table, nothing on stderr
     code, out_quiet, err_quiet = run_cli([*args, "--quiet"], capsys)
     assert code == 0 and err_quiet == "" and out_quiet == out
+
+
+@pytest.mark.parametrize("value", ["0", "-0.25", "40"])
+def test_cli_impossible_mpp_is_one_line(tmp_path, capsys, value):
+    images, labels = make_folder(tmp_path)
+    code, _, err = run_cli(["--images", str(images), "--labels", str(labels), "--mpp", value, "--device", "cpu"], capsys)
+    assert code == 2 and f"--mpp {float(value)}" in err and "um per pixel" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_mpp_puts_predictions_on_the_labels_grid(tmp_path, capsys):
+    """Tiles at 0.5 um/px, a 0.25 um/px model: resampled in and back; predictions have the labels' shape."""
+    images, labels = make_folder(tmp_path)
+    model, pred_dir = tiny_checkpoint(tmp_path), tmp_path / "pred"
+    args = ["--images", str(images), "--labels", str(labels), "--model", str(model), "--device", "cpu", "--mpp", "0.5",
+            "--tta", "2", "--save-predictions", str(pred_dir), "--json", str(tmp_path / "s.json")]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "tiles at 0.5 um/px" in err
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["mpp"] == 0.5 and data["tta"] == 2 and data["model"]["mpp"] == 0.25
+    assert read_label(pred_dir / "a.png").shape == (SIZE, SIZE)

@@ -94,7 +94,7 @@ TOUCHING = [(30, 20), (30, 37), (30, 54), (58, 28), (52, 46)]  # radius 10: pair
 def test_ideal_maps_of_touching_disks_give_one_instance_each():
     labels = disk_labels((80, 80), TOUCHING, 10)
     assert len(np.unique(labels)) - 1 == len(TOUCHING)
-    pred = instances_from_maps((labels > 0).astype(np.float32), hv_targets(labels))
+    pred = instances_from_maps((labels > 0).astype(np.float32), hv_targets(labels), mpp=0.25)
     assert pred.dtype == np.int32 and pred.shape == labels.shape
     assert sorted(np.unique(pred)) == list(range(len(TOUCHING) + 1))  # ids 1..N, sequential
     ious = [best_iou(labels == i, pred) for i in range(1, len(TOUCHING) + 1)]
@@ -107,7 +107,7 @@ def test_ideal_maps_of_touching_disks_give_one_instance_each():
 def test_without_hv_touching_disks_merge():
     """Control: the separation above comes from the HV maps, not from the foreground shape."""
     labels = disk_labels((80, 80), TOUCHING[:3], 10)
-    pred = instances_from_maps((labels > 0).astype(np.float32), np.zeros((2, 80, 80), np.float32))
+    pred = instances_from_maps((labels > 0).astype(np.float32), np.zeros((2, 80, 80), np.float32), mpp=0.25)
     assert pred.max() == 1
 
 
@@ -116,13 +116,42 @@ def test_small_and_faint_objects_are_dropped():
     labels[2:5, 55:58] = 3  # 9 px speck
     prob = (labels > 0).astype(np.float32)
     prob[labels == 2] = 0.3  # below np_threshold
-    pred = instances_from_maps(prob, hv_targets(labels), PostProcessConfig(min_area_px=30))
+    pred = instances_from_maps(prob, hv_targets(labels), PostProcessConfig(min_area_um2=1.875), mpp=0.25)
     assert pred.max() == 1 and best_iou(labels == 1, pred) > 0.8
+
+
+def test_thresholds_mean_the_same_nuclei_at_any_mpp():
+    """Physical units: a 4 um^2 nucleus survives min_area 1.875 um^2 at 0.25 and at 0.5 um/px,
+    a 1.2 um^2 speck is dropped at both; in pixels (30 px) the nucleus would vanish at 0.5."""
+    fine = disk_labels((96, 96), [(30, 30), (60, 60)], 4.6)  # about 66 px = 4.1 um^2 each at 0.25
+    fine[80:84, 10:15] = 3  # 20 px = 1.25 um^2 at 0.25
+    coarse = fine[::2, ::2]
+    post = PostProcessConfig()
+    for labels, mpp in ((fine, 0.25), (coarse, 0.5)):
+        pred = instances_from_maps((labels > 0).astype(np.float32), hv_targets(labels), post, mpp=mpp)
+        assert pred.max() == 2, mpp
+        assert pred[labels == 3].max() == 0, mpp
+    assert post.in_pixels(0.5)["min_area_px"] <= (coarse == 1).sum() < 30  # a 30 px rule would drop it at 0.5
+    assert post.in_pixels(0.25) == {"edge_threshold": 0.25, "min_marker_px": 8, "min_area_px": 30, "smooth_sigma_px": 1.0}
+
+
+def test_pixel_unit_checkpoints_load_in_physical_units(tmp_path):
+    """A checkpoint saved before physical units (thresholds in px at its mpp) keeps its meaning."""
+    ckpt = small_checkpoint()
+    save_checkpoint(tmp_path / "old.pt", ckpt)
+    payload = torch.load(tmp_path / "old.pt", weights_only=True)
+    payload["postprocess"] = {"np_threshold": 0.45, "edge_threshold": 0.35, "marker_radius": 0.3,
+                              "min_marker_px": 8, "min_area_px": 30, "smooth_sigma_px": 1.0}
+    torch.save(payload, tmp_path / "old.pt")
+    post = load_checkpoint(tmp_path / "old.pt").postprocess  # small_checkpoint is at 0.5 um/px
+    assert post.np_threshold == 0.45 and post.edge_threshold_per_um == pytest.approx(0.7)
+    assert post.min_marker_um2 == pytest.approx(2.0) and post.min_area_um2 == pytest.approx(7.5)
+    assert post.in_pixels(0.5) == pytest.approx({"edge_threshold": 0.35, "min_marker_px": 8, "min_area_px": 30, "smooth_sigma_px": 1.0})
 
 
 @pytest.mark.parametrize("value", [0.0, 0.2])
 def test_empty_probability_gives_zeros(value):
-    pred = instances_from_maps(np.full((40, 50), value, np.float32), np.zeros((2, 40, 50), np.float32))
+    pred = instances_from_maps(np.full((40, 50), value, np.float32), np.zeros((2, 40, 50), np.float32), mpp=0.25)
     assert pred.dtype == np.int32 and pred.shape == (40, 50) and not pred.any()
 
 
@@ -131,11 +160,11 @@ def test_empty_probability_gives_zeros(value):
     [
         ({"np_threshold": 0.0}, "np_threshold"),
         ({"np_threshold": 1.0}, "np_threshold"),
-        ({"edge_threshold": 0.0}, "edge_threshold"),
+        ({"edge_threshold_per_um": 0.0}, "edge_threshold_per_um"),
         ({"marker_radius": -1.0}, "marker_radius"),
-        ({"min_marker_px": 0}, "min_marker_px"),
-        ({"min_area_px": 0}, "min_area_px"),
-        ({"smooth_sigma_px": -0.5}, "smooth_sigma_px"),
+        ({"min_marker_um2": 0}, "min_marker_um2"),
+        ({"min_area_um2": 0}, "min_area_um2"),
+        ({"smooth_sigma_um": -0.5}, "smooth_sigma_um"),
     ],
 )
 def test_postprocess_config_validation(changes, word):
@@ -155,7 +184,7 @@ def test_checkpoint_round_trip(tmp_path):
     image = np.full((64, 64, 3), 220, np.uint8)
     image[labels > 0] = (80, 30, 120)
     priors = MorphologyPriors.fit([labels], [image]).to_dict()
-    post = PostProcessConfig(np_threshold=0.4, edge_threshold=0.35, marker_radius=0.45)
+    post = PostProcessConfig(np_threshold=0.4, edge_threshold_per_um=1.4, marker_radius=0.45)
     meta = {"config": {"steps": 3, "data": {"val": ["a"]}}, "metrics": {"val": {"aji": 0.5}}}
     ckpt = small_checkpoint(postprocess=post, priors=priors, meta=meta, train_state={"step": 3})
     digest = save_checkpoint(tmp_path / "m.pt", ckpt)
@@ -315,8 +344,8 @@ def test_segment_image_with_windows_approaches_single_pass_with_more_context():
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.5 * errors[0], errors
     pred = predictor.segment_image(image, window_px=64, overlap_px=16)
     assert pred.dtype == np.int32 and pred.shape == (150, 130)
-    np.testing.assert_array_equal(pred, instances_from_maps(*predictor.predict_image_maps(image, 64, 16), predictor.postprocess))
-    np.testing.assert_array_equal(predictor.segment_image(image, window_px=256), instances_from_maps(prob, hv, predictor.postprocess))
+    np.testing.assert_array_equal(pred, predictor.instances(*predictor.predict_image_maps(image, 64, 16)))
+    np.testing.assert_array_equal(predictor.segment_image(image, window_px=256), predictor.instances(prob, hv))
 
 
 def test_segment_tiles_shapes_and_batches():
@@ -348,3 +377,87 @@ def test_resolve_device():
     assert "--device cpu" in str(e.value)
     with pytest.raises(UserError):
         Predictor(small_checkpoint(), device="cuda")
+
+
+# --- resolution and test-time augmentation ------------------------------------------------------
+
+
+class BlobNet(torch.nn.Module):
+    """An oracle that segments dark pixels and returns their exact NP / HV maps: it commutes with
+    flips and transposes, so test-time augmentation must give back its plain output."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        from scipy import ndimage as ndi
+
+        fg = (x[:, 0] < 0.5).numpy()
+        labels = [ndi.label(f)[0] for f in fg]
+        hv = torch.from_numpy(np.stack([hv_targets(lab) for lab in labels]))
+        fg_t = torch.from_numpy(fg).float()
+        return {"np": torch.stack([4 - 8 * fg_t, 8 * fg_t - 4], 1), "hv": hv}
+
+
+def test_tta_undoes_every_view():
+    from wsi_ircr.model.inference import _unview, _view
+
+    x = torch.rand(2, 3, 20, 30)
+    for k in range(8):
+        viewed = _view(x, k)
+        assert viewed.shape[-2:] == ((30, 20) if k & 4 else (20, 30))
+        prob, _ = _unview(viewed[:, 0], viewed[:, 1:], k)
+        assert torch.equal(prob, x[:, 0]), k
+    predictor = Predictor(small_checkpoint(), device="cpu")
+    predictor.net = BlobNet()
+    image = disks_image((96, 80), seed=3)
+    plain_prob, plain_hv = predictor.predict_maps(image[None])
+    for tta in (2, 4, 8):
+        predictor.tta = tta
+        prob, hv = predictor.predict_maps(image[None])
+        np.testing.assert_allclose(prob, plain_prob, atol=1e-6)
+        np.testing.assert_allclose(hv, plain_hv, atol=1e-5)  # h and v turned back with the pixels
+    predictor.net = PixelNet()  # not equivariant: the views really differ and are averaged
+    assert not np.allclose(predictor.predict_maps(image[None])[1], Predictor(small_checkpoint(), device="cpu").predict_maps(image[None])[1])
+    with pytest.raises(UserError, match="--tta 3"):
+        Predictor(small_checkpoint(), device="cpu", tta=3)
+
+
+def test_segment_image_at_another_mpp_scores_on_the_images_grid():
+    """A 0.5 um/px model on a 0.25 um/px image: resampled in, maps resampled back, instances on the image's grid."""
+    from wsi_ircr.metrics import aji
+
+    rng = np.random.default_rng(0)
+    centres = [(r, c) for r in range(24, 200, 44) for c in range(24, 180, 44)]
+    truth = disk_labels((200, 180), [(r + rng.uniform(-4, 4), c + rng.uniform(-4, 4)) for r, c in centres], 12)
+    image = np.full((200, 180, 3), (230, 190, 220), np.uint8)
+    image[truth > 0] = (90, 40, 130)
+    predictor = Predictor(small_checkpoint(), device="cpu")  # a 0.5 um/px checkpoint
+    predictor.net = BlobNet()
+    pred = predictor.segment_image(image, mpp=0.25)
+    assert pred.shape == truth.shape and pred.max() == truth.max()
+    assert aji(truth, pred) > 0.9
+    assert predictor.segment_image(image[::2, ::2], mpp=0.5).shape == (100, 90)  # the model's own mpp: no resampling
+    with pytest.raises(UserError, match="too small"):
+        predictor.segment_image(image[:40, :40], mpp=0.1)
+
+
+def test_resize_labels_keeps_ids_and_area():
+    from wsi_ircr.model.resample import resize_labels, scaled_shape
+
+    labels = disk_labels((100, 90), [(30, 30), (60, 60)], 12)
+    small = resize_labels(labels, scaled_shape(labels.shape, 0.25, 0.5))
+    assert small.shape == (50, 45) and small.dtype == np.int32 and set(np.unique(small)) == {0, 1, 2}
+    assert abs((small == 1).sum() * 4 - (labels == 1).sum()) < 0.1 * (labels == 1).sum()
+    np.testing.assert_array_equal(resize_labels(small, labels.shape)[::2, ::2], small)
+
+
+@pytest.mark.parametrize("mpp", [None, 0, -0.25, "0.25", 84.7])
+def test_checkpoint_without_a_valid_mpp_is_one_line(tmp_path, mpp):
+    save_checkpoint(tmp_path / "m.pt", small_checkpoint())
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    if mpp is None:
+        del payload["mpp"]
+    else:
+        payload["mpp"] = mpp
+    torch.save(payload, tmp_path / "m.pt")
+    with pytest.raises(UserError, match="no valid mpp") as e:
+        load_checkpoint(tmp_path / "m.pt")
+    assert str(tmp_path / "m.pt") in str(e.value) and "\n" not in str(e.value)

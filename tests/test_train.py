@@ -16,7 +16,7 @@ from wsi_ircr.cli import main
 from wsi_ircr.errors import UserError
 from wsi_ircr.io.images import write_label_png
 from wsi_ircr.model.checkpoint import load_checkpoint
-from wsi_ircr.model.inference import predict_maps_tensor
+from wsi_ircr.model.inference import Predictor, predict_maps_tensor
 from wsi_ircr.train.config import DataConfig
 from wsi_ircr.train.data import CropSampler, TileSet, load_train_data
 from wsi_ircr.train.targets import hv_targets
@@ -211,7 +211,7 @@ def test_tiles_smaller_than_the_crop_are_user_errors():
 SMALL = ["--device", "cpu", "--set", "crop_px=32", "--set", "batch_size=2", "--set", "unlabelled_batch_size=2",
          "--set", "threads=1", "--set", "val_every=2", "--set", "log_every=1", "--set", "lr=0.001"]
 IRCR = ["--set", "mt_weight=1", "--set", "miac_weight=10", "--set", "piac_weight=1", "--set", "rampup_steps=0",
-        "--set", "postprocess.min_area_px=8", "--set", "postprocess.min_marker_px=2"]
+        "--set", "postprocess.min_area_um2=0.5", "--set", "postprocess.min_marker_um2=0.125"]
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -256,6 +256,24 @@ def test_train_supervised_end_to_end(dataset, tmp_path, capsys):
     assert "step 4/4 sup=" in err and "miac" not in err and "val step 4" in err
 
 
+def test_train_at_half_the_tiles_resolution(dataset, tmp_path, capsys):
+    """mpp=0.5 on 0.25 um/px tiles: crops come from tiles resampled to 0.5, the checkpoint runs at
+    0.5, and validation scores whole tiles on the labels' 0.25 grid."""
+    data = load_train_data(DataConfig(images=str(dataset["images"]), labels=str(dataset["labels"]), val=("t5",)), model_mpp=0.5)
+    assert data.labelled.images[0].shape == (TILE // 2, TILE // 2, 3) and data.labelled.labels[0].shape == (TILE // 2, TILE // 2)
+    assert data.val.images[0].shape == (TILE, TILE, 3)
+    out = tmp_path / "run"
+    code, _, err = run_cli(train_argv(dataset, out, 2, "--set", "mpp=0.5", "--set", "tune_postprocess=true"), capsys)
+    assert code == 0, err
+    model = load_checkpoint(out / "model.pt")
+    assert model.mpp == 0.5 and model.meta["config"]["data"]["mpp"] == 0.25
+    assert 0.0 <= model.meta["metrics"]["val_aji_tuned_postprocess"] <= 1.0
+    code, _, err = run_cli(train_argv(dataset, tmp_path / "bad", 2, "--set", "mpp=0"), capsys)
+    assert code == 2 and "mpp" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(train_argv(dataset, tmp_path / "tiny", 2, "--set", "mpp=4"), capsys)  # 96 px tiles -> 6 px
+    assert code == 2 and "smaller than crop_px" in err
+
+
 @pytest.mark.parametrize("piac_mode", ["pseudo_label", "consistency"])
 def test_train_full_ircr_end_to_end(dataset, tmp_path, capsys, piac_mode):
     out = tmp_path / "run"
@@ -266,7 +284,7 @@ def test_train_full_ircr_end_to_end(dataset, tmp_path, capsys, piac_mode):
     metrics = assert_run_folder(out)
     assert len(metrics["data"]["labelled"]) == 2 and len(metrics["data"]["unlabelled"]) == 3 + 3
     model = load_checkpoint(out / "model.pt")
-    assert model.priors is not None and model.postprocess.min_area_px == 8
+    assert model.priors is not None and model.postprocess.min_area_um2 == 0.5
     assert model.meta["config"]["miac_weight"] == 10.0 and model.meta["config"]["piac_mode"] == piac_mode
     for term in ("sup=", "mt=", "miac=", "piac="):
         assert term in err, term
@@ -429,16 +447,17 @@ def test_tune_postprocess_tries_only_the_given_marker_radii():
         labels[(rr - r) ** 2 + (cc - c) ** 2 <= 64] = i
     net = _OracleNet(labels, hv_scale=0.5)  # a soft HV map: large radii merge touching nuclei
     image = np.zeros((64, 64, 3), np.uint8)
-    base = PostProcessConfig(min_marker_px=2, min_area_px=8)
+    base = PostProcessConfig(min_marker_um2=0.125, min_area_um2=0.5)
+    predictor = Predictor.from_network(net, 0.25, base, torch.device("cpu"))
     for radii in [(0.45,), (0.1, 0.3), (0.3, 0.6)]:
-        best, score = tune_postprocess(net, [image], [labels], base, torch.device("cpu"), radii)
-        assert best.marker_radius in radii and best.min_marker_px == 2
+        best, score = tune_postprocess(predictor, [image], [labels], radii, mpp=0.25)
+        assert best.marker_radius in radii and best.min_marker_um2 == 0.125
         prob, hv = predict_maps_tensor(net, torch.zeros(1, 3, 64, 64))
-        assert score == pytest.approx(aji(labels, instances_from_maps(prob[0].numpy(), hv[0].numpy(), best)))
-        others = [aji(labels, instances_from_maps(prob[0].numpy(), hv[0].numpy(), dataclasses.replace(best, marker_radius=r)))
+        assert score == pytest.approx(aji(labels, instances_from_maps(prob[0].numpy(), hv[0].numpy(), best, mpp=0.25)))
+        others = [aji(labels, instances_from_maps(prob[0].numpy(), hv[0].numpy(), dataclasses.replace(best, marker_radius=r), mpp=0.25))
                   for r in radii]
         assert score == pytest.approx(max(others))
-    best, score = tune_postprocess(net, [image], [labels], base, torch.device("cpu"), (0.3, 0.6))
+    best, score = tune_postprocess(predictor, [image], [labels], (0.3, 0.6), mpp=0.25)
     assert best.marker_radius == 0.3 and score > 0.9
 
 
@@ -458,3 +477,93 @@ def test_labelled_strength_augments_what_the_student_sees(dataset, tmp_path, str
     assert torch.isfinite(loss) and seen[0].shape == raw.shape
     assert 0.0 <= float(seen[0].min()) and float(seen[0].max()) <= 1.0
     assert torch.equal(seen[0], raw) == (strength == 0.0)
+
+
+# --- several labelled sources ----------------------------------------------------------------
+
+
+def extra_source(root: Path, kind: str) -> dict:
+    """Three 64 px tiles at 0.5 um/px: instance maps or binary masks, an ignore mask on the first."""
+    images, labels = write_tiles(root / kind, ["x0", "x1", "x2"], seed=50, size=64)
+    if kind == "binary":
+        for path in labels.iterdir():
+            write_label_png(path, (np.array(Image.open(path)) > 0).astype(np.uint16) * 255)
+    ignore = root / kind / "ignore"
+    ignore.mkdir()
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :20] = 255
+    Image.fromarray(mask).save(ignore / "x0.png")
+    return {"images": str(images), "labels": str(labels), "ignore": str(ignore), "kind": kind, "mpp": 0.5, "exclude": ["x2"]}
+
+
+def test_extra_sources_are_resampled_masked_and_weighted_by_area(dataset):
+    from wsi_ircr.config import from_dict
+
+    cfg = from_dict(DataConfig, {"images": str(dataset["images"]), "labels": str(dataset["labels"]), "val": ["t5"],
+                                 "extra": [extra_source(dataset["root"], "binary")]})
+    data = load_train_data(cfg)
+    assert data.labelled.stems == ["t0", "t1", "t2", "t3", "t4", "x0", "x1"]  # x2 excluded
+    assert data.labelled.binary == [False] * 5 + [True] * 2
+    assert data.labelled.images[-1].shape == (128, 128, 3)  # 64 px at 0.5 -> 128 px at 0.25
+    assert set(np.unique(data.labelled.labels[-1])) == {0, 1}  # binary: foreground only
+    ignore = data.labelled.ignore[5]
+    assert ignore.shape == (128, 128) and ignore[:, :40].all() and not ignore[:, 40:].any()
+    assert data.labelled.ignore[6] is None and data.labelled.ignore[0] is None
+    sampler = CropSampler(data.labelled, 32, np.random.default_rng(0))
+    areas = np.array([96 * 96] * 5 + [128 * 128] * 2, float)
+    np.testing.assert_allclose(sampler.tile_p, areas / areas.sum())
+    batch = sampler.sample(64)
+    assert batch["valid"].shape == (64, 32, 32) and batch["hv_valid"].shape == (64,)
+    assert 0 < batch["hv_valid"].sum() < 64 and (batch["valid"] == 0).any()
+    for image, valid, hv_ok in zip(batch["image"], batch["valid"], batch["hv_valid"]):
+        if (valid == 0).any():  # only the binary tile x0 has an ignore mask, and it moved with the image
+            assert hv_ok == 0
+
+
+def test_instance_loss_ignores_masked_pixels_and_hv_of_binary_crops():
+    from wsi_ircr.train.losses import instance_loss
+
+    torch.manual_seed(0)
+    out = {"np": torch.randn(2, 2, 16, 16), "hv": torch.tanh(torch.randn(2, 2, 16, 16))}
+    target_np = (torch.rand(2, 16, 16) > 0.5).long()
+    target_hv = torch.rand(2, 2, 16, 16) * 2 - 1
+    weight = torch.ones(2, 16, 16)
+    weight[:, :, :8] = 0
+    hv_weight = weight.clone()
+    hv_weight[1] = 0
+    base = instance_loss(out, target_np, target_hv, weight, hv_weight)
+    changed_np, changed_hv = target_np.clone(), target_hv.clone()
+    changed_np[:, :, :8] = 1 - changed_np[:, :, :8]  # only ignored pixels change
+    changed_hv[1] = -changed_hv[1]  # HV of the binary crop changes
+    assert torch.allclose(instance_loss(out, changed_np, changed_hv, weight, hv_weight), base)
+    assert not torch.allclose(instance_loss(out, target_np, changed_hv, weight, weight), base)
+
+
+def test_train_with_a_binary_source_end_to_end(dataset, tmp_path, capsys):
+    import yaml
+
+    config = tmp_path / "sources.yaml"
+    config.write_text(yaml.safe_dump({"data": {"extra": [extra_source(tmp_path, "binary"), extra_source(tmp_path, "instances")]}}))
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--config", str(config), *train_argv(dataset, out, 2)[1:]], capsys)
+    assert code == 0, err
+    metrics = assert_run_folder(out)
+    assert metrics["data"]["labelled"][-4:] == ["x0", "x1", "x0", "x1"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"data": {"extra": [{**extra_source(tmp_path / "b", "binary"), "exclude": ["nope"]}]}}))
+    code, _, err = run_cli(["train", "--config", str(bad), *train_argv(dataset, tmp_path / "bad", 2)[1:]], capsys)
+    assert code == 2 and "nope" in err and len(err.strip().splitlines()) == 1
+
+
+def test_scale_jitter_zooms_crops_and_keeps_labels_aligned():
+    tiles = labelled_tiles()
+    plain = CropSampler(tiles, 32, np.random.default_rng(3)).sample(16)
+    zoomed = CropSampler(tiles, 32, np.random.default_rng(3), scale_jitter=0.3).sample(16)
+    assert zoomed["image"].shape == plain["image"].shape
+    areas = lambda b: np.mean([np.bincount(lab.ravel())[1:].max(initial=0) for lab in b["labels"]])  # noqa: E731
+    assert areas(zoomed) != areas(plain)
+    for image, labels in zip(zoomed["image"], zoomed["labels"]):  # nuclei pixels are dark, background pink
+        if (labels > 0).sum() > 20:
+            assert image[..., 1][labels > 0].mean() < image[..., 1][labels == 0].mean() - 40
+    with pytest.raises(UserError, match="scale_jitter"):
+        CropSampler(labelled_tiles(size=256), 192, np.random.default_rng(0), scale_jitter=0.3)

@@ -21,8 +21,8 @@ class Segmenter(Protocol):
 
     checkpoint: Any  # has describe() -> dict
 
-    def segment_image(self, image: np.ndarray) -> np.ndarray:
-        """uint8 (H, W, 3) RGB -> int32 (H, W) instance map."""
+    def segment_image(self, image: np.ndarray, mpp: float | None = None) -> np.ndarray:
+        """uint8 (H, W, 3) RGB at ``mpp`` um/px (None: the model's) -> int32 (H, W) instance map on the same grid."""
 
 
 def evaluate_folder(
@@ -30,16 +30,18 @@ def evaluate_folder(
     pairs: Sequence[tuple[str, Path, Path]],
     save_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
+    mpp: float | None = None,
 ) -> dict[str, Any]:
     """Segment every image of ``pairs`` (from ``pair_folders``) and score it against its labels.
 
-    Images are segmented as they are: they must be at the model's resolution
-    (``predictor.checkpoint.mpp``). All label maps are read and checked before the first
+    ``mpp``: the tiles' resolution (um/px); None means the model's. Tiles at another mpp are
+    resampled to the model's and the predictions brought back to the labels' grid, so scores
+    are always at the labels' resolution. All label maps are read and checked before the first
     image is segmented, so a bad file fails at once. ``save_dir``: one uint16 PNG instance
     map per image, ``<stem>.png``. ``progress``: called with one line per image.
 
     Returns ``{"mean": {metric: float}, "per_image": {stem: score_instances(...)},
-    "model": {"path", "hash", "arch", "mpp", "postprocess"}}``.
+    "model": {"path", "hash", "arch", "mpp", "postprocess"}, "mpp": the tiles' mpp}``.
     """
     if not pairs:
         raise ValueError("evaluate_folder needs at least one (stem, image, label) pair")
@@ -53,7 +55,7 @@ def evaluate_folder(
         image, labels = read_image(image_path), read_label(label_path)
         check_pair(image, labels, (image_path, label_path))
         start = time.perf_counter()
-        pred = predictor.segment_image(image)
+        pred = predictor.segment_image(image, mpp=mpp)
         seconds = time.perf_counter() - start
         if save_dir is not None:
             write_label_png(save_dir / f"{stem}.png", pred)
@@ -61,7 +63,7 @@ def evaluate_folder(
         per_image[stem] = scores
         if progress is not None:
             progress(f"[{i}/{len(pairs)}] {stem}: AJI {scores['aji']:.4f}  Dice {scores['dice']:.4f}  PQ {scores['pq']:.4f}  ({seconds:.1f} s)")
-    return {"mean": mean_scores(per_image.values()), "per_image": per_image, "model": model}
+    return {"mean": mean_scores(per_image.values()), "per_image": per_image, "model": model, "mpp": mpp or model.get("mpp")}
 
 
 def format_table(result: dict[str, Any]) -> str:

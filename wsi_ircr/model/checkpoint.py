@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_ircr.errors import UserError
-from wsi_ircr.model.postprocess import PostProcessConfig
+from wsi_ircr.model.postprocess import PostProcessConfig, legacy_postprocess
 
 FORMAT = "wsi-ircr-checkpoint"
 VERSION = 1
@@ -129,9 +129,13 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
         raise UserError(f"{path}: not a wsi-ircr checkpoint (no '{FORMAT}' header); train one with 'wsi-ircr train'")
     if payload.get("version") != VERSION:
         raise UserError(f"{path}: checkpoint version {payload.get('version')} is not supported (expected {VERSION}); upgrade wsi-ircr")
+    mpp = payload.get("mpp")
+    if isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not 0 < mpp <= 10:
+        raise UserError(f"{path}: the checkpoint records no valid mpp ({mpp!r}); a checkpoint must carry the um/px its "
+                        f"network was trained at: retrain it with 'wsi-ircr train' (data.mpp / mpp)")
     try:
-        arch, model_state, mpp = str(payload["arch"]), dict(payload["model"]), float(payload["mpp"])
-        postprocess = dict(payload["postprocess"])
+        arch, model_state, mpp = str(payload["arch"]), dict(payload["model"]), float(mpp)
+        postprocess = legacy_postprocess(dict(payload["postprocess"]), mpp)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: damaged wsi-ircr checkpoint (bad or missing field {e}); train or download it again") from None
     return Checkpoint(

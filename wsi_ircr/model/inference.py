@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from wsi_ircr.errors import UserError
 from wsi_ircr.model.checkpoint import Checkpoint
-from wsi_ircr.model.postprocess import instances_from_maps
+from wsi_ircr.model.postprocess import PostProcessConfig, instances_from_maps
 
 _ALIGN = 16
 
@@ -39,20 +39,71 @@ def predict_maps_tensor(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Te
     return prob, out["hv"].float()[:, :, :h, :w]
 
 
+TTA_VIEWS = (1, 2, 4, 8)  # test-time augmentation: how many of the 8 flips / transposes of the square
+
+
+def _view(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th of the 8 symmetries of the square applied to (N, C, H, W): bits 1 = flip W, 2 = flip H, 4 = transpose."""
+    if k & 4:
+        x = x.transpose(-1, -2)
+    dims = [d for bit, d in ((1, -1), (2, -2)) if k & bit]
+    return x.flip(dims) if dims else x
+
+
+def _unview(prob: torch.Tensor, hv: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Undo ``_view(., k)`` on probability (N, H', W') and HV (N, 2, H', W'): pixels move back and
+    the (x, y) offsets turn with them (a flip of W negates h, of H negates v, a transpose swaps them)."""
+    dims = [d for bit, d in ((1, -1), (2, -2)) if k & bit]
+    if dims:
+        prob, hv = prob.flip(dims), hv.flip(dims)
+        sign = torch.tensor([-1.0 if k & 1 else 1.0, -1.0 if k & 2 else 1.0], dtype=hv.dtype, device=hv.device)
+        hv = hv * sign[None, :, None, None]
+    if k & 4:
+        prob, hv = prob.transpose(-1, -2), hv.transpose(-1, -2).flip(1)
+    return prob, hv
+
+
 class Predictor:
     """A checkpoint's network on a device, with its post-processing.
 
-    ``predict_maps`` / ``segment_tiles`` take uint8 (N, H, W, 3) RGB at ``self.mpp``.
+    ``predict_maps`` / ``segment_tiles`` take uint8 (N, H, W, 3) RGB at ``self.mpp``;
+    ``segment_image`` takes an image at any mpp. ``tta``: average the maps over this many
+    of the 8 flips / transposes (1 = none; cost grows in proportion).
     """
 
-    def __init__(self, checkpoint: Checkpoint, device: str = "auto", batch_size: int = 8):
+    def __init__(self, checkpoint: Checkpoint, device: str = "auto", batch_size: int = 8, tta: int = 1):
+        if tta not in TTA_VIEWS:
+            raise UserError(f"--tta {tta}: expected one of {', '.join(map(str, TTA_VIEWS))} (views averaged)")
         self.checkpoint = checkpoint
         self.device = resolve_device(device)
         self.batch_size = batch_size
+        self.tta = tta
         self.mpp = checkpoint.mpp
         self.postprocess = checkpoint.postprocess
         self.model_hash = checkpoint.model_hash
         self.net = checkpoint.build().to(self.device).to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_network(cls, net: torch.nn.Module, mpp: float, postprocess: PostProcessConfig, device: torch.device) -> Predictor:
+        """A predictor around a live network (e.g. during training), used as it is: no copy, no mode change."""
+        from wsi_ircr.model.checkpoint import Checkpoint
+
+        self = cls.__new__(cls)
+        self.checkpoint = Checkpoint(arch="", model_state={}, mpp=mpp, postprocess=postprocess)
+        self.device, self.batch_size, self.tta = device, 1, 1
+        self.mpp, self.postprocess, self.model_hash, self.net = mpp, postprocess, "", net
+        return self
+
+    def _maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps of float (N, 3, H, W), averaged over ``self.tta`` views."""
+        if self.tta == 1:
+            return predict_maps_tensor(self.net, x)
+        prob_sum = hv_sum = None
+        for k in range(self.tta):
+            prob, hv = _unview(*predict_maps_tensor(self.net, _view(x, k).contiguous(memory_format=torch.channels_last)), k)
+            prob_sum = prob if prob_sum is None else prob_sum + prob
+            hv_sum = hv if hv_sum is None else hv_sum + hv
+        return prob_sum / self.tta, hv_sum / self.tta
 
     @torch.inference_mode()
     def predict_maps(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -64,14 +115,15 @@ class Predictor:
             x = batch.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                prob, hv = predict_maps_tensor(self.net, x)
-            probs.append(prob.cpu().numpy())
-            hvs.append(hv.cpu().numpy())
+                prob, hv = self._maps(x)
+            probs.append(prob.float().cpu().numpy())
+            hvs.append(hv.float().cpu().numpy())
         return np.concatenate(probs), np.concatenate(hvs)
 
-    def instances(self, prob: np.ndarray, hv: np.ndarray) -> np.ndarray:
-        """This model's post-processing: probability (H, W) + HV (2, H, W) at ``self.mpp`` -> int32 (H, W)."""
-        return instances_from_maps(prob, hv, self.postprocess)
+    def instances(self, prob: np.ndarray, hv: np.ndarray, mpp: float | None = None) -> np.ndarray:
+        """This model's post-processing: probability (H, W) + HV (2, H, W) at ``mpp``
+        (default: the model's) -> int32 (H, W)."""
+        return instances_from_maps(prob, hv, self.postprocess, mpp=self.mpp if mpp is None else mpp)
 
     def segment_tiles(self, tiles: np.ndarray) -> list[np.ndarray]:
         """uint8 (N, H, W, 3) -> N int32 (H, W) instance maps."""
@@ -103,7 +155,26 @@ class Predictor:
                 hv[:, r0:r1, c0:c1] = v[0, :, r0 - rr0 : r1 - rr0, c0 - cc0 : c1 - cc0]
         return prob, hv
 
-    def segment_image(self, image: np.ndarray, window_px: int = 1024, overlap_px: int = 128) -> np.ndarray:
-        """uint8 (H, W, 3) -> int32 (H, W): maps from overlapping windows, one post-processing."""
-        prob, hv = self.predict_image_maps(image, window_px, overlap_px)
-        return self.instances(prob, hv)
+    def maps_at(self, image: np.ndarray, mpp: float | None = None, window_px: int = 1024, overlap_px: int = 128) -> tuple[np.ndarray, np.ndarray]:
+        """``predict_image_maps`` of uint8 (H, W, 3) at ``mpp`` um/px (default: the model's), on the image's grid.
+
+        An image at another mpp is resampled to the model's, and the maps back (bilinear).
+        """
+        from wsi_ircr.model.resample import resize_image, resize_maps, same_mpp, scaled_shape
+
+        if mpp is None or same_mpp(mpp, self.mpp):
+            return self.predict_image_maps(image, window_px, overlap_px)
+        shape = scaled_shape(image.shape[:2], mpp, self.mpp)
+        if min(shape) < _ALIGN:
+            raise UserError(f"a {image.shape[0]}x{image.shape[1]} px image at {mpp} um/px is {shape[0]}x{shape[1]} px at the "
+                            f"model's {self.mpp} um/px, too small to segment; check the mpp")
+        prob, hv = self.predict_image_maps(resize_image(image, shape), window_px, overlap_px)
+        return resize_maps(prob, hv, image.shape[:2])
+
+    def segment_image(self, image: np.ndarray, mpp: float | None = None, window_px: int = 1024, overlap_px: int = 128) -> np.ndarray:
+        """uint8 (H, W, 3) at ``mpp`` um/px (default: the model's) -> int32 (H, W) on the same grid.
+
+        Maps from ``maps_at`` (overlapping windows, resampled back when the mpp differs),
+        then one post-processing on the image's own grid, so instances land where the labels are.
+        """
+        return self.instances(*self.maps_at(image, mpp, window_px, overlap_px), mpp)

@@ -8,8 +8,13 @@ weights apply to: pseudo-labels from the teacher's kept instances trained with t
 loss (``pseudo_label``), or the squared teacher-student difference (``consistency``).
 ``tune_marker_radii`` are the marker radii tried when post-processing is tuned on ``data.val``.
 ``strong_strength`` scales the student's photometric view of unlabelled crops and
-``labelled_strength`` the same augmentation of labelled crops (0 = none).
+``labelled_strength`` the same augmentation of labelled crops (0 = none); ``scale_jitter`` s
+zooms every crop by a factor in [1 - s, 1 + s] (0 = none, at most 0.4).
 ``miac_temperature`` < 1 sharpens the teacher's nucleus probability in the MIAC term.
+``ema_weights``: validate and ship the EMA of the weights (the teacher, kept in every run)
+instead of the student; semi-supervised runs always ship the teacher.
+``mpp`` is the network's operating resolution (null: the tiles' ``data.mpp``); the checkpoint
+carries it, and post-processing thresholds are physical (um, um^2) so they hold at any mpp.
 """
 
 from __future__ import annotations
@@ -20,6 +25,33 @@ from typing import Literal
 from wsi_ircr.model.postprocess import PostProcessConfig
 
 TUNE_MARKER_RADII = (0.2, 0.3)  # marker radii tried by ``train.tune`` unless a config says otherwise (study.md: chosen on MoNuSeg validation tiles)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One more labelled source, with its own folders, resolution and kind of labels.
+
+    images/labels: folders of RGB tiles and label maps with the same stems.
+    kind: ``instances`` (instance maps: NP and HV are trained) or ``binary`` (nucleus masks,
+        any non-zero value a nucleus: only the NP branch learns from them).
+    ignore: optional folder of masks with the same stems; non-zero pixels were left
+        unannotated and add nothing to the loss.
+    mpp: resolution of the tiles (um/px); they are resampled to the model's.
+    exclude: stems not trained on (e.g. that source's own validation tiles).
+    """
+
+    images: str = ""
+    labels: str = ""
+    kind: Literal["instances", "binary"] = "instances"
+    ignore: str | None = None
+    mpp: float = 0.25
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.images or not self.labels:
+            raise ValueError("every extra source needs images and labels folders")
+        if not 0 < self.mpp <= 10:
+            raise ValueError(f"mpp must be in (0, 10], got {self.mpp}")
 
 
 @dataclass(frozen=True)
@@ -34,7 +66,10 @@ class DataConfig:
         rest join the unlabelled pool. Chosen with ``label_seed``.
     labelled_fraction: the same as a fraction of the pool (rounded, at least 1 tile);
         set at most one of ``labelled`` and ``labelled_fraction``.
-    mpp: resolution of the tiles (microns per pixel), stored in the checkpoint.
+    mpp: resolution of the tiles (microns per pixel); training tiles are resampled to the
+        model's ``TrainConfig.mpp`` when it differs, validation tiles are scored at this one.
+    extra: more labelled sources (``SourceConfig``), all of whose tiles are trained on
+        (except their ``exclude``d stems); crops are drawn in proportion to tile area.
     """
 
     images: str = ""
@@ -46,6 +81,7 @@ class DataConfig:
     labelled_fraction: float | None = None
     label_seed: int = 0
     mpp: float = 0.25
+    extra: tuple[SourceConfig, ...] = ()
 
     def __post_init__(self):
         if self.labelled is not None and self.labelled < 1:
@@ -63,6 +99,7 @@ class TrainConfig:
     """All knobs of ``wsi-ircr train`` (see configs/train/*.yaml)."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    mpp: float | None = None
     arch: str = "lite-s"
     steps: int = 2000
     batch_size: int = 8
@@ -74,6 +111,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0
     ema_alpha: float = 0.95
+    ema_weights: bool = False
     mt_weight: float = 0.0
     miac_weight: float = 0.0
     piac_weight: float = 0.0
@@ -87,6 +125,7 @@ class TrainConfig:
     piac_w_good: float = 2.0
     piac_mode: Literal["pseudo_label", "consistency"] = "pseudo_label"
     strong_strength: float = 1.0
+    scale_jitter: float = 0.0
     labelled_strength: float = 1.0
     val_every: int = 250
     log_every: int = 25
@@ -104,16 +143,25 @@ class TrainConfig:
             raise ValueError(f"ema_alpha must be in [0, 1), got {self.ema_alpha}")
         if min(self.mt_weight, self.miac_weight, self.piac_weight) < 0:
             raise ValueError("mt_weight, miac_weight and piac_weight must be >= 0")
+        if self.mpp is not None and not 0 < self.mpp <= 10:
+            raise ValueError(f"mpp (the model's resolution, um/px) must be in (0, 10] or null, got {self.mpp}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not self.tune_marker_radii or min(self.tune_marker_radii) <= 0:
             raise ValueError(f"tune_marker_radii must be a non-empty list of values > 0, got {list(self.tune_marker_radii)}")
         if self.miac_temperature <= 0:
             raise ValueError(f"miac_temperature must be > 0, got {self.miac_temperature}")
+        if not 0 <= self.scale_jitter <= 0.4:
+            raise ValueError(f"scale_jitter must be in [0, 0.4], got {self.scale_jitter}")
         if self.strong_strength < 0 or self.labelled_strength < 0:
             raise ValueError("strong_strength and labelled_strength must be >= 0")
         if self.unlabelled_batch_size < 0 or self.rampup_steps < 0 or self.threads < 0:
             raise ValueError("unlabelled_batch_size, rampup_steps and threads must be >= 0")
+
+    @property
+    def model_mpp(self) -> float:
+        """The network's operating resolution (um/px): ``mpp``, or the tiles' ``data.mpp`` when null."""
+        return self.data.mpp if self.mpp is None else self.mpp
 
     @property
     def semi_supervised(self) -> bool:

@@ -8,19 +8,39 @@ from pathlib import Path
 import numpy as np
 
 from wsi_ircr.errors import UserError
-from wsi_ircr.train.config import DataConfig
+from wsi_ircr.train.config import DataConfig, SourceConfig
 
 
 @dataclass
 class TileSet:
-    """Whole tiles: ``images`` uint8 (H, W, 3); ``labels`` int32 (H, W) or None (unlabelled)."""
+    """Whole tiles: ``images`` uint8 (H, W, 3); ``labels`` int32 (H, W) or None (unlabelled).
+
+    Labelled sets from several sources also carry, per tile, ``ignore`` (bool (H, W), True =
+    not annotated, or None) and ``binary`` (True: the labels are nucleus masks, not instances).
+    """
 
     stems: list[str] = field(default_factory=list)
     images: list[np.ndarray] = field(default_factory=list)
     labels: list[np.ndarray] | None = None
+    ignore: list[np.ndarray | None] | None = None
+    binary: list[bool] | None = None
 
     def __len__(self) -> int:
         return len(self.stems)
+
+    @property
+    def partial(self) -> bool:
+        """True when some tile has unannotated pixels or binary labels (losses need masks)."""
+        return any(m is not None for m in self.ignore or ()) or any(self.binary or ())
+
+    def extend(self, other: TileSet) -> None:
+        """Append ``other``'s labelled tiles, keeping per-tile ``ignore`` / ``binary`` aligned."""
+        n = len(self)
+        self.ignore = (self.ignore or [None] * n) + (other.ignore or [None] * len(other))
+        self.binary = (self.binary or [False] * n) + (other.binary or [False] * len(other))
+        self.stems += other.stems
+        self.images += other.images
+        self.labels = (self.labels or []) + (other.labels or [])
 
 
 @dataclass
@@ -43,8 +63,53 @@ def _resolve(base: Path, value: str) -> Path:
     return path if path.is_absolute() else (base / path)
 
 
-def load_train_data(cfg: DataConfig, base_dir: Path = Path(".")) -> TrainData:
-    """Read the folders of ``cfg`` (relative paths resolve against ``base_dir``) and split them."""
+def _resampled(tiles: TileSet, from_mpp: float, to_mpp: float) -> TileSet:
+    """Training tiles at ``to_mpp``: images bilinear (antialiased), labels and ignore masks nearest."""
+    from wsi_ircr.model.resample import resize_image, resize_labels, same_mpp, scaled_shape
+
+    if same_mpp(from_mpp, to_mpp):
+        return tiles
+    shapes = [scaled_shape(im.shape[:2], from_mpp, to_mpp) for im in tiles.images]
+    images = [resize_image(im, s) for im, s in zip(tiles.images, shapes)]
+    labels = None if tiles.labels is None else [resize_labels(lab, s) for lab, s in zip(tiles.labels, shapes)]
+    ignore = None if tiles.ignore is None else [m if m is None else resize_labels(m, s) > 0 for m, s in zip(tiles.ignore, shapes)]
+    return TileSet(tiles.stems, images, labels, ignore, tiles.binary)
+
+
+def load_source(source: SourceConfig, base_dir: Path, model_mpp: float) -> TileSet:
+    """The tiles of one extra labelled source at ``model_mpp`` (``exclude``d stems left out)."""
+    from wsi_ircr.io.images import check_pair, pair_folders, read_image, read_label
+
+    all_pairs = pair_folders(_resolve(base_dir, source.images), _resolve(base_dir, source.labels))
+    missing = sorted(set(source.exclude) - {stem for stem, _, _ in all_pairs})
+    if missing:
+        raise UserError(f"{source.images}: exclude lists {len(missing)} stem(s) not in the folder, e.g. {missing[0]!r}; fix the list")
+    pairs = [p for p in all_pairs if p[0] not in set(source.exclude)]
+    if not pairs:
+        raise UserError(f"{source.images}: every tile of this source is excluded; remove the source or shorten exclude")
+    tiles = TileSet([], [], [], [], [source.kind == "binary"] * len(pairs))
+    for stem, image_path, label_path in pairs:
+        image, label = read_image(image_path), read_label(label_path)
+        check_pair(image, label, (image_path, label_path))
+        ignore = None
+        if source.ignore:
+            ignore_path = _resolve(base_dir, source.ignore) / label_path.name
+            if ignore_path.exists():
+                ignore = read_label(ignore_path) > 0
+                check_pair(image, ignore, (image_path, ignore_path))
+        tiles.stems.append(stem)
+        tiles.images.append(image)
+        tiles.labels.append((label > 0).astype(np.int32) if source.kind == "binary" else label)
+        tiles.ignore.append(ignore)
+    return _resampled(tiles, source.mpp, model_mpp)
+
+
+def load_train_data(cfg: DataConfig, base_dir: Path = Path("."), model_mpp: float | None = None) -> TrainData:
+    """Read the folders of ``cfg`` (relative paths resolve against ``base_dir``) and split them.
+
+    Labelled and unlabelled training tiles are resampled from ``cfg.mpp`` to ``model_mpp``
+    (None: no resampling); validation tiles stay at ``cfg.mpp``, where their labels are.
+    """
     from wsi_ircr.io.images import check_pair, list_images, pair_folders, read_image, read_label
 
     if not cfg.images or not cfg.labels:
@@ -84,7 +149,11 @@ def load_train_data(cfg: DataConfig, base_dir: Path = Path(".")) -> TrainData:
         for path in list_images(_resolve(base_dir, cfg.unlabelled)):
             unlabelled.stems.append(path.stem)
             unlabelled.images.append(read_image(path))
-    return TrainData(load(lab_stems, True), unlabelled, load(sorted(cfg.val), True))
+    to_mpp = cfg.mpp if model_mpp is None else model_mpp
+    labelled = _resampled(load(lab_stems, True), cfg.mpp, to_mpp)
+    for source in cfg.extra:
+        labelled.extend(load_source(source, base_dir, to_mpp))
+    return TrainData(labelled, _resampled(unlabelled, cfg.mpp, to_mpp), load(sorted(cfg.val), True))
 
 
 class CropSampler:
@@ -92,9 +161,11 @@ class CropSampler:
 
     A crop of ``crop_px + 2 * margin_px`` is cut and augmented; HV targets are computed on
     it so nuclei cut by the final ``crop_px`` border keep the targets of their full shape.
+    ``scale_jitter`` s > 0 zooms every crop by a factor uniform in [1 - s, 1 + s] (nuclei sizes
+    vary between scanners and slides); the margin must cover the border a zoom-out leaves.
     """
 
-    def __init__(self, tiles: TileSet, crop_px: int, rng: np.random.Generator, margin_px: int = 32):
+    def __init__(self, tiles: TileSet, crop_px: int, rng: np.random.Generator, margin_px: int = 32, scale_jitter: float = 0.0):
         if not len(tiles):
             raise ValueError("CropSampler needs at least one tile")
         small = [(s, im.shape[:2]) for s, im in zip(tiles.stems, tiles.images) if min(im.shape[:2]) < crop_px]
@@ -102,7 +173,13 @@ class CropSampler:
             stem, (h, w) = small[0]
             raise UserError(f"tile {stem!r} is {h}x{w} px, smaller than crop_px={crop_px} ({len(small)} such tile(s)); "
                             f"lower crop_px (a multiple of 16) or remove the small tiles")
+        if not 0 <= scale_jitter < 1 or (1 - scale_jitter) * (crop_px + 2 * margin_px) < crop_px:
+            raise UserError(f"scale_jitter={scale_jitter} zooms crop_px={crop_px} out past its {margin_px} px margin; "
+                            f"lower scale_jitter to at most {2 * margin_px / (crop_px + 2 * margin_px):.2f} or crop_px")
         self.tiles, self.crop_px, self.rng, self.margin_px = tiles, crop_px, rng, margin_px
+        self.scale_range = (1 - scale_jitter, 1 + scale_jitter) if scale_jitter > 0 else None
+        areas = np.array([im.shape[0] * im.shape[1] for im in tiles.images], np.float64)
+        self.tile_p = None if np.all(areas == areas[0]) else areas / areas.sum()  # crops in proportion to area
 
     def _window(self, shape_rc: tuple[int, int]) -> tuple[int, int]:
         size = self.crop_px + 2 * self.margin_px
@@ -123,27 +200,39 @@ class CropSampler:
 
     def sample(self, n: int) -> dict[str, np.ndarray]:
         """``{"image": uint8 (n, C, C, 3), "labels": int32 (n, C, C), "hv": float32 (n, 2, C, C)}``
-        (labels and hv only for labelled tiles), C = crop_px."""
+        (labels and hv only for labelled tiles), C = crop_px. Sets with unannotated pixels or
+        binary labels (``TileSet.partial``) add ``"valid"`` float32 (n, C, C), 1 = annotated,
+        and ``"hv_valid"`` float32 (n,), 1 = instance labels (HV targets mean something)."""
         from wsi_ircr.train.augment import geometric_augment
         from wsi_ircr.train.targets import hv_targets
 
         size, m, c = self.crop_px + 2 * self.margin_px, self.margin_px, self.crop_px
-        images, labels, hvs = [], [], []
+        partial = self.tiles.labels is not None and self.tiles.partial
+        images, labels, hvs, valid, hv_valid = [], [], [], [], []
         for _ in range(n):
-            i = int(self.rng.integers(len(self.tiles)))
+            i = int(self.rng.choice(len(self.tiles), p=self.tile_p)) if self.tile_p is not None else int(self.rng.integers(len(self.tiles)))
             image = self.tiles.images[i]
             r0, c0 = self._window(image.shape[:2])
             crop = self._cut(image, r0, c0, size)
             if self.tiles.labels is None:
-                crop, _ = geometric_augment(crop, np.zeros(crop.shape[:2], np.int32), self.rng)
+                crop, _ = geometric_augment(crop, np.zeros(crop.shape[:2], np.int32), self.rng, self.scale_range)
                 images.append(crop[m : m + c, m : m + c])
                 continue
             lab = self._cut(self.tiles.labels[i], r0, c0, size)
-            crop, lab = geometric_augment(crop, lab, self.rng)
-            images.append(crop[m : m + c, m : m + c])
+            ignore = self.tiles.ignore[i] if partial else None
+            if ignore is not None:  # the mask rides along as a 4th channel through the same geometry
+                crop = np.concatenate([crop, self._cut(ignore.astype(np.uint8), r0, c0, size)[..., None]], axis=2)
+            crop, lab = geometric_augment(crop, lab, self.rng, self.scale_range)
+            images.append(crop[m : m + c, m : m + c, :3])
             labels.append(lab[m : m + c, m : m + c])
             hvs.append(hv_targets(lab)[:, m : m + c, m : m + c])
+            if partial:
+                valid.append(1.0 - crop[m : m + c, m : m + c, 3] if ignore is not None else np.ones((c, c)))
+                hv_valid.append(0.0 if self.tiles.binary[i] else 1.0)
         out = {"image": np.ascontiguousarray(np.stack(images))}
+        if valid:
+            out["valid"] = np.stack(valid).astype(np.float32)
+            out["hv_valid"] = np.array(hv_valid, np.float32)
         if labels:
             out["labels"] = np.stack(labels).astype(np.int32)
             out["hv"] = np.stack(hvs).astype(np.float32)

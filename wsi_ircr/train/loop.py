@@ -21,7 +21,7 @@ import torch
 from wsi_ircr.config import to_dict
 from wsi_ircr.errors import UserError
 from wsi_ircr.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from wsi_ircr.model.inference import predict_maps_tensor, resolve_device
+from wsi_ircr.model.inference import Predictor, resolve_device
 from wsi_ircr.model.net import build_model
 from wsi_ircr.model.postprocess import instances_from_maps
 from wsi_ircr.train.config import TrainConfig
@@ -62,28 +62,25 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float)
 
 
 def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1], channels-last in memory (as the networks)."""
+    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _instances(out: dict[str, torch.Tensor], cfg: TrainConfig) -> list[np.ndarray]:
     prob = torch.softmax(out["np"].detach().float(), dim=1)[:, 1].cpu().numpy()
     hv = out["hv"].detach().float().cpu().numpy()
-    return [instances_from_maps(p, h, cfg.postprocess) for p, h in zip(prob, hv)]
+    return [instances_from_maps(p, h, cfg.postprocess, mpp=cfg.model_mpp) for p, h in zip(prob, hv)]
 
 
 def validate(net: torch.nn.Module, val, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
-    """Mean instance metrics of ``net`` on the validation tiles (whole tiles, one pass each)."""
+    """Mean instance metrics of ``net`` on the validation tiles, whole tiles scored on their own grid."""
     from wsi_ircr.metrics import mean_scores, score_instances
 
     net.eval()
-    scores = []
-    with torch.inference_mode():
-        for image, labels in zip(val.images, val.labels):
-            prob, hv = predict_maps_tensor(net, _to_tensor(image[None], device))
-            pred = instances_from_maps(prob[0].cpu().numpy(), hv[0].cpu().numpy(), cfg.postprocess)
-            scores.append(score_instances(labels, pred))
-    return mean_scores(scores)
+    predictor = Predictor.from_network(net, cfg.model_mpp, cfg.postprocess, device)
+    return mean_scores([score_instances(labels, predictor.segment_image(image, cfg.data.mpp))
+                        for image, labels in zip(val.images, val.labels)])
 
 
 class Trainer:
@@ -95,14 +92,15 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        self.student = build_model(cfg.arch).to(self.device)
+        self.student = build_model(cfg.arch).to(self.device).to(memory_format=torch.channels_last)  # faster convolutions
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: lr_factor(step, cfg.steps))
-        self.labelled = CropSampler(data.labelled, cfg.crop_px, self.rng)
-        self.unlabelled = CropSampler(data.unlabelled, cfg.crop_px, self.rng) if len(data.unlabelled) and cfg.semi_supervised else None
+        self.labelled = CropSampler(data.labelled, cfg.crop_px, self.rng, scale_jitter=cfg.scale_jitter)
+        self.unlabelled = (CropSampler(data.unlabelled, cfg.crop_px, self.rng, scale_jitter=cfg.scale_jitter)
+                           if len(data.unlabelled) and cfg.semi_supervised else None)
         self.step = 0
         self.best = {"aji": -1.0, "step": 0}
         self.history: list[dict] = []
@@ -136,7 +134,7 @@ class Trainer:
         return Checkpoint(
             arch=self.cfg.arch,
             model_state=net.state_dict(),
-            mpp=self.cfg.data.mpp,
+            mpp=self.cfg.model_mpp,
             postprocess=self.cfg.postprocess,
             priors=self.priors,
             meta={"config": to_dict(self.cfg), "data": self.data.describe(), "metrics": metrics, "versions": versions()},
@@ -144,8 +142,8 @@ class Trainer:
         )
 
     def eval_net(self) -> torch.nn.Module:
-        """The network to validate and ship: the teacher when a teacher is trained."""
-        return self.teacher if self.cfg.semi_supervised else self.student
+        """The network to validate and ship: the teacher (EMA of the weights) when trained or asked for."""
+        return self.teacher if self.cfg.semi_supervised or self.cfg.ema_weights else self.student
 
     def supervised_loss(self, batch: dict) -> torch.Tensor:
         from wsi_ircr.train.losses import instance_loss
@@ -157,7 +155,11 @@ class Trainer:
             x = strong_view(x, self.gen, self.cfg.labelled_strength)
         target_np = torch.from_numpy((batch["labels"] > 0).astype(np.int64)).to(self.device)
         target_hv = torch.from_numpy(batch["hv"]).to(self.device)
-        return instance_loss(self.student(x), target_np, target_hv)
+        if "valid" not in batch:
+            return instance_loss(self.student(x), target_np, target_hv)
+        valid = torch.from_numpy(batch["valid"]).to(self.device)
+        hv_valid = valid * torch.from_numpy(batch["hv_valid"]).to(self.device)[:, None, None]
+        return instance_loss(self.student(x), target_np, target_hv, valid, hv_valid)
 
     def unsupervised_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         from wsi_ircr.train.augment import strong_view, weak_view
@@ -271,10 +273,13 @@ class Trainer:
 
 
 def fit_priors(data: TrainData) -> dict:
-    """PIAC morphology priors fitted on the labelled ground truth (saved with the checkpoint)."""
+    """PIAC morphology priors fitted on the labelled instance maps (binary-mask tiles left out;
+    saved with the checkpoint)."""
     from wsi_ircr.train.piac import MorphologyPriors
 
-    return MorphologyPriors.fit(data.labelled.labels, data.labelled.images).to_dict()
+    tiles = data.labelled
+    keep = [i for i in range(len(tiles)) if not (tiles.binary and tiles.binary[i])]
+    return MorphologyPriors.fit([tiles.labels[i] for i in keep], [tiles.images[i] for i in keep]).to_dict()
 
 
 def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume: bool = False, progress: bool = True) -> dict:
@@ -290,7 +295,7 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    data = load_train_data(cfg.data, base_dir)
+    data = load_train_data(cfg.data, base_dir, cfg.model_mpp)
     if cfg.semi_supervised and not len(data.unlabelled):
         raise UserError("semi-supervised terms are on but there are no unlabelled tiles; set data.unlabelled or data.labelled below the pool size")
     if progress:
@@ -315,8 +320,9 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
     if cfg.tune_postprocess and len(data.val):
         from wsi_ircr.train.tune import tune_postprocess
 
-        final.postprocess, tuned = tune_postprocess(final.build().to(trainer.device), data.val.images, data.val.labels,
-                                                    cfg.postprocess, trainer.device, cfg.tune_marker_radii)
+        predictor = Predictor.from_network(final.build().to(trainer.device), cfg.model_mpp, cfg.postprocess, trainer.device)
+        final.postprocess, tuned = tune_postprocess(predictor, data.val.images, data.val.labels, cfg.tune_marker_radii,
+                                                    mpp=cfg.data.mpp)
         final.meta["metrics"]["val_aji_tuned_postprocess"] = tuned
         best["aji_tuned_postprocess"] = tuned
         if progress:

@@ -76,21 +76,24 @@ def hv_loss(pred: torch.Tensor, target: torch.Tensor, fg: torch.Tensor, weight: 
 
 
 def instance_loss(out: dict[str, torch.Tensor], target_np: torch.Tensor, target_hv: torch.Tensor,
-                  weight: torch.Tensor | None = None) -> torch.Tensor:
+                  weight: torch.Tensor | None = None, hv_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The supervised loss of one batch: NP Dice + CE plus HV MSE + MSGE (HoVer-Net).
 
     Args:
         out: ``{"np": (N, 2, H, W) logits, "hv": (N, 2, H, W)}`` network output.
         target_np: long (N, H, W), 1 = nucleus; target_hv: float (N, 2, H, W) from ``hv_targets``.
         weight: optional float (N, H, W) pixel weights >= 0 (0 = ignore the pixel).
+        hv_weight: optional float (N, H, W) weights of the HV terms alone (default: ``weight``),
+            e.g. 0 on crops whose labels are binary masks.
 
     Returns:
         scalar tensor.
     """
+    hv_weight = weight if hv_weight is None else hv_weight
     fg = target_np.to(out["hv"].dtype)
-    if weight is not None:
-        fg = fg * weight.to(fg.dtype)
-    return np_loss(out["np"].float(), target_np, weight) + hv_loss(out["hv"].float(), target_hv, fg, weight)
+    if hv_weight is not None:
+        fg = fg * hv_weight.to(fg.dtype)
+    return np_loss(out["np"].float(), target_np, weight) + hv_loss(out["hv"].float(), target_hv, fg, hv_weight)
 
 
 def consistency_map(student_out: dict[str, torch.Tensor], teacher_out: dict[str, torch.Tensor],
