@@ -152,3 +152,19 @@ def test_cli_list_with_a_missing_slide_exits_1_with_a_summary(folder, model, tmp
     assert out == f"1 of 2 slides done, 1 failed; see {tmp_path / 'cohort.csv'}\n"
     assert err.count("\n") == 1 and "missing.svs: no such file" in err
     assert rows(tmp_path)["missing.svs"]["status"] == "failed" and rows(tmp_path)["a.svs"]["status"] == "done"
+
+
+def test_tta_reaches_the_network_and_is_part_of_the_run_key(folder, model, client, tmp_path):
+    from wsi_ircr.slide.tasks import get_predictor
+
+    plain = SegmentConfig(**SMALL, model=str(model))
+    flipped = SegmentConfig(**SMALL, model=str(model), tta=2)
+    info = model_info(plain)
+    assert get_predictor(info.path, info.hash, "cpu", 2).tta == 2
+    one = segment_slides([folder / "a.svs"], tmp_path / "one", plain, client, info)
+    two = segment_slides([folder / "a.svs"], tmp_path / "two", flipped, client, info)
+    assert two.summaries[folder / "a.svs"]["config"]["tta"] == 2
+    assert geojson(tmp_path / "one", "a") != geojson(tmp_path / "two", "a")
+    again = segment_slides([folder / "a.svs"], tmp_path / "one", flipped, client, info)
+    assert "finished run with another tta (1 -> 2)" in again.failed[folder / "a.svs"]
+    assert one.done == [folder / "a.svs"]

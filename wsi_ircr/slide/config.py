@@ -19,6 +19,8 @@ class SegmentConfig:
         instance belongs to the tile whose core holds its centroid, so the halo must exceed
         the largest nucleus (``max_nucleus_um``) for every nucleus to be seen whole.
     tissue_mask / tissue_mpp: detect tissue at this low resolution and skip empty tiles.
+    tta: test-time augmentation: the network's maps are averaged over this many of the 8
+        flips / transposes of each tile (1, 2, 4 or 8; the network's cost grows in proportion).
     batch_tiles: tiles per inference task (one forward batch).
     tasks_in_flight: tile tasks submitted at once over all slides of a command, so memory
         stays flat however large the cohort (0 = twice the cluster's worker threads).
@@ -31,6 +33,7 @@ class SegmentConfig:
     model: str | None = None
     mpp: float | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    tta: Literal[1, 2, 4, 8] = 1
     core_px: int = 896
     halo_px: int = 64
     max_nucleus_um: float = 16.0

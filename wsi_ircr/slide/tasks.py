@@ -68,8 +68,8 @@ def _require_on_worker(path: str | None) -> None:
                         "model and output folder at the same paths (a shared filesystem)")
 
 
-def get_predictor(model_path: str | None, model_hash: str, device: str):
-    """The worker's Predictor for this model file and device, loaded once per process.
+def get_predictor(model_path: str | None, model_hash: str, device: str, tta: int = 1):
+    """The worker's Predictor for this model file, device and test-time views, loaded once per process.
 
     Keyed by the file hash the driver saw, so a model file replaced at the same path is
     loaded anew; a worker that finds another file there (a changed or unshared file) raises
@@ -80,7 +80,7 @@ def get_predictor(model_path: str | None, model_hash: str, device: str):
     from wsi_ircr.model.checkpoint import load_checkpoint
     from wsi_ircr.model.inference import Predictor
 
-    key = (model_path, model_hash, device)
+    key = (model_path, model_hash, device, tta)
     with _CACHE_LOCK:
         if key in _PREDICTORS:
             return _with_cpu_threads(_PREDICTORS[key])
@@ -92,8 +92,8 @@ def get_predictor(model_path: str | None, model_hash: str, device: str):
                 f"{model_hash}; the file changed during the run or differs between machines: keep one copy on a "
                 "shared filesystem"
             )
-        predictor = Predictor(checkpoint, device=device)
-        for old in [k for k in _PREDICTORS if k[0] == model_path and k[2] == device]:
+        predictor = Predictor(checkpoint, device=device, tta=tta)
+        for old in [k for k in _PREDICTORS if k[0] == model_path and k[2:] == (device, tta)]:
             del _PREDICTORS[old]
         _PREDICTORS[key] = predictor
         return _with_cpu_threads(predictor)
@@ -142,6 +142,7 @@ class SlideJob:
         driver's ``reader.fingerprint()``.
     store_path / results_dir: the run's tile store and per-tile results folder.
     model_path / model_hash / device: the checkpoint (None: bundled) and where it runs.
+    tta: views of test-time augmentation averaged by the network (1 = none).
     """
 
     slide_path: str
@@ -152,6 +153,7 @@ class SlideJob:
     model_path: str | None
     model_hash: str
     device: str
+    tta: int = 1
 
 
 @dataclass
@@ -209,7 +211,7 @@ def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop")
     t1 = time.perf_counter()
     images = np.stack([store.read(i) for i in indices])
     t2 = time.perf_counter()
-    predictor = get_predictor(job.model_path, job.model_hash, job.device)
+    predictor = get_predictor(job.model_path, job.model_hash, job.device, job.tta)
     probs, hvs = predictor.predict_maps(images)
     t3 = time.perf_counter()
     for i, image, prob, hv in zip(indices, images, probs, hvs):
