@@ -76,7 +76,7 @@ def _tiff_without_resolution(path: Path) -> Path:
 # Errors of the whole command: exit 2 before any work, nothing written.
 COMMAND_ERRORS = ["folder_without_slides", "halo_below_nucleus", "cuda_without_gpu", "output_is_a_file"]
 # Errors of one slide: it fails alone (exit 1), recorded in OUT/cohort.csv, no run folder left.
-SLIDE_ERRORS = ["missing", "text", "truncated_svs", "dicom", "no_mpp", "smaller_than_a_tile"]
+SLIDE_ERRORS = ["missing", "text", "truncated_svs", "dicom", "no_mpp", "placeholder_dpi", "smaller_than_a_tile"]
 
 
 @pytest.mark.parametrize("case", COMMAND_ERRORS + SLIDE_ERRORS)
@@ -99,6 +99,12 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, slide, random_model, tmp
         target, expect = shared_slides / "small_dicom.dcm", "small_dicom.dcm"
     elif case == "no_mpp":
         target, expect = _tiff_without_resolution(tmp_path / "nompp.tiff"), "--mpp"
+    elif case == "placeholder_dpi":
+        import tifffile
+
+        target, expect = tmp_path / "scan300.tiff", "84.67 um/px, a placeholder resolution); pass --mpp"
+        tifffile.imwrite(target, synthetic_he((260, 300), n_nuclei=5, seed=2)[0], tile=(256, 256), photometric="rgb",
+                         resolution=(300, 300), resolutionunit="INCH")
     elif case == "smaller_than_a_tile":
         target, expect = shared_slides / "small.svs", "16x16"
     elif case == "halo_below_nucleus":

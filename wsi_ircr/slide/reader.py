@@ -137,7 +137,7 @@ def _mpp_from_properties(props: Mapping[str, str], name: str) -> tuple[float | N
             mpp = um_per_unit * (1 / rx + 1 / ry) / 2
             source, key = "tiff resolution", "tiff.XResolution"
     if mpp is not None and not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
-        log.warning("%s: ignoring implausible level-0 mpp %.4g from %s", name, mpp, key)
+        log.info("%s: ignoring implausible level-0 mpp %.4g from %s", name, mpp, key)  # mpp_source says it
         return None, f"none: ignored implausible {key} = {mpp:.4g} um/px, a placeholder resolution"
     return mpp, source
 
