@@ -168,3 +168,17 @@ def test_tta_reaches_the_network_and_is_part_of_the_run_key(folder, model, clien
     again = segment_slides([folder / "a.svs"], tmp_path / "one", flipped, client, info)
     assert "finished run with another tta (1 -> 2)" in again.failed[folder / "a.svs"]
     assert one.done == [folder / "a.svs"]
+
+
+def test_cohort_table_keeps_rows_of_older_tables_and_refuses_foreign_files(tmp_path):
+    from wsi_ircr.slide.cohort import CohortTable
+
+    (tmp_path / "cohort.csv").write_text("slide,status,nuclei,seconds,error\n/d/old.svs,done,12,3.5,\n")
+    table = CohortTable(tmp_path)
+    table.record({"slide": "/d/new.svs", "status": "failed", "error": "bad"})
+    assert rows(tmp_path)["old.svs"] == {"slide": "/d/old.svs", "status": "done", "nuclei": "12", "tissue_mm2": "",
+                                         "nuclei_per_mm2": "", "seconds": "3.5", "error": ""}
+    assert rows(tmp_path)["new.svs"]["error"] == "bad"
+    (tmp_path / "cohort.csv").write_text("name,value\nx,1\n")
+    with pytest.raises(UserError, match="cohort.csv: not a cohort table"):
+        CohortTable(tmp_path)

@@ -40,10 +40,10 @@ class CohortTable:
             try:
                 with open(self.path, newline="") as f:
                     reader = csv.DictReader(f)
-                    if tuple(reader.fieldnames or ()) != COLUMNS:
-                        raise ValueError("other columns")
-                    for row in reader:
-                        self.rows[run_stem(row["slide"])] = row
+                    if not {"slide", "status"} <= set(reader.fieldnames or ()):
+                        raise ValueError("no slide and status columns")
+                    for row in reader:  # tables of earlier versions may lack columns
+                        self.rows[run_stem(row["slide"])] = {k: row.get(k) or "" for k in COLUMNS}
             except (OSError, ValueError, UnicodeDecodeError, csv.Error) as e:
                 raise UserError(f"{self.path}: not a cohort table of wsi-ircr ({e}); move it away or choose "
                                 "another -o") from None
