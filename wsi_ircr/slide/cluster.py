@@ -35,6 +35,8 @@ class SlurmConfig:
     setup: shell lines run before the worker starts (``module load ...``, ``source .venv/bin/activate``).
     extra_directives: more ``#SBATCH`` lines, e.g. ``--constraint=a100``.
     local_directory / log_directory: worker scratch space and job log folder (null = defaults).
+    interface: network interface the scheduler and workers talk over (e.g. ``ib0``; null =
+        the default route's).
     """
 
     queue: str | None = None
@@ -50,6 +52,7 @@ class SlurmConfig:
     extra_directives: tuple[str, ...] = ()
     local_directory: str | None = None
     log_directory: str | None = None
+    interface: str | None = None
 
     def __post_init__(self):
         if self.cores < 1 or self.gpus < 0 or self.processes < 1:
@@ -169,6 +172,7 @@ def slurm_cluster(slurm: SlurmConfig, config: SegmentConfig):
                         memory=slurm.memory, walltime=slurm.walltime, job_extra_directives=directives,
                         worker_extra_args=extra_args, job_script_prologue=list(slurm.setup),
                         local_directory=slurm.local_directory, log_directory=slurm.log_directory,
+                        interface=slurm.interface,
                         dashboard_address=None, scheduler_options={"dashboard_address": None},
                         silence_logs="error")
 
