@@ -32,6 +32,9 @@ def test_new_unfinished_finished_and_overwrite(tmp_path):
     folder.finish({"nuclei": 3})
     assert not folder.work_dir.exists() and folder.summary() == {"nuclei": 3}
     assert folder.finished(key())
+    folder.summary_file.write_text("{trunc")
+    assert not folder.finished(key()) and folder.prepare(key()) is True  # redone from its saved parts
+    folder.finish({"nuclei": 3})
     older = {**key(), "wsi_ircr": "0.0.1"}
     folder.run_file.write_text(json.dumps(older))
     assert folder.finished(key())  # made by another wsi-ircr version: still finished

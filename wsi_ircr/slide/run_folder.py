@@ -101,7 +101,7 @@ class RunFolder:
         """True when the folder holds a finished run with this key (a rerun skips it; the
         wsi-ircr version that made it does not matter); a UserError when it holds a finished
         run of another slide, model or settings."""
-        if not self.summary_file.exists():
+        if self.summary() is None:  # none, or unreadable: the run is redone from its saved parts
             return False
         previous = self._key()
         if not isinstance(previous, dict) or {**previous, "wsi_ircr": None} != {**key, "wsi_ircr": None}:
