@@ -33,7 +33,9 @@ def test_new_unfinished_finished_and_overwrite(tmp_path):
     assert not folder.work_dir.exists() and folder.summary() == {"nuclei": 3}
     assert folder.finished(key())
     folder.summary_file.write_text("{trunc")
+    (folder.path / ".s.geojson.gz.x1.partial").write_text("half")  # a killed export's temporary file
     assert not folder.finished(key()) and folder.prepare(key()) is True  # redone from its saved parts
+    assert not list(folder.path.glob(".*partial"))
     folder.finish({"nuclei": 3})
     older = {**key(), "wsi_ircr": "0.0.1"}
     folder.run_file.write_text(json.dumps(older))

@@ -128,6 +128,8 @@ class RunFolder:
                 if previous != key:
                     raise UserError(f"{self.path}: holds an unfinished run {_difference(previous, key)}; "
                                     "pass --overwrite to start over or choose another -o")
+                for partial in self.path.glob(".*.partial"):  # files a killed run was writing
+                    shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
                 return True
         try:
             self.path.mkdir(parents=True, exist_ok=True)
