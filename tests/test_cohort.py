@@ -179,6 +179,10 @@ def test_cohort_table_keeps_rows_of_older_tables_and_refuses_foreign_files(tmp_p
     assert rows(tmp_path)["old.svs"] == {"slide": "/d/old.svs", "status": "done", "nuclei": "12", "tissue_mm2": "",
                                          "nuclei_per_mm2": "", "seconds": "3.5", "error": ""}
     assert rows(tmp_path)["new.svs"]["error"] == "bad"
+    other = CohortTable(tmp_path)  # another command into the same OUT, opened before this one wrote
+    table.record({"slide": "/d/third.svs", "status": "done"})
+    other.record({"slide": "/d/fourth.svs", "status": "done"})
+    assert set(rows(tmp_path)) == {"old.svs", "new.svs", "third.svs", "fourth.svs"}
     (tmp_path / "cohort.csv").write_text("name,value\nx,1\n")
     with pytest.raises(UserError, match="cohort.csv: not a cohort table"):
         CohortTable(tmp_path)

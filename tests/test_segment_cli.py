@@ -128,7 +128,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, slide, random_model, tmp
     if case in COMMAND_ERRORS:
         assert not out.is_dir() or not any(out.rglob("*")), sorted(out.rglob("*"))
     else:
-        assert sorted(p.name for p in out.iterdir()) == ["cohort.csv"], sorted(out.rglob("*"))
+        assert sorted(p.name for p in out.iterdir()) == [".cohort.lock", "cohort.csv"], sorted(out.rglob("*"))
         [row] = _rows(out)
         assert row["slide"] == str(target.absolute()) and row["status"] == "failed"
         assert row["error"] == lines[0].removeprefix("error: ")

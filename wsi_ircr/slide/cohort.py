@@ -31,30 +31,46 @@ COLUMNS = ("slide", "status", "nuclei", "tissue_mm2", "nuclei_per_mm2", "seconds
 
 
 class CohortTable:
-    """``OUT/cohort.csv``: one row per slide ever run into OUT (keyed by its run folder)."""
+    """``OUT/cohort.csv``: one row per slide ever run into OUT (keyed by its run folder).
+
+    Each update re-reads the file under a lock (``OUT/.cohort.lock``) and replaces it
+    atomically, so commands running at once into one OUT keep each other's rows.
+    """
 
     def __init__(self, out_root: str | Path):
         self.path = Path(out_root) / TABLE
-        self.rows: dict[str, dict] = {}
-        if self.path.exists():
-            try:
-                with open(self.path, newline="") as f:
-                    reader = csv.DictReader(f)
-                    if not {"slide", "status"} <= set(reader.fieldnames or ()):
-                        raise ValueError("no slide and status columns")
-                    for row in reader:  # tables of earlier versions may lack columns
-                        self.rows[run_stem(row["slide"])] = {k: row.get(k) or "" for k in COLUMNS}
-            except (OSError, ValueError, UnicodeDecodeError, csv.Error) as e:
-                raise UserError(f"{self.path}: not a cohort table of wsi-ircr ({e}); move it away or choose "
-                                "another -o") from None
+        self._lock_path = Path(out_root) / ".cohort.lock"
+        self.rows = self._read()
+
+    def _read(self) -> dict[str, dict]:
+        rows: dict[str, dict] = {}
+        if not self.path.exists():
+            return rows
+        try:
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                if not {"slide", "status"} <= set(reader.fieldnames or ()):
+                    raise ValueError("no slide and status columns")
+                for row in reader:  # tables of earlier versions may lack columns
+                    rows[run_stem(row["slide"])] = {k: row.get(k) or "" for k in COLUMNS}
+        except (OSError, ValueError, UnicodeDecodeError, csv.Error) as e:
+            raise UserError(f"{self.path}: not a cohort table of wsi-ircr ({e}); move it away or choose "
+                            "another -o") from None
+        return rows
 
     def record(self, row: dict) -> None:
         """Add or replace the row of ``row["slide"]`` and rewrite the file atomically."""
-        self.rows[run_stem(row["slide"])] = {k: row.get(k, "") for k in COLUMNS}
-        with atomic_open(self.path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.rows.values())
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.rows = self._read()
+            self.rows[run_stem(row["slide"])] = {k: row.get(k, "") for k in COLUMNS}
+            with atomic_open(self.path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=COLUMNS)
+                writer.writeheader()
+                writer.writerows(self.rows.values())
 
 
 def _done_row(summary: dict) -> dict:
