@@ -159,7 +159,8 @@ class SlideJob:
 @dataclass
 class BatchReport:
     """What a task did: instances and dropped nuclei per tile, seconds per stage (summed
-    over its tiles) and the worker process's resident memory at its end (MiB)."""
+    over its tiles) and the worker process's resident memory (MiB), the larger of after the
+    network and at the end."""
 
     counts: dict[Tile, int] = field(default_factory=dict)
     dropped: dict[Tile, int] = field(default_factory=dict)
@@ -214,6 +215,7 @@ def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop")
     predictor = get_predictor(job.model_path, job.model_hash, job.device, job.tta)
     probs, hvs = predictor.predict_maps(images)
     t3 = time.perf_counter()
+    rss_after_inference = _rss_mb()  # images and maps of the whole batch are held here
     for i, image, prob, hv in zip(indices, images, probs, hvs):
         tile = store.tiles[i]
         instances = segment_tile(image, predictor, store.grid, tile, maps=(prob, hv), on_truncated=on_truncated)
@@ -222,6 +224,6 @@ def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop")
         report.counts[tile] = instances.count
         report.dropped[tile] = instances.dropped
     t4 = time.perf_counter()
-    report.rss_mb = _rss_mb()
+    report.rss_mb = max(rss_after_inference, _rss_mb())
     report.seconds.update(read_decode=t1 - t0, tile_load=t2 - t1, inference=t3 - t2, postprocess=t4 - t3)
     return report
