@@ -76,3 +76,15 @@ def test_nuclei_larger_than_the_halo_are_counted_or_refused():
         segment_tile(window, DarkPredictor(), grid, (0, 0), on_truncated="raise")
     with pytest.raises(ValueError, match="expected uint8"):
         segment_tile(window[:10], DarkPredictor(), grid, (0, 0))
+
+
+def test_readme_python_example_with_the_bundled_model():
+    from wsi_ircr.model.checkpoint import bundled_model_path, load_checkpoint
+    from wsi_ircr.model.inference import Predictor
+
+    if not bundled_model_path().exists():
+        pytest.skip("the bundled model is not in wsi_ircr/weights")
+    image, truth = synthetic_he((300, 320), n_nuclei=30, seed=8, radius_px=(8, 12), tissue_fraction=0.8)
+    labels = segment_array(image, Predictor(load_checkpoint(None), device="cpu"), core_px=128, halo_px=64)
+    assert labels.shape == (300, 320) and labels.dtype == np.int32
+    assert 0.7 * truth.max() < labels.max() < 1.5 * truth.max()
