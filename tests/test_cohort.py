@@ -79,13 +79,17 @@ def test_collect_slides_from_files_folders_and_lists(folder, tmp_path):
 
 def test_one_graph_bounded_in_flight_corrupt_slide_alone_and_the_table_kept(folder, model, client, tmp_path,
                                                                             monkeypatch):
-    """Three slides, at most 2 tile tasks in flight: b's tiles start before a is exported (no
-    barrier between slides), c (truncated) fails alone, and every done slide's GeoJSON is
+    """Three slides, at most 2 tile tasks in flight: b is planned while a's tiles run and b's
+    tiles start before a is exported (no barrier between slides), c (truncated) fails alone, and every done slide's GeoJSON is
     that of a run of it alone. cohort.csv keeps rows across commands into the same OUT."""
     config = SegmentConfig(**SMALL, model=str(model), tasks_in_flight=2)
     info = model_info(config)
     events, most = [], [0]
-    submit, finish = cohort_mod._Cohort._submit, cohort_mod.finish_slide
+    submit, finish, plan = cohort_mod._Cohort._submit, cohort_mod.finish_slide, cohort_mod._Cohort._plan
+
+    def spy_plan(self, slide):
+        events.append(("plan", slide.stem, time.perf_counter()))
+        return plan(self, slide)
 
     def spy_submit(self, run):
         events.append(("submit", run.folder.stem, time.perf_counter()))
@@ -98,6 +102,7 @@ def test_one_graph_bounded_in_flight_corrupt_slide_alone_and_the_table_kept(fold
         return summary
 
     monkeypatch.setattr(cohort_mod._Cohort, "_submit", spy_submit)
+    monkeypatch.setattr(cohort_mod._Cohort, "_plan", spy_plan)
     monkeypatch.setattr(cohort_mod, "finish_slide", spy_finish)
     slides = collect_slides([folder])
     report = segment_slides(slides, tmp_path / "all", config, client, info)
@@ -106,6 +111,9 @@ def test_one_graph_bounded_in_flight_corrupt_slide_alone_and_the_table_kept(fold
     first_b = min(t for kind, stem, t in events if kind == "submit" and stem == "b")
     a_exported = next(t for kind, stem, t in events if kind == "exported" and stem == "a")
     assert first_b < a_exported
+    last_a = max(t for kind, stem, t in events if kind == "submit" and stem == "a")
+    plan_b = next(t for kind, stem, t in events if kind == "plan" and stem == "b")
+    assert plan_b < last_a  # b was planned in the background while a's tiles ran
     table = rows(tmp_path / "all")
     assert table["a.svs"]["status"] == table["b.tiff"]["status"] == "done"
     assert table["c.svs"]["status"] == "failed" and "c.svs" in table["c.svs"]["error"]

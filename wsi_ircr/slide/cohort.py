@@ -1,6 +1,6 @@
 """One slide or a cohort, as one task graph: tiles of every slide share the cluster.
 
-The driver plans slides one after another while the cluster works, keeps at most
+The driver plans the next slide in a background thread while the cluster works, keeps at most
 ``tasks_in_flight`` tile tasks submitted (memory stays flat however large the cohort),
 exports a finished slide in a background thread while other slides' tiles run, and
 records every slide in ``OUT/cohort.csv`` (rewritten atomically as slides finish, rows of
@@ -27,6 +27,7 @@ from wsi_ircr.slide.pipeline import ModelInfo, SlidePlan, TileResults, driver_rs
 from wsi_ircr.slide.run_folder import RunFolder, run_key, run_stem
 
 TABLE = "cohort.csv"
+PLAN_AHEAD = 1  # slides planned in the background while the current ones' tiles run
 COLUMNS = ("slide", "status", "nuclei", "tissue_mm2", "nuclei_per_mm2", "seconds", "error")
 
 
@@ -129,6 +130,18 @@ class SlideRun:
     t_tiles: float | None = None
 
 
+@dataclass(eq=False)
+class _Planned:
+    """A slide after planning: an active ``run``, ``skipped`` (its folder and summary: done
+    before), or the ``error`` it failed with."""
+
+    slide: Path
+    t_start: float
+    run: SlideRun | None = None
+    skipped: tuple[RunFolder, dict] | None = None
+    error: BaseException | None = None
+
+
 def _batches(items: list[int], size: int) -> deque:
     return deque(items[i:i + size] for i in range(0, len(items), size))
 
@@ -149,6 +162,7 @@ class _Cohort:
         self.min_in_flight = min_in_flight
         self.events: queue.Queue = queue.Queue()
         self.active: list[SlideRun] = []
+        self.planning: deque = deque()  # futures of _Planned, in slide order
         self.futures: dict = {}
         self.exports = 0
         self.token = uuid.uuid4().hex[:8]
@@ -164,8 +178,9 @@ class _Cohort:
         self.echo(f"error: {text}", True)
         self.progress.slide_done()
 
-    def _start(self, slide: Path) -> None:
-        """Plan ``slide`` and queue its tile batches; skip it when finished; record a failure."""
+    def _plan(self, slide: Path) -> _Planned:
+        """Open and plan ``slide`` and prepare its run folder (in the planner thread: touches
+        only this slide's files); what to do with it is decided by ``_admit``."""
         from wsi_ircr.slide.reader import open_slide
         from wsi_ircr.slide.store import create_tile_store
         from wsi_ircr.slide.tasks import SlideJob, load_result, result_path
@@ -178,13 +193,7 @@ class _Cohort:
             key = run_key(slide.name, reader.fingerprint(), self.model.hash, self.config)
             if not self.overwrite and folder.finished(key):
                 reader.close()
-                summary = folder.summary() or {}
-                self.report.skipped.append(slide)
-                self.report.summaries[slide] = summary
-                self.table.record(_done_row(summary) | {"slide": str(slide)})
-                self.echo(f"{slide}: already done ({summary.get('nuclei')} nuclei) -> {folder.path}/", False)
-                self.progress.slide_done()
-                return
+                return _Planned(slide, t_start, skipped=(folder, folder.summary()))
             plan = plan_slide(reader, self.config, self.model.mpp)
             seconds = {"plan_tissue": time.perf_counter() - t_start}
             resumed = folder.prepare(key, self.overwrite)
@@ -206,14 +215,41 @@ class _Cohort:
         except Exception as e:  # noqa: BLE001 - any slide may fail alone
             if reader is not None:
                 reader.close()
-            self._fail(slide, e, t_start)
-            return
+            return _Planned(slide, t_start, error=e)
         run = SlideRun(slide, folder, reader, plan, job, resumed, stored, _batches(pending, self.config.batch_tiles),
                        results, seconds, t_start, driver_rss_mb())
-        self.progress.add_tiles(len(plan.tiles))
-        self.progress.tiles_done(results.reused)
-        self.active.append(run)
-        self._maybe_export(run)
+        return _Planned(slide, t_start, run=run)
+
+    def _admit(self, planned: _Planned) -> None:
+        """Record a planned slide: failed, skipped (already finished) or active (its tiles queued)."""
+        slide = planned.slide
+        if planned.error is not None:
+            self._fail(slide, planned.error, planned.t_start)
+        elif planned.skipped is not None:
+            folder, summary = planned.skipped
+            self.report.skipped.append(slide)
+            self.report.summaries[slide] = summary
+            self.table.record(_done_row(summary) | {"slide": str(slide)})
+            self.echo(f"{slide}: already done ({summary.get('nuclei')} nuclei) -> {folder.path}/", False)
+            self.progress.slide_done()
+        else:
+            run = planned.run
+            self.progress.add_tiles(len(run.plan.tiles))
+            self.progress.tiles_done(run.results.reused)
+            self.active.append(run)
+            self._maybe_export(run)
+
+    def _next_planned(self) -> _Planned | None:
+        """The next slide's plan (waiting for it if needed), with the following slides'
+        plans started so they are ready when this one's tiles are all submitted."""
+        if not self.planning and self.slides:
+            self.planning.append(self.planner.submit(self._plan, self.slides.popleft()))
+        if not self.planning:
+            return None
+        future = self.planning.popleft()
+        while len(self.planning) < PLAN_AHEAD and self.slides:
+            self.planning.append(self.planner.submit(self._plan, self.slides.popleft()))
+        return future.result()
 
     def _maybe_export(self, run: SlideRun) -> None:
         """Once every tile of ``run`` is segmented, export it in a background thread."""
@@ -303,17 +339,19 @@ class _Cohort:
             run = next((r for r in self.active if r.batches), None)
             if run is not None:
                 self._submit(run)
-            elif self.slides:
-                self._start(self.slides.popleft())
-            else:
+                continue
+            planned = self._next_planned()
+            if planned is None:
                 return
+            self._admit(planned)
 
     def run(self) -> CohortReport:
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="export") as self.pool:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="export") as self.pool, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan") as self.planner:
             try:
                 while True:
                     self._feed()
-                    if not self.futures and not self.exports and not self.slides and not self.active:
+                    if not (self.futures or self.exports or self.slides or self.planning or self.active):
                         break
                     kind, run, future = self.events.get()
                     if kind == "task":
@@ -322,6 +360,8 @@ class _Cohort:
                         self._exported(run, future)
             except BaseException:
                 self.client.cancel(list(self.futures))
+                for future in self.planning:
+                    future.cancel()
                 for run in self.active:
                     run.reader.close()
                 raise
