@@ -7,7 +7,6 @@ import csv
 import os
 import signal
 import sys
-from pathlib import Path
 
 import pytest
 from model_fixtures import signal_checkpoint
