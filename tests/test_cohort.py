@@ -66,6 +66,8 @@ def test_collect_slides_from_files_folders_and_lists(folder, tmp_path):
     listing.write_text(f"# cohort\n\n{folder / 'a.svs'}\nrelative/x.svs\n")
     got = collect_slides([folder / "b.tiff"], listing)
     assert got == [folder / "b.tiff", folder / "a.svs", tmp_path / "relative" / "x.svs"]
+    listing.write_text(f"{folder}\n")  # a listed folder stands for its slides
+    assert collect_slides([], listing) == [folder / "a.svs", folder / "b.tiff", folder / "c.svs"]
     assert collect_slides([folder]) == [folder / "a.svs", folder / "b.tiff", folder / "c.svs"]
     (tmp_path / "empty").mkdir()
     for args, words in [(([tmp_path / "empty"],), "no slide"), (([], tmp_path / "none.txt"), "--list"),

@@ -36,7 +36,8 @@ def _slides_in_folder(folder: Path) -> list[Path]:
 
 def _slides_in_list(list_file: Path) -> list[Path]:
     """Paths listed one per line (blank lines and ``#`` comments skipped); relative paths
-    resolve against the list file's folder. Missing files are kept (they fail alone)."""
+    resolve against the list file's folder; a listed folder stands for its slides. Missing
+    files are kept (they fail alone)."""
     try:
         lines = list_file.read_text().splitlines()
     except FileNotFoundError:
@@ -47,7 +48,8 @@ def _slides_in_list(list_file: Path) -> list[Path]:
     paths = [Path(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not paths:
         raise UserError(f"--list {list_file}: lists no slide; write one slide path per line")
-    return [p if p.is_absolute() else list_file.parent / p for p in paths]
+    paths = [p if p.is_absolute() else list_file.parent / p for p in paths]
+    return [slide for p in paths for slide in (_slides_in_folder(p) if p.is_dir() else [p])]
 
 
 def collect_slides(paths: Iterable[str | Path], list_file: str | Path | None = None) -> list[Path]:
