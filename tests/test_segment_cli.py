@@ -284,3 +284,11 @@ def test_killed_run_resumes_to_the_same_geojson(slide, random_model, tmp_path, c
     assert summary["resumed"] is True and summary["tiles"]["reused_results"] >= 1
     killed, fresh = (gzip.decompress((tmp_path / k / "he" / "he.geojson.gz").read_bytes()) for k in ("killed", "fresh"))
     assert killed == fresh and json.loads(killed)["features"]
+
+
+def test_tile_goes_on_after_a_bad_slide(slide, random_model, tmp_path, capfd):
+    (tmp_path / "bad.svs").write_text("not a slide\n")
+    code, lines = wsi_ircr("tile", tmp_path / "bad.svs", slide, "-o", tmp_path / "out", "--model", random_model,
+                           *SMALL_TILES, capfd=capfd)
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error:") and "bad.svs" in lines[0], lines
+    assert (tmp_path / "out" / "he" / "tiles.zarr").is_dir() and not (tmp_path / "out" / "bad").exists()
