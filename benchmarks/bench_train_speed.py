@@ -6,7 +6,8 @@ The real step is ``Trainer.train_step`` on ``configs/train/recipe.yaml`` (MoNuSe
 from ../shared): crop sampling, geometric and photometric augmentation, HV targets, the
 supervised loss, AdamW, gradient clipping and the EMA update; validation is added at its
 amortised cost (one ``validate`` call divided by ``val_every``). The bare step is the same
-network, batch and optimiser on a fixed random batch with a trivial loss. Blocks of steps
+network, batch, memory layout (channels-last) and optimiser on a fixed random batch with a
+trivial loss. Blocks of steps
 alternate (bare, real, bare, real, ...) so that both see the same machine load.
 """
 
@@ -44,9 +45,9 @@ def main() -> None:
     data = load_train_data(cfg.data, config.parent, cfg.model_mpp)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp), data, fit_priors(data))
-        bare = build_model(cfg.arch)
+        bare = build_model(cfg.arch).to(memory_format=torch.channels_last)  # the trainer's layout
         opt = torch.optim.AdamW(bare.parameters(), lr=cfg.lr)
-        x = torch.rand(cfg.batch_size, 3, cfg.crop_px, cfg.crop_px)
+        x = torch.rand(cfg.batch_size, 3, cfg.crop_px, cfg.crop_px).contiguous(memory_format=torch.channels_last)
 
         def bare_step() -> None:
             out = bare(x)
