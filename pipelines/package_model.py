@@ -1,8 +1,11 @@
-"""Package a trained run as the bundled model: tune post-processing, add provenance, strip state.
+"""Package a trained run as the bundled model: post-processing, provenance, no training state.
 
     python pipelines/package_model.py runs/bundled/model.pt wsi_ircr/weights/ircr-monuseg-lite-s.pt \
-        --tune-images ../shared/data/monuseg-train/images --tune-labels ../shared/data/monuseg-train/labels \
-        --tune-stems TCGA-AR-A1AS-01Z-00-DX1,TCGA-G9-6363-01Z-00-DX1
+        --postprocess-from runs/recipe/final/model.pt --metrics runs/recipe/final/test.json
+
+A run trained on every labelled tile has no tiles left to tune its post-processing on:
+``--postprocess-from`` copies the thresholds that the same recipe's run with held-out
+validation tiles chose. ``--tune-images/--tune-labels [--tune-stems]`` tune on given tiles instead.
 
 The checkpoint written keeps weights, architecture, mpp, post-processing thresholds, PIAC
 priors and metadata (training config, data description with licence and citation,
@@ -39,10 +42,18 @@ def main() -> None:
     parser.add_argument("--tune-images", type=Path)
     parser.add_argument("--tune-labels", type=Path)
     parser.add_argument("--tune-stems", default="", help="Comma-separated stems to tune on (default: all pairs).")
+    parser.add_argument("--postprocess-from", type=Path, help="Checkpoint whose post-processing thresholds to copy.")
     parser.add_argument("--metrics", type=Path, help="JSON of evaluation figures to store in meta.metrics.")
     args = parser.parse_args()
     ckpt = load_checkpoint(args.source)
     notes = {}
+    if args.postprocess_from:
+        donor = load_checkpoint(args.postprocess_from)
+        ckpt.postprocess = donor.postprocess
+        tuned = (donor.meta.get("metrics") or {}).get("val_aji_tuned_postprocess")
+        notes["postprocess_from"] = {"checkpoint": str(args.postprocess_from), "hash": donor.model_hash,
+                                     "val_stems": (donor.meta.get("data") or {}).get("val"), "val_aji": tuned}
+        print(f"post-processing of {args.postprocess_from}: {ckpt.postprocess}", file=sys.stderr)
     if args.tune_images:
         stems = set(filter(None, args.tune_stems.split(",")))
         pairs = [p for p in pair_folders(args.tune_images, args.tune_labels) if not stems or p[0] in stems]

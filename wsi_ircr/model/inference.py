@@ -24,6 +24,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def output_maps(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's output dict -> nucleus probability (N, H, W) and HV (N, 2, H, W), float32."""
+    return torch.softmax(out["np"].float(), dim=1)[:, 1], out["hv"].float()
+
+
 def predict_maps_tensor(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``net`` on float (N, 3, H, W) in [0, 1]; pad to a multiple of 16 by reflection.
 
@@ -34,9 +39,8 @@ def predict_maps_tensor(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Te
     if ph or pw:
         mode = "reflect" if ph < h and pw < w else "replicate"
         x = F.pad(x, (0, pw, 0, ph), mode=mode)
-    out = net(x)
-    prob = torch.softmax(out["np"].float(), dim=1)[:, 1, :h, :w]
-    return prob, out["hv"].float()[:, :, :h, :w]
+    prob, hv = output_maps(net(x))
+    return prob[:, :h, :w], hv[:, :, :h, :w]
 
 
 TTA_VIEWS = (1, 2, 4, 8)  # test-time augmentation: how many of the 8 flips / transposes of the square

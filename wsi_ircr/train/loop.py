@@ -21,7 +21,7 @@ import torch
 from wsi_ircr.config import to_dict
 from wsi_ircr.errors import UserError
 from wsi_ircr.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from wsi_ircr.model.inference import Predictor, resolve_device
+from wsi_ircr.model.inference import Predictor, output_maps, resolve_device
 from wsi_ircr.model.net import build_model
 from wsi_ircr.model.postprocess import instances_from_maps
 from wsi_ircr.train.config import TrainConfig
@@ -68,9 +68,8 @@ def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def _instances(out: dict[str, torch.Tensor], cfg: TrainConfig) -> list[np.ndarray]:
-    prob = torch.softmax(out["np"].detach().float(), dim=1)[:, 1].cpu().numpy()
-    hv = out["hv"].detach().float().cpu().numpy()
-    return [instances_from_maps(p, h, cfg.postprocess, mpp=cfg.model_mpp) for p, h in zip(prob, hv)]
+    prob, hv = output_maps({k: v.detach() for k, v in out.items()})
+    return [instances_from_maps(p, h, cfg.postprocess, mpp=cfg.model_mpp) for p, h in zip(prob.cpu().numpy(), hv.cpu().numpy())]
 
 
 def validate(net: torch.nn.Module, val, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
