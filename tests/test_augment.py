@@ -36,27 +36,10 @@ def test_geometric_augment_labels_follow_image():
 
 def test_geometric_augment_is_reproducible():
     image, labels = labelled_crop()
-    a = geometric_augment(image, labels, np.random.default_rng(5), scale_range=(0.8, 1.2))
-    b = geometric_augment(image, labels, np.random.default_rng(5), scale_range=(0.8, 1.2))
+    a = geometric_augment(image, labels, np.random.default_rng(5))
+    b = geometric_augment(image, labels, np.random.default_rng(5))
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
-
-
-@pytest.mark.parametrize("scale", [(0.8, 0.8), (1.2, 1.2)])
-def test_geometric_augment_zoom_keeps_alignment(scale):
-    labels = np.zeros((64, 64), np.int32)
-    labels[16:30, 18:28] = 1
-    labels[34:48, 30:40] = 2
-    labels[20:26, 36:50] = 3
-    image = np.full((64, 64, 3), 200, np.uint8)
-    image[..., 0] = 30 * labels
-    img, lab = geometric_augment(image, labels, np.random.default_rng(1), scale_range=scale)
-    assert img.shape == image.shape and lab.shape == labels.shape
-    areas = np.bincount(lab.ravel(), minlength=4)[1:]
-    ref = np.bincount(labels.ravel())[1:]
-    np.testing.assert_allclose(areas / ref, scale[0] ** 2, rtol=0.15)
-    agree = np.abs(img[..., 0].astype(int) - 30 * lab) <= 1
-    assert agree.mean() > 0.95
 
 
 def test_geometric_augment_rejects_mismatch():

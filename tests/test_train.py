@@ -565,5 +565,7 @@ def test_scale_jitter_zooms_crops_and_keeps_labels_aligned():
     for image, labels in zip(zoomed["image"], zoomed["labels"]):  # nuclei pixels are dark, background pink
         if (labels > 0).sum() > 20:
             assert image[..., 1][labels > 0].mean() < image[..., 1][labels == 0].mean() - 40
-    with pytest.raises(UserError, match="scale_jitter"):
-        CropSampler(labelled_tiles(size=256), 192, np.random.default_rng(0), scale_jitter=0.3)
+    big = CropSampler(labelled_tiles(size=256), 192, np.random.default_rng(0), scale_jitter=0.3).sample(4)
+    assert big["image"].shape == (4, 192, 192, 3) and big["hv"].shape == (4, 2, 192, 192)
+    with pytest.raises(ValueError, match="scale_jitter"):
+        CropSampler(tiles, 32, np.random.default_rng(0), scale_jitter=1.0)

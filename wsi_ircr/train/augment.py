@@ -13,7 +13,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage as ndi
 
 # Ruifrok & Johnston H&E-DAB stain vectors (rows: haematoxylin, eosin, DAB; as scikit-image).
 _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
@@ -30,27 +29,18 @@ BLUR_SIGMA_PX = 1.5  # Gaussian blur sigma uniform in [0, this]
 NOISE_STD = 0.03  # additive Gaussian noise, std uniform in [0, this]
 
 
-def geometric_augment(
-    image: np.ndarray,
-    labels: np.ndarray,
-    rng: np.random.Generator,
-    scale_range: tuple[float, float] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Random flip + rot90 (the 8 symmetries of the square), optionally a zoom about the centre.
+def geometric_augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random flip + rot90 (the 8 symmetries of the square), the same for image and labels.
 
     Args:
-        image: uint8 (H, W, 3).
+        image: uint8 (H, W, C).
         labels: int (H, W) instance map (all zeros for unlabelled crops).
-        rng: the random source (two draws, three with ``scale_range``).
-        scale_range: (lo, hi) zoom factor drawn uniformly, e.g. (0.8, 1.2); None = no zoom.
-            The image is resampled bilinearly, the labels by nearest neighbour, the output
-            keeps the input shape; zooming out by s leaves a border of about
-            (1 - s) * size / 2 px with mirrored image and no labels, so cut the crop with a
-            margin at least that wide and drop it after augmentation.
+        rng: the random source (two draws).
 
     Returns:
-        (image uint8 (H', W', 3), labels int32 (H', W')); H', W' = W, H after an odd
-        rotation of a non-square crop.
+        (image uint8 (H', W', C), labels int32 (H', W')); H', W' = W, H after an odd
+        rotation of a non-square crop. (Scale jitter happens where crops are cut:
+        ``train.data.CropSampler``.)
     """
     if image.ndim != 3 or image.shape[:2] != labels.shape:
         raise ValueError(f"geometric_augment: image {image.shape} and labels {labels.shape} do not match")
@@ -59,23 +49,7 @@ def geometric_augment(
     if flip:
         image, labels = image[:, ::-1], labels[:, ::-1]
     image, labels = np.rot90(image, k), np.rot90(labels, k)
-    if scale_range is not None:
-        image, labels = _zoom(image, labels, float(rng.uniform(*scale_range)))
     return np.ascontiguousarray(image), np.ascontiguousarray(labels, dtype=np.int32)
-
-
-def _zoom(image: np.ndarray, labels: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Zoom both by ``scale`` about the array centre, output shape unchanged."""
-    h, w = labels.shape
-    inv = 1.0 / scale
-    centre = np.array([(h - 1) / 2, (w - 1) / 2])
-    offset = centre - inv * centre
-    out = ndi.affine_transform(
-        image.astype(np.float32), np.diag([inv, inv, 1.0]), offset=np.r_[offset, 0.0], order=1, mode="mirror"
-    )
-    image = np.clip(np.rint(out), 0, 255).astype(np.uint8)
-    labels = ndi.affine_transform(labels, np.diag([inv, inv]), offset=offset, order=0, mode="constant", cval=0)
-    return image, labels
 
 
 def _uniform(gen: torch.Generator, n: int, lo: float, hi: float, device: torch.device, cols: int = 1) -> torch.Tensor:

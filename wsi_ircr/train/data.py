@@ -161,8 +161,10 @@ class CropSampler:
 
     A crop of ``crop_px + 2 * margin_px`` is cut and augmented; HV targets are computed on
     it so nuclei cut by the final ``crop_px`` border keep the targets of their full shape.
-    ``scale_jitter`` s > 0 zooms every crop by a factor uniform in [1 - s, 1 + s] (nuclei sizes
-    vary between scanners and slides); the margin must cover the border a zoom-out leaves.
+    ``scale_jitter`` s > 0 zooms every crop by a factor z uniform in [1 - s, 1 + s] (nuclei sizes
+    vary between scanners and slides): a window of size / z px is cut from the tile (real
+    context, no mirrored border) and resized to the crop's size, the image bilinearly and the
+    labels by nearest neighbour.
     """
 
     def __init__(self, tiles: TileSet, crop_px: int, rng: np.random.Generator, margin_px: int = 32, scale_jitter: float = 0.0):
@@ -173,16 +175,14 @@ class CropSampler:
             stem, (h, w) = small[0]
             raise UserError(f"tile {stem!r} is {h}x{w} px, smaller than crop_px={crop_px} ({len(small)} such tile(s)); "
                             f"lower crop_px (a multiple of 16) or remove the small tiles")
-        if not 0 <= scale_jitter < 1 or (1 - scale_jitter) * (crop_px + 2 * margin_px) < crop_px:
-            raise UserError(f"scale_jitter={scale_jitter} zooms crop_px={crop_px} out past its {margin_px} px margin; "
-                            f"lower scale_jitter to at most {2 * margin_px / (crop_px + 2 * margin_px):.2f} or crop_px")
+        if not 0 <= scale_jitter < 1:
+            raise ValueError(f"scale_jitter must be in [0, 1), got {scale_jitter}")
         self.tiles, self.crop_px, self.rng, self.margin_px = tiles, crop_px, rng, margin_px
         self.scale_range = (1 - scale_jitter, 1 + scale_jitter) if scale_jitter > 0 else None
         areas = np.array([im.shape[0] * im.shape[1] for im in tiles.images], np.float64)
         self.tile_p = None if np.all(areas == areas[0]) else areas / areas.sum()  # crops in proportion to area
 
-    def _window(self, shape_rc: tuple[int, int]) -> tuple[int, int]:
-        size = self.crop_px + 2 * self.margin_px
+    def _window(self, shape_rc: tuple[int, int], size: int) -> tuple[int, int]:
         r = self.rng.integers(-self.margin_px, max(shape_rc[0] - size + self.margin_px, -self.margin_px) + 1)
         c = self.rng.integers(-self.margin_px, max(shape_rc[1] - size + self.margin_px, -self.margin_px) + 1)
         return int(r), int(c)
@@ -203,6 +203,7 @@ class CropSampler:
         (labels and hv only for labelled tiles), C = crop_px. Sets with unannotated pixels or
         binary labels (``TileSet.partial``) add ``"valid"`` float32 (n, C, C), 1 = annotated,
         and ``"hv_valid"`` float32 (n,), 1 = instance labels (HV targets mean something)."""
+        from wsi_ircr.model.resample import resize_image, resize_labels
         from wsi_ircr.train.augment import geometric_augment
         from wsi_ircr.train.targets import hv_targets
 
@@ -212,17 +213,19 @@ class CropSampler:
         for _ in range(n):
             i = int(self.rng.choice(len(self.tiles), p=self.tile_p)) if self.tile_p is not None else int(self.rng.integers(len(self.tiles)))
             image = self.tiles.images[i]
-            r0, c0 = self._window(image.shape[:2])
-            crop = self._cut(image, r0, c0, size)
+            src = size if self.scale_range is None else round(size / self.rng.uniform(*self.scale_range))
+            r0, c0 = self._window(image.shape[:2], src)
+            crop = resize_image(self._cut(image, r0, c0, src), (size, size))
             if self.tiles.labels is None:
-                crop, _ = geometric_augment(crop, np.zeros(crop.shape[:2], np.int32), self.rng, self.scale_range)
+                crop, _ = geometric_augment(crop, np.zeros(crop.shape[:2], np.int32), self.rng)
                 images.append(crop[m : m + c, m : m + c])
                 continue
-            lab = self._cut(self.tiles.labels[i], r0, c0, size)
+            lab = resize_labels(self._cut(self.tiles.labels[i], r0, c0, src), (size, size))
             ignore = self.tiles.ignore[i] if partial else None
             if ignore is not None:  # the mask rides along as a 4th channel through the same geometry
-                crop = np.concatenate([crop, self._cut(ignore.astype(np.uint8), r0, c0, size)[..., None]], axis=2)
-            crop, lab = geometric_augment(crop, lab, self.rng, self.scale_range)
+                mask = resize_labels(self._cut(ignore.astype(np.uint8), r0, c0, src), (size, size)).astype(np.uint8)
+                crop = np.concatenate([crop, mask[..., None]], axis=2)
+            crop, lab = geometric_augment(crop, lab, self.rng)
             images.append(crop[m : m + c, m : m + c, :3])
             labels.append(lab[m : m + c, m : m + c])
             hvs.append(hv_targets(lab)[:, m : m + c, m : m + c])
