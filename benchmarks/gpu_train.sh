@@ -18,7 +18,7 @@ DATA=scratch/gpu-data
 mkdir -p "$OUT" /tmp/gpu-runs
 [ -d "$DATA/images" ] || { echo "error: $DATA is missing; run python benchmarks/gpu_pack.py here and carry it" >&2; exit 2; }
 wsi() { python3 -c 'import sys; from wsi_ircr.cli import main; sys.exit(main())' "$@"; }
-common=(--images "$DATA/images" --labels "$DATA/labels" --device "$DEVICE" --steps "$STEPS" --quiet
+common=(--images "$DATA/images" --labels "$DATA/labels" --device "$DEVICE" --steps "$STEPS"
         --set threads=2 --set val_every=$((STEPS / 4 > 0 ? STEPS / 4 : 1)) --set data.mpp=0.25)
 start=$(date +%s)
 for seed in 0 1; do  # the recipe's pool runs (held-out figures), two seeds
