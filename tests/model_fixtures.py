@@ -30,3 +30,11 @@ def signal_checkpoint(path: Path, image: np.ndarray, mpp: float = 0.25, seed: in
     post = PostProcessConfig(np_threshold=threshold, min_area_um2=8 * mpp**2, min_marker_um2=4 * mpp**2)
     save_checkpoint(path, Checkpoint(arch="lite-s", model_state=net.state_dict(), mpp=mpp, postprocess=post))
     return path
+
+
+def synthetic_signal_model(path: Path) -> Path:
+    """``signal_checkpoint`` calibrated on a 256 px synthetic H&E tile with 20 nuclei (seed 7)."""
+    from synthetic_slides import synthetic_he
+
+    image, _ = synthetic_he((256, 256), n_nuclei=20, seed=7)
+    return signal_checkpoint(path, image)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from model_fixtures import signal_checkpoint
+from model_fixtures import synthetic_signal_model
 from synthetic_slides import synthetic_he, write_aperio_svs, write_pyramidal_tiff
 
 from wsi_ircr.cli import main
@@ -30,8 +30,7 @@ CLI = ["--core-px", "256", "--halo", "32", "--set", "max_nucleus_um=8", "--set",
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    image, _ = synthetic_he((256, 256), n_nuclei=20, seed=7)
-    return signal_checkpoint(tmp_path_factory.mktemp("model") / "random.pt", image)
+    return synthetic_signal_model(tmp_path_factory.mktemp("model") / "random.pt")
 
 
 @pytest.fixture(scope="module")

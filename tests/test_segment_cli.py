@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from model_fixtures import signal_checkpoint
+from model_fixtures import synthetic_signal_model
 from qupath_geojson import validate_qupath_geojson
 from synthetic_slides import synthetic_he, write_aperio_svs
 
@@ -54,8 +54,7 @@ def ok(*args, capfd) -> None:
 
 @pytest.fixture(scope="module")
 def random_model(tmp_path_factory) -> Path:
-    image, _ = synthetic_he((256, 256), n_nuclei=20, seed=7)
-    return signal_checkpoint(tmp_path_factory.mktemp("model") / "random.pt", image)
+    return synthetic_signal_model(tmp_path_factory.mktemp("model") / "random.pt")
 
 
 @pytest.fixture(scope="module")
