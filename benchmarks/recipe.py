@@ -42,7 +42,7 @@ def train(name: str, overrides: list[str], sources: bool) -> None:
     import yaml
 
     out = RUNS / name
-    cmd = ["wsi-ircr", "train", "--config", CONFIG, "--out", str(out.relative_to(REPO))]
+    cmd = [sys.executable, "-m", "wsi_ircr", "train", "--config", CONFIG, "--out", str(out.relative_to(REPO))]
     if sources:
         extra = yaml.safe_load((REPO / "configs/train/sources.yaml").read_text())["data"]["extra"]
         overrides = [f"data.extra={json.dumps(extra)}", *overrides]
@@ -64,7 +64,7 @@ def score(name: str, tta: int) -> dict:
     scores = out / f"test{suffix}.json"
     if not scores.exists():
         folder = test_folder(RUNS)
-        subprocess.run(["wsi-ircr", "evaluate", "--images", str(folder / "images"), "--labels", str(folder / "labels"),
+        subprocess.run([sys.executable, "-m", "wsi_ircr", "evaluate", "--images", str(folder / "images"), "--labels", str(folder / "labels"),
                         "--model", str(out / "model.pt"), "--json", str(scores), "--tta", str(tta), "--quiet"],
                        check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     test = json.loads(scores.read_text())
@@ -88,7 +88,7 @@ def score(name: str, tta: int) -> dict:
                     link.symlink_to(SHARED / folder / src / f"{stem}{ext}")
         path = out / f"val-{source}{suffix}.json"
         if not path.exists():
-            subprocess.run(["wsi-ircr", "evaluate", "--images", str(root / "images"), "--labels", str(root / "labels"),
+            subprocess.run([sys.executable, "-m", "wsi_ircr", "evaluate", "--images", str(root / "images"), "--labels", str(root / "labels"),
                             "--model", str(out / "model.pt"), "--json", str(path), "--tta", str(tta), "--mpp", str(mpp), "--quiet"],
                            check=True, cwd=REPO, stdout=subprocess.DEVNULL)
         sources[source] = json.loads(path.read_text())["mean"]
