@@ -11,6 +11,16 @@ loss (``pseudo_label``), or the squared teacher-student difference (``consistenc
 ``labelled_strength`` the same augmentation of labelled crops (0 = none); ``scale_jitter`` s
 zooms every crop by a factor in [1 - s, 1 + s] (0 = none, at most 0.4).
 ``miac_temperature`` < 1 sharpens the teacher's nucleus probability in the MIAC term.
+MIAC variants (issue 9; the defaults are the method as first built):
+``miac_np`` what MIAC compares on the NP branch: ``prob`` (softmax nucleus probability),
+``logit`` (nucleus log-odds, whose gradient does not fade where the teacher is sure) or ``off``;
+``miac_hv`` whether it compares the HV maps; ``miac_instance_norm`` every matched instance
+weighs the same in the inside term (else every pixel does, so large nuclei dominate);
+``miac_confidence`` c > 0 leaves out pixels where the teacher's confidence |2 p - 1| < c;
+``miac_grad_ratio`` r > 0 replaces ``miac_weight`` (which then only switches MIAC on) by an
+automatic weight that makes MIAC's gradient norm r times the supervised loss's, re-measured
+every ``miac_scale_every`` steps (before the ramp-up, which still applies);
+``miac_start_step`` MIAC's own ramp-up starts at max(``unsup_start_step``, this).
 ``ema_weights``: validate and ship the EMA of the weights (the teacher, kept in every run)
 instead of the student; semi-supervised runs always ship the teacher.
 ``mpp`` is the network's operating resolution (null: the tiles' ``data.mpp``); the checkpoint
@@ -121,6 +131,13 @@ class TrainConfig:
     miac_beta: float = 0.5
     miac_band_px: int = 2
     miac_temperature: float = 1.0
+    miac_np: Literal["prob", "logit", "off"] = "prob"
+    miac_hv: bool = True
+    miac_instance_norm: bool = False
+    miac_confidence: float = 0.0
+    miac_grad_ratio: float = 0.0
+    miac_scale_every: int = 25
+    miac_start_step: int = 0
     piac_tau: float = 0.35
     piac_w_good: float = 2.0
     piac_mode: Literal["pseudo_label", "consistency"] = "pseudo_label"
@@ -151,6 +168,12 @@ class TrainConfig:
             raise ValueError(f"tune_marker_radii must be a non-empty list of values > 0, got {list(self.tune_marker_radii)}")
         if self.miac_temperature <= 0:
             raise ValueError(f"miac_temperature must be > 0, got {self.miac_temperature}")
+        if self.miac_np == "off" and not self.miac_hv:
+            raise ValueError("miac_np=off with miac_hv=false leaves MIAC nothing to compare; set miac_weight=0 instead")
+        if not 0.0 <= self.miac_confidence < 1.0:
+            raise ValueError(f"miac_confidence must be in [0, 1), got {self.miac_confidence}")
+        if self.miac_grad_ratio < 0 or self.miac_scale_every < 1 or self.miac_start_step < 0:
+            raise ValueError("miac_grad_ratio and miac_start_step must be >= 0, miac_scale_every >= 1")
         if not 0 <= self.scale_jitter <= 0.4:
             raise ValueError(f"scale_jitter must be in [0, 0.4], got {self.scale_jitter}")
         if self.strong_strength < 0 or self.labelled_strength < 0:

@@ -101,6 +101,7 @@ class Trainer:
         self.unlabelled = (CropSampler(data.unlabelled, cfg.crop_px, self.rng, scale_jitter=cfg.scale_jitter)
                            if len(data.unlabelled) and cfg.semi_supervised else None)
         self.step = 0
+        self.miac_scale: float | None = None  # automatic MIAC weight (miac_grad_ratio), None until measured
         self.best = {"aji": -1.0, "step": 0}
         self.history: list[dict] = []
         self.amp = self.device.type == "cuda"
@@ -116,6 +117,7 @@ class Trainer:
             "rng": json.dumps(self.rng.bit_generator.state),
             "torch_rng": torch.get_rng_state(),
             "gen": self.gen.get_state(),
+            "miac_scale": self.miac_scale,
         }
 
     def load_state(self, ckpt: Checkpoint) -> None:
@@ -128,6 +130,7 @@ class Trainer:
         self.rng.bit_generator.state = json.loads(s["rng"])
         torch.set_rng_state(s["torch_rng"])
         self.gen.set_state(s["gen"])
+        self.miac_scale = s.get("miac_scale")
 
     def checkpoint(self, net: torch.nn.Module, with_state: bool, metrics: dict | None = None) -> Checkpoint:
         return Checkpoint(
@@ -160,7 +163,21 @@ class Trainer:
         hv_valid = valid * torch.from_numpy(batch["hv_valid"]).to(self.device)[:, None, None]
         return instance_loss(self.student(x), target_np, target_hv, valid, hv_valid)
 
-    def unsupervised_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def unsup_weights(self) -> dict[str, float]:
+        """Weight x ramp-up of each unsupervised term that is switched on and has started at this
+        step; with ``miac_grad_ratio`` MIAC's weight is the last measured automatic one (0 before)."""
+        cfg = self.cfg
+        ramp = rampup(self.step, cfg.unsup_start_step, cfg.rampup_steps)
+        ramps = {"mt": ramp, "miac": rampup(self.step, max(cfg.unsup_start_step, cfg.miac_start_step), cfg.rampup_steps),
+                 "piac": ramp}
+        weights = {k: w * ramps[k] for k, w in (("mt", cfg.mt_weight), ("miac", cfg.miac_weight), ("piac", cfg.piac_weight))
+                   if w > 0 and ramps[k] > 0}
+        if "miac" in weights and cfg.miac_grad_ratio > 0:
+            weights["miac"] = (self.miac_scale or 0.0) * ramps["miac"]
+        return weights
+
+    def unsupervised_loss(self, batch: dict, terms: set[str]) -> dict[str, torch.Tensor]:
+        """The unweighted unsupervised ``terms`` (of mt, miac, piac) of one unlabelled batch."""
         from wsi_ircr.train.augment import strong_view, weak_view
 
         cfg = self.cfg
@@ -170,30 +187,26 @@ class Trainer:
             t_out = {k: v.float() for k, v in t_out.items()}
         s_out = self.student(strong_view(x, self.gen, cfg.strong_strength))
         s_out = {k: v.float() for k, v in s_out.items()}
-        total = torch.zeros((), device=self.device)
         parts = {}
-        if cfg.mt_weight > 0:
-            mt = torch.mean((torch.softmax(s_out["np"], 1) - torch.softmax(t_out["np"], 1)) ** 2) + torch.mean((s_out["hv"] - t_out["hv"]) ** 2)
-            total = total + cfg.mt_weight * mt
-            parts["mt"] = float(mt.detach())
-        if cfg.miac_weight > 0 or cfg.piac_weight > 0:
+        if "mt" in terms:
+            parts["mt"] = torch.mean((torch.softmax(s_out["np"], 1) - torch.softmax(t_out["np"], 1)) ** 2) + torch.mean((s_out["hv"] - t_out["hv"]) ** 2)
+        if "miac" in terms or "piac" in terms:
             t_inst = _instances(t_out, cfg)
-        if cfg.miac_weight > 0:
-            from wsi_ircr.train.miac import match_instances, matched_masks, miac_loss
+        if "miac" in terms:
+            from wsi_ircr.train.miac import instance_weights, match_instances, matched_masks, miac_loss
 
             s_inst = _instances(s_out, cfg)
             inside, band = [], []
             for t_lab, s_lab in zip(t_inst, s_inst):
                 matches = match_instances(t_lab, s_lab, cfg.miac_max_dist_px)
                 i, b = matched_masks(t_lab, s_lab, matches, cfg.miac_band_px)
-                inside.append(i)
+                inside.append(instance_weights(t_lab, s_lab, matches) if cfg.miac_instance_norm else i)
                 band.append(b)
             inside_t = torch.from_numpy(np.stack(inside)).to(self.device)
             band_t = torch.from_numpy(np.stack(band)).to(self.device)
-            miac = miac_loss(s_out, t_out, inside_t, band_t, cfg.miac_beta, cfg.miac_temperature)
-            total = total + cfg.miac_weight * miac
-            parts["miac"] = float(miac.detach())
-        if cfg.piac_weight > 0:
+            parts["miac"] = miac_loss(s_out, t_out, inside_t, band_t, cfg.miac_beta, cfg.miac_temperature,
+                                      cfg.miac_np, cfg.miac_hv, cfg.miac_confidence)
+        if "piac" in terms:
             from wsi_ircr.train.piac import MorphologyPriors, piac_loss, piac_targets, piac_weight_map
 
             priors = MorphologyPriors.from_dict(self.priors)
@@ -205,12 +218,20 @@ class Trainer:
                 targets = [piac_targets(lab, w) for lab, w in zip(t_inst, weights)]
                 target_np = torch.from_numpy(np.stack([t[0] for t in targets]).astype(np.int64)).to(self.device)
                 target_hv = torch.from_numpy(np.stack([t[1] for t in targets])).to(self.device)
-                piac = instance_loss(s_out, target_np, target_hv, weight_t)
+                parts["piac"] = instance_loss(s_out, target_np, target_hv, weight_t)
             else:
-                piac = piac_loss(s_out, t_out, weight_t)
-            total = total + cfg.piac_weight * piac
-            parts["piac"] = float(piac.detach())
-        return total, parts
+                parts["piac"] = piac_loss(s_out, t_out, weight_t)
+        return parts
+
+    def measure_miac_scale(self, sup: torch.Tensor, miac: torch.Tensor) -> None:
+        """Re-measure MIAC's automatic weight (``miac_grad_ratio``) on this step's graph when due."""
+        from wsi_ircr.train.balance import matched_weight
+
+        if self.miac_scale is not None and self.step % self.cfg.miac_scale_every:
+            return
+        scale = matched_weight(sup, miac, list(self.student.parameters()), self.cfg.miac_grad_ratio)
+        if scale is not None:
+            self.miac_scale = scale
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
@@ -218,13 +239,17 @@ class Trainer:
         self.teacher.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             sup = self.supervised_loss(self.labelled.sample(cfg.batch_size))
-            loss = sup
             record = {"sup": float(sup.detach())}
-            ramp = rampup(self.step, cfg.unsup_start_step, cfg.rampup_steps)
-            if self.unlabelled is not None and ramp > 0:
-                unsup, parts = self.unsupervised_loss(self.unlabelled.sample(cfg.unlabelled_batch_size))
-                loss = loss + ramp * unsup
-                record.update(parts)
+            weights = self.unsup_weights() if self.unlabelled is not None else {}
+            terms = self.unsupervised_loss(self.unlabelled.sample(cfg.unlabelled_batch_size), set(weights)) if weights else {}
+        record.update({k: float(v.detach()) for k, v in terms.items()})
+        if "miac" in terms and cfg.miac_grad_ratio > 0:
+            self.measure_miac_scale(sup, terms["miac"])
+            weights = self.unsup_weights()
+            record["miac_scale"] = self.miac_scale or 0.0
+        loss = sup
+        for name, term in terms.items():
+            loss = loss + weights[name] * term
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), 5.0)
