@@ -23,6 +23,8 @@ every ``miac_scale_every`` steps (before the ramp-up, which still applies);
 ``miac_start_step`` MIAC's own ramp-up starts at max(``unsup_start_step``, this).
 ``ema_weights``: validate and ship the EMA of the weights (the teacher, kept in every run)
 instead of the student; semi-supervised runs always ship the teacher.
+``checkpoint_every`` n > 0 also saves last.pt every n steps between validations (0: only at
+each validation, every ``val_every`` steps): a killed run loses at most the steps since then.
 ``mpp`` is the network's operating resolution (null: the tiles' ``data.mpp``); the checkpoint
 carries it, and post-processing thresholds are physical (um, um^2) so they hold at any mpp.
 """
@@ -80,6 +82,13 @@ class DataConfig:
         model's ``TrainConfig.mpp`` when it differs, validation tiles are scored at this one.
     extra: more labelled sources (``SourceConfig``), all of whose tiles are trained on
         (except their ``exclude``d stems); crops are drawn in proportion to tile area.
+    unlabelled_slides: whole slides (files or folders of slides) whose tissue feeds unlabelled
+        crops: read, tissue-masked and tiled as ``wsi-ircr segment`` does, at the model's mpp
+        (``train.slides``); the tile stores go to ``<run folder>/slides/<stem>/tiles.zarr``.
+    slide_mpp: level-0 microns per pixel of those slides, overriding (or replacing missing)
+        metadata, as ``segment --mpp``; a slide with neither is refused.
+    slide_tiles: at most this many tissue tiles per slide (drawn with ``label_seed``) are used.
+    slide_tile_px: side of those tiles at the model's mpp (a multiple of 16, at least crop_px).
     """
 
     images: str = ""
@@ -92,8 +101,17 @@ class DataConfig:
     label_seed: int = 0
     mpp: float = 0.25
     extra: tuple[SourceConfig, ...] = ()
+    unlabelled_slides: tuple[str, ...] = ()
+    slide_mpp: float | None = None
+    slide_tiles: int = 64
+    slide_tile_px: int = 512
 
     def __post_init__(self):
+        if self.slide_mpp is not None and not 0 < self.slide_mpp <= 10:
+            raise ValueError(f"slide_mpp must be in (0, 10] or null, got {self.slide_mpp}")
+        if self.slide_tiles < 1 or self.slide_tile_px < 16 or self.slide_tile_px % 16:
+            raise ValueError(f"slide_tiles must be >= 1 and slide_tile_px a multiple of 16 >= 16, got "
+                             f"{self.slide_tiles} and {self.slide_tile_px}")
         if self.labelled is not None and self.labelled < 1:
             raise ValueError(f"labelled must be >= 1 or null, got {self.labelled}")
         if self.labelled_fraction is not None and not 0.0 < self.labelled_fraction <= 1.0:
@@ -145,6 +163,7 @@ class TrainConfig:
     scale_jitter: float = 0.0
     labelled_strength: float = 1.0
     val_every: int = 250
+    checkpoint_every: int = 0
     log_every: int = 25
     tune_postprocess: bool = True
     tune_marker_radii: tuple[float, ...] = TUNE_MARKER_RADII
@@ -178,8 +197,8 @@ class TrainConfig:
             raise ValueError(f"scale_jitter must be in [0, 0.4], got {self.scale_jitter}")
         if self.strong_strength < 0 or self.labelled_strength < 0:
             raise ValueError("strong_strength and labelled_strength must be >= 0")
-        if self.unlabelled_batch_size < 0 or self.rampup_steps < 0 or self.threads < 0:
-            raise ValueError("unlabelled_batch_size, rampup_steps and threads must be >= 0")
+        if min(self.unlabelled_batch_size, self.rampup_steps, self.threads, self.checkpoint_every) < 0:
+            raise ValueError("unlabelled_batch_size, rampup_steps, threads and checkpoint_every must be >= 0")
 
     @property
     def model_mpp(self) -> float:

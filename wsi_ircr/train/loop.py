@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,11 @@ from wsi_ircr.versions import versions
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("model.pt", "best.pt", "last.pt", "metrics.json", "config.yaml")  # what ``train`` writes in out_dir
+SLIDE_STORES = "slides"  # out_dir/slides/<stem>/tiles.zarr: tile stores of data.unlabelled_slides (reused on resume)
+
+
+class TrainingStopped(UserError):
+    """The run was asked to stop before its last step (e.g. its cluster client went away)."""
 
 
 def rampup(step: int, start: int, length: int) -> float:
@@ -260,7 +266,10 @@ class Trainer:
         record["loss"] = float(loss.detach())
         return record
 
-    def run(self, progress: bool = True) -> dict:
+    def run(self, progress: bool = True, stop: Callable[[], bool] | None = None) -> dict:
+        """Train to ``cfg.steps``; validate (and save best.pt, last.pt) every ``val_every`` steps and
+        save last.pt every ``checkpoint_every``. ``stop``, asked after every step, ends the run
+        early with last.pt at that step (``TrainingStopped``)."""
         cfg = self.cfg
         t0 = time.time()
         start = self.step
@@ -280,7 +289,16 @@ class Trainer:
                     print(f"step {self.step}/{cfg.steps} {terms} {rate:.2f} it/s eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
             if self.step % cfg.val_every == 0 or self.step == cfg.steps:
                 self.validate_and_save(progress)
+            elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_last()
+            if stop is not None and self.step < cfg.steps and stop():
+                self.save_last()
+                raise TrainingStopped(f"{self.out_dir}: stopped at step {self.step}; last.pt holds it, continue with --resume")
         return self.best
+
+    def save_last(self, metrics: dict | None = None) -> None:
+        """last.pt: the student and everything needed to continue from this step."""
+        save_checkpoint(self.out_dir / "last.pt", self.checkpoint(self.student, with_state=True, metrics=metrics))
 
     def validate_and_save(self, progress: bool) -> None:
         net = self.eval_net()
@@ -293,7 +311,7 @@ class Trainer:
         if improved:
             self.best = {"aji": float(metrics.get("aji", -1.0)), "step": self.step, "val": entry}
             save_checkpoint(self.out_dir / "best.pt", self.checkpoint(net, with_state=False, metrics={"val": entry}))
-        save_checkpoint(self.out_dir / "last.pt", self.checkpoint(self.student, with_state=True, metrics={"val": entry}))
+        self.save_last({"val": entry})
 
 
 def fit_priors(data: TrainData) -> dict:
@@ -306,20 +324,76 @@ def fit_priors(data: TrainData) -> dict:
     return MorphologyPriors.fit([tiles.labels[i] for i in keep], [tiles.images[i] for i in keep]).to_dict()
 
 
-def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume: bool = False, progress: bool = True) -> dict:
-    """Train per ``cfg`` into ``out_dir`` (best.pt, last.pt, model.pt, config.yaml, metrics.json)."""
+def add_slide_tiles(data: TrainData, cfg: TrainConfig, out_dir: Path, base_dir: Path) -> None:
+    """Append the tissue tiles of ``cfg.data.unlabelled_slides`` to ``data.unlabelled``
+    (stores in ``out_dir/slides``); UserError when no unsupervised term would use them."""
+    from wsi_ircr.train.slides import load_slide_tiles
+
+    d = cfg.data
+    if not cfg.semi_supervised:
+        raise UserError("--unlabelled-slides: no unsupervised term is on (mt_weight, miac_weight and piac_weight are 0), "
+                        "so the slides would not be used; pass a semi-supervised config, e.g. configs/train/mean_teacher.yaml")
+    if d.slide_tile_px < cfg.crop_px:
+        raise UserError(f"data.slide_tile_px={d.slide_tile_px} is smaller than crop_px={cfg.crop_px}; raise it")
+    paths = [p if Path(p).is_absolute() else base_dir / p for p in d.unlabelled_slides]
+    tiles = load_slide_tiles(paths, out_dir / SLIDE_STORES, cfg.model_mpp, slide_mpp=d.slide_mpp,
+                             tile_px=d.slide_tile_px, max_tiles=d.slide_tiles, seed=d.label_seed)
+    data.unlabelled.stems += tiles.stems
+    data.unlabelled.images += tiles.images
+
+
+def started_without_checkpoint(cfg: TrainConfig, out_dir: Path) -> bool:
+    """True when ``out_dir`` holds a run of ``cfg`` that stopped before its first checkpoint
+    (its config.yaml, no last.pt): resuming it means starting at step 0."""
+    import yaml
+
+    config = out_dir / "config.yaml"
+    if (out_dir / "last.pt").exists() or not config.is_file():
+        return False
+    try:
+        return same_config(yaml.safe_load(config.read_text()), cfg)
+    except (OSError, yaml.YAMLError):
+        return False
+
+
+def same_config(saved: dict | None, cfg: TrainConfig) -> bool:
+    """Whether a run's saved config (a dict) is ``cfg``; keys added to TrainConfig since the run
+    was saved count as their defaults, so older runs still resume."""
+    from wsi_ircr.config import from_dict
+
+    if not isinstance(saved, dict):
+        return False
+    try:
+        return to_dict(from_dict(TrainConfig, saved)) == to_dict(cfg)
+    except UserError:
+        return False
+
+
+def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume: bool = False, progress: bool = True,
+          stop: Callable[[], bool] | None = None) -> dict:
+    """Train per ``cfg`` into ``out_dir`` (best.pt, last.pt, model.pt, config.yaml, metrics.json).
+
+    ``resume``: continue from last.pt (a run of the same config that stopped before its first
+    checkpoint starts over); ``stop``: see ``Trainer.run``.
+    """
     import yaml
 
     from wsi_ircr.io.atomic import atomic_open
 
     last = out_dir / "last.pt"
     if resume and not last.exists():
-        raise UserError(f"{out_dir}: nothing to resume (no last.pt); start without --resume")
+        if not started_without_checkpoint(cfg, out_dir):
+            raise UserError(f"{out_dir}: nothing to resume (no last.pt); start without --resume")
+        if progress:
+            print(f"{out_dir}: stopped before its first checkpoint; starting at step 0", file=sys.stderr)
+        resume = False
     resolve_device(cfg.device)  # fail before reading the data
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = load_train_data(cfg.data, base_dir, cfg.model_mpp)
+    if cfg.data.unlabelled_slides:
+        add_slide_tiles(data, cfg, out_dir, base_dir)
     if cfg.semi_supervised and not len(data.unlabelled):
         raise UserError("semi-supervised terms are on but there are no unlabelled tiles; set data.unlabelled or data.labelled below the pool size")
     if progress:
@@ -328,8 +402,7 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
     trainer = Trainer(cfg, out_dir, data, priors)
     if resume:
         ckpt = load_checkpoint(last)
-        saved = ckpt.meta.get("config")
-        if saved != to_dict(cfg):
+        if not same_config(ckpt.meta.get("config"), cfg):
             raise UserError(f"{last}: was trained with a different config; resume with the same config and overrides, or use a new --out")
         trainer.load_state(ckpt)
         if progress:
@@ -337,7 +410,7 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
     with atomic_open(out_dir / "config.yaml") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     t0 = time.time()
-    best = trainer.run(progress)
+    best = trainer.run(progress, stop)
     seconds = time.time() - t0
     final = load_checkpoint(out_dir / "best.pt")
     final.meta["metrics"] = {"val": best.get("val"), "train_seconds": seconds, "history": trainer.history}
