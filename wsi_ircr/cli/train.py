@@ -35,8 +35,7 @@ def train(config_path, out_dir, images, labels, unlabelled, unlabelled_slides, m
       wsi-ircr train --config configs/train/ircr.yaml --out runs/ircr
       wsi-ircr train --config configs/train/ircr.yaml --out runs/ircr --resume
       wsi-ircr train --images tiles/ --labels masks/ --unlabelled more_tiles/ --out runs/mine
-      wsi-ircr train --config configs/train/mean_teacher.yaml --images tiles/ --labels masks/ \
-          --unlabelled-slides slides/ --out runs/adapted
+      wsi-ircr train --config configs/train/mean_teacher.yaml --images tiles/ --labels masks/ --unlabelled-slides slides/ --out runs/adapted
       wsi-ircr train --config configs/train/ircr.yaml --out /shared/runs/ircr --scheduler tcp://head:8786
     """
     from wsi_ircr.config import resolve_config
