@@ -102,6 +102,7 @@ def _tiff_without_mpp(path: Path) -> Path:
     ("no_mpp", ["nompp.tiff", "no mpp", "--mpp"]),
     ("no_tissue", ["blank.svs", "no tissue", "--unlabelled-slides"]),
     ("no_unsupervised_term", ["--unlabelled-slides", "no unsupervised term"]),
+    ("mpp_without_slides", ["--mpp 0.5", "none are given"]),
 ])
 def test_unlabelled_slides_bad_input_is_one_line(dataset, tmp_path, capsys, case, words):
     extra = MT
@@ -114,10 +115,11 @@ def test_unlabelled_slides_bad_input_is_one_line(dataset, tmp_path, capsys, case
         slide = _tiff_without_mpp(tmp_path / "nompp.tiff")
     elif case == "no_tissue":
         slide = _blank_slide(tmp_path / "blank.svs")
-    else:
+    elif case == "no_unsupervised_term":
         slide, extra = _blank_slide(tmp_path / "blank.svs"), []
     out = tmp_path / "run"
-    code, _, err = run_cli(train_argv(dataset, out, 2, "--unlabelled-slides", str(slide), *extra), capsys)
+    slides = ["--mpp", "0.5"] if case == "mpp_without_slides" else ["--unlabelled-slides", str(slide)]
+    code, _, err = run_cli(train_argv(dataset, out, 2, *slides, *extra), capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     for word in words:

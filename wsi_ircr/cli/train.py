@@ -57,6 +57,9 @@ def train(config_path, out_dir, images, labels, unlabelled, unlabelled_slides, m
         "device": device,
     }
     cfg = resolve_config(TrainConfig, config_path, overrides, explicit)
+    if mpp is not None and not cfg.data.unlabelled_slides:
+        raise UserError(f"--mpp {mpp:g} is the resolution of --unlabelled-slides, and none are given; add them or drop --mpp "
+                        "(the network's resolution is --set mpp=...)")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a folder; pass another --out")
     if (out_dir / "last.pt").exists() and not resume:
