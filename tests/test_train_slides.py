@@ -140,3 +140,20 @@ def test_slide_without_mpp_trains_with_the_mpp_option(dataset, tmp_path, capsys)
 def test_slide_tile_store_errors_name_the_slide(tmp_path):
     with pytest.raises(UserError, match="blank.svs: no tissue"):
         slide_tile_store(_blank_slide(tmp_path / "blank.svs"), tmp_path / "stores", 0.25)
+
+
+@pytest.mark.openslide
+@pytest.mark.parametrize("name, words", [
+    ("small.svs", ["small.svs: no tissue found"]),  # 16 x 16 px
+    ("boxes.tiff", ["boxes.tiff has no mpp metadata", "--mpp"]),  # placeholder resolution only
+    ("small_dicom.dcm", ["small_dicom.dcm", "cannot open it"]),  # OpenSlide rejects this DICOM variant
+])
+def test_real_slides_that_cannot_feed_training_are_one_line(dataset, shared_slides, tmp_path, capsys, name, words):
+    slide = shared_slides / name
+    if not slide.exists():
+        pytest.skip(f"{slide} is absent")
+    code, _, err = run_cli(train_argv(dataset, tmp_path / "run", 2, "--unlabelled-slides", str(slide), *MT), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
