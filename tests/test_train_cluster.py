@@ -37,6 +37,7 @@ def test_train_on_a_real_scheduler_and_worker(dataset, tmp_path, capsys):
         code, stdout, err = run_cli(argv, capsys)
         assert code == 0, err
         assert f"training on {address} (any worker)" in err and str(out / "model.pt") in stdout
+        assert "data: 5 labelled" in err and "step 3/3 sup=" in err and "val step 2: AJI" in err  # the worker's progress
         assert load_checkpoint(out / "last.pt").train_state["step"] == 3 and (out / "metrics.json").is_file()
         assert not any(worker_dir.iterdir())  # everything went to the run folder
 

@@ -35,6 +35,11 @@ RUN_FILES = ("model.pt", "best.pt", "last.pt", "metrics.json", "config.yaml")  #
 SLIDE_STORES = "slides"  # out_dir/slides/<stem>/tiles.zarr: tile stores of data.unlabelled_slides (reused on resume)
 
 
+def say_on_stderr(line: str) -> None:
+    """The default destination of progress lines."""
+    print(line, file=sys.stderr, flush=True)
+
+
 class TrainingStopped(UserError):
     """The run was asked to stop before its last step (e.g. its cluster client went away)."""
 
@@ -111,6 +116,7 @@ class Trainer:
         self.best = {"aji": -1.0, "step": 0}
         self.history: list[dict] = []
         self.amp = self.device.type == "cuda"
+        self.say: Callable[[str], None] = say_on_stderr  # where progress lines go
 
     def state(self) -> dict:
         return {
@@ -286,7 +292,7 @@ class Trainer:
                 eta = (cfg.steps - self.step) / max(rate, 1e-9)
                 if progress:
                     terms = " ".join(f"{k}={v:.4f}" for k, v in means.items())
-                    print(f"step {self.step}/{cfg.steps} {terms} {rate:.2f} it/s eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
+                    self.say(f"step {self.step}/{cfg.steps} {terms} {rate:.2f} it/s eta {eta / 60:.1f} min")
             if self.step % cfg.val_every == 0 or self.step == cfg.steps:
                 self.validate_and_save(progress)
             elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
@@ -306,7 +312,7 @@ class Trainer:
         entry = {"step": self.step, **{k: float(v) for k, v in metrics.items()}}
         self.history.append(entry)
         if progress and metrics:
-            print(f"val step {self.step}: AJI {metrics['aji']:.4f} Dice {metrics['dice']:.4f} PQ {metrics['pq']:.4f}", file=sys.stderr, flush=True)
+            self.say(f"val step {self.step}: AJI {metrics['aji']:.4f} Dice {metrics['dice']:.4f} PQ {metrics['pq']:.4f}")
         improved = not metrics or metrics["aji"] > self.best["aji"]
         if improved:
             self.best = {"aji": float(metrics.get("aji", -1.0)), "step": self.step, "val": entry}
@@ -370,11 +376,11 @@ def same_config(saved: dict | None, cfg: TrainConfig) -> bool:
 
 
 def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume: bool = False, progress: bool = True,
-          stop: Callable[[], bool] | None = None) -> dict:
+          stop: Callable[[], bool] | None = None, say: Callable[[str], None] = say_on_stderr) -> dict:
     """Train per ``cfg`` into ``out_dir`` (best.pt, last.pt, model.pt, config.yaml, metrics.json).
 
     ``resume``: continue from last.pt (a run of the same config that stopped before its first
-    checkpoint starts over); ``stop``: see ``Trainer.run``.
+    checkpoint starts over); ``stop``: see ``Trainer.run``; ``say``: where progress lines go.
     """
     import yaml
 
@@ -385,7 +391,7 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
         if not started_without_checkpoint(cfg, out_dir):
             raise UserError(f"{out_dir}: nothing to resume (no last.pt); start without --resume")
         if progress:
-            print(f"{out_dir}: stopped before its first checkpoint; starting at step 0", file=sys.stderr)
+            say(f"{out_dir}: stopped before its first checkpoint; starting at step 0")
         resume = False
     resolve_device(cfg.device)  # fail before reading the data
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -397,16 +403,17 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
     if cfg.semi_supervised and not len(data.unlabelled):
         raise UserError("semi-supervised terms are on but there are no unlabelled tiles; set data.unlabelled or data.labelled below the pool size")
     if progress:
-        print(f"data: {len(data.labelled)} labelled, {len(data.unlabelled)} unlabelled, {len(data.val)} validation tiles", file=sys.stderr)
+        say(f"data: {len(data.labelled)} labelled, {len(data.unlabelled)} unlabelled, {len(data.val)} validation tiles")
     priors = fit_priors(data)
     trainer = Trainer(cfg, out_dir, data, priors)
+    trainer.say = say
     if resume:
         ckpt = load_checkpoint(last)
         if not same_config(ckpt.meta.get("config"), cfg):
             raise UserError(f"{last}: was trained with a different config; resume with the same config and overrides, or use a new --out")
         trainer.load_state(ckpt)
         if progress:
-            print(f"resuming from step {trainer.step}", file=sys.stderr)
+            say(f"resuming from step {trainer.step}")
     with atomic_open(out_dir / "config.yaml") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     t0 = time.time()
@@ -423,7 +430,7 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
         final.meta["metrics"]["val_aji_tuned_postprocess"] = tuned
         best["aji_tuned_postprocess"] = tuned
         if progress:
-            print(f"post-processing tuned on validation: AJI {tuned:.4f} with {final.postprocess}", file=sys.stderr)
+            say(f"post-processing tuned on validation: AJI {tuned:.4f} with {final.postprocess}")
     save_checkpoint(out_dir / "model.pt", final)
     summary = {"best": best, "train_seconds": seconds, "steps": cfg.steps, "device": str(trainer.device), "data": data.describe()}
     with atomic_open(out_dir / "metrics.json") as f:

@@ -2,7 +2,8 @@
 
 The task asks for the GPU resource that GPU workers declare (``dask worker ... --resources
 GPU=1``, as for ``segment``); with ``device: cpu`` it asks for none and runs on any worker.
-Checkpoints go to the run folder, which must be on a filesystem the worker shares. When a
+Progress lines reach this command (and the worker's log); checkpoints go to the run folder,
+which must be on a filesystem the worker shares. When a
 worker is lost, Dask runs the task again elsewhere and it continues from the folder's
 last.pt; when the client goes away the task stops after its current step, saving last.pt,
 and ``--resume`` continues it.
@@ -47,15 +48,32 @@ def _released(key: str) -> Callable[[], bool]:
     return released
 
 
+def _say_to_client(key: str) -> Callable[[str], None]:
+    """On a worker: progress lines go to the worker's stderr and, as events of topic ``key``, to
+    the client that submitted task ``key``."""
+    from distributed import get_worker
+
+    from wsi_ircr.train.loop import say_on_stderr
+
+    worker = get_worker()
+
+    def say(line: str) -> None:
+        say_on_stderr(line)
+        worker.log_event(key, line)
+
+    return say
+
+
 def train_task(cfg: TrainConfig, out_dir: str, base_dir: str, resume: bool, key: str | None = None) -> dict:
     """Run on a worker: ``loop.train`` into ``out_dir``. A last.pt there that the client did
     not ask to resume was written by an earlier attempt of this task (a lost worker): it is
-    resumed. With ``key`` (the task's own), the run stops once the scheduler releases it."""
-    from wsi_ircr.train.loop import train
+    resumed. With ``key`` (the task's own), progress also goes to the client and the run stops
+    once the scheduler releases the task."""
+    from wsi_ircr.train.loop import say_on_stderr, train
 
     out = Path(out_dir)
-    stop = _released(key) if key else None
-    return train(cfg, out, base_dir=Path(base_dir), resume=resume or (out / "last.pt").exists(), stop=stop)
+    stop, say = (_released(key), _say_to_client(key)) if key else (None, say_on_stderr)
+    return train(cfg, out, base_dir=Path(base_dir), resume=resume or (out / "last.pt").exists(), stop=stop, say=say)
 
 
 def train_on_cluster(address: str, cfg: TrainConfig, out_dir: Path, base_dir: Path, *, resume: bool,
@@ -71,8 +89,9 @@ def train_on_cluster(address: str, cfg: TrainConfig, out_dir: Path, base_dir: Pa
         workers = client.scheduler_info(n_workers=-1).get("workers", {})
         resources = task_resources(cfg.device, workers)
         key = f"wsi-ircr-train-{uuid.uuid4().hex[:12]}"
+        client.subscribe_topic(key, lambda event: echo(event[1]))
         future = client.submit(train_task, cfg, str(Path(out_dir).absolute()), str(Path(base_dir).absolute()), resume,
                                key, key=key, pure=False, resources=resources)
         where = "a worker with a GPU" if resources else "any worker"
-        echo(f"training on {address} ({where}); progress in the worker's log, checkpoints in {out_dir}")
+        echo(f"training on {address} ({where}); checkpoints in {out_dir}")
         return future.result()
