@@ -50,11 +50,16 @@ def test_train_on_a_real_scheduler_and_worker(dataset, tmp_path, capsys):
 
 
 @pytest.mark.distributed
-def test_a_scheduler_that_does_not_answer_is_one_line(dataset, tmp_path, capsys):
-    address = f"tcp://127.0.0.1:{free_port()}"
+@pytest.mark.parametrize("address, words", [
+    (f"tcp://127.0.0.1:{free_port()}", ["cannot reach a Dask scheduler there", "dask scheduler"]),
+    ("head", ["not a scheduler address", "tcp://HOST:PORT"]),
+])
+def test_a_scheduler_that_does_not_answer_is_one_line(dataset, tmp_path, capsys, address, words):
     code, _, err = run_cli(train_argv(dataset, tmp_path / "run", 2, "--scheduler", address), capsys)
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and address in lines[0] and "dask scheduler" in lines[0], err
+    assert code == 2 and len(lines) == 1 and f"--scheduler {address}" in lines[0], err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
     assert "Traceback" not in err and not (tmp_path / "run" / "last.pt").exists()
 
 
