@@ -195,36 +195,14 @@ def test_a_lost_worker_is_replaced_and_the_run_continues_from_last_pt(dataset, t
     """The worker process dies at step 3 (last.pt holds step 2); its nanny starts a new one, Dask
     runs the task again there and it resumes: the command succeeds with all 6 steps."""
     import os
-    import subprocess
-    import time
-
-    from distributed import Client
-    from local_dask import dask_cli, stop
 
     preload = tmp_path / "kill_once.py"
     preload.write_text(KILL_ONCE)
     marker = tmp_path / "killed"
-    cli, port = dask_cli(), free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": tmp_path}
-    procs = [subprocess.Popen([cli, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], **quiet)]
-    try:
-        procs.append(subprocess.Popen([cli, "worker", address, "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1",
-                                       "--preload", str(preload)], env={**os.environ, "KILL_MARKER": str(marker)}, **quiet))
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with Client(address, timeout="5s") as client:
-                    client.wait_for_workers(1, timeout=90)
-                break
-            except (OSError, TimeoutError):
-                if time.monotonic() > deadline:
-                    pytest.fail("the dask scheduler or worker did not start")
-                time.sleep(0.5)
+    with dask_processes(tmp_path, worker_args=("--preload", str(preload)),
+                        worker_env={**os.environ, "KILL_MARKER": str(marker)}) as address:
         out = tmp_path / "run"
         code, _, err = run_cli(train_argv(dataset, out, 6, "--scheduler", address, "--set", "tune_postprocess=false"), capsys)
-    finally:
-        stop(procs)
     assert code == 0, err
     assert marker.read_text() == "killed at step 3"
     assert Path(f"{marker}.steps").read_text().split() == ["0", "1", "2", "2", "3", "4", "5"]  # steps 3-6 redone from 2
