@@ -39,9 +39,11 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 
 @contextmanager
-def dask_processes(cwd: Path, n_workers: int = 1, nthreads: int = 1):
+def dask_processes(cwd: Path, n_workers: int = 1, nthreads: int = 1, worker_args: tuple[str, ...] = (),
+                   worker_env: dict[str, str] | None = None):
     """Yield the address of a scheduler with ``n_workers`` nanny-managed worker processes
-    (``dask worker --nworkers``) running in ``cwd``; all are stopped on exit."""
+    (``dask worker --nworkers``, plus ``worker_args``, environment ``worker_env``) running in
+    ``cwd``; all are stopped on exit."""
     cli = dask_cli()
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
@@ -50,7 +52,8 @@ def dask_processes(cwd: Path, n_workers: int = 1, nthreads: int = 1):
                               **quiet)]
     try:
         procs.append(subprocess.Popen([cli, "worker", address, "--nworkers", str(n_workers), "--nthreads",
-                                       str(nthreads), "--no-dashboard", "--host", "127.0.0.1"], **quiet))
+                                       str(nthreads), "--no-dashboard", "--host", "127.0.0.1", *worker_args],
+                                      env=worker_env, **quiet))
         from distributed import Client
 
         deadline = time.monotonic() + 90

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_ircr.train.miac import instance_centroids, match_instances, matched_masks, miac_loss
+from wsi_ircr.train.miac import instance_centroids, instance_weights, match_instances, matched_masks, miac_loss
 
 
 def squares(shape, centres_rc, ids, half=2):
@@ -110,3 +110,79 @@ def test_miac_loss_nothing_matched_is_zero():
     zeros = torch.zeros(2, 40, 40)
     loss = miac_loss(outputs(gen, 2), outputs(gen, 2), zeros, zeros)
     assert float(loss) == 0.0 and not torch.isnan(loss)
+
+
+def test_instance_weights_give_every_matched_pair_the_same_total():
+    teacher = squares((40, 40), [(8, 8), (28, 28)], [1, 2], half=2)  # 25 px
+    teacher[20:37, 20:37] = 2  # a large nucleus: 289 px
+    student = squares((40, 40), [(9, 9), (28, 28), (8, 30)], [5, 6, 7], half=2)  # 7 unmatched
+    matches = match_instances(teacher, student, 4)
+    np.testing.assert_array_equal(matches, [[1, 5], [2, 6]])
+    w = instance_weights(teacher, student, matches)
+    union_1 = (teacher == 1) | (student == 5)
+    assert w[union_1].sum() == pytest.approx(1.0) and w[teacher == 2].sum() == pytest.approx(1.0)
+    assert w.sum() == pytest.approx(2.0) and not w[student == 7].any() and not w[(teacher == 0) & (student == 0)].any()
+    np.testing.assert_allclose(w[union_1], 1.0 / union_1.sum())
+    assert not instance_weights(teacher, student, np.zeros((0, 2), np.int64)).any()
+
+
+def test_instance_norm_makes_the_inside_term_a_mean_over_instances():
+    """Errors of 1 on a small nucleus and 0 on a large one: per pixel the mean is small,
+    per instance it is 1/2 (the small nucleus's mean error)."""
+    labels = squares((40, 40), [(8, 8)], [1], half=2)
+    labels[20:37, 20:37] = 2
+    matches = np.array([[1, 1], [2, 2]])
+    t_out = {"np": torch.zeros(1, 2, 40, 40), "hv": torch.zeros(1, 2, 40, 40)}
+    s_out = {"np": torch.zeros(1, 2, 40, 40), "hv": torch.zeros(1, 2, 40, 40)}
+    s_out["hv"][0, :, torch.from_numpy(labels == 1)] = 1.0  # squared HV difference 1 on nucleus 1
+    inside, _ = matched_masks(labels, labels, matches)
+    zero = torch.zeros(1, 40, 40)
+    per_pixel = float(miac_loss(s_out, t_out, torch.from_numpy(inside)[None], zero))
+    per_instance = float(miac_loss(s_out, t_out, torch.from_numpy(instance_weights(labels, labels, matches))[None], zero))
+    assert per_pixel == pytest.approx(25 / (25 + 289), rel=1e-6)
+    assert per_instance == pytest.approx(0.5, rel=1e-6)
+
+
+def test_miac_np_and_hv_switches_select_what_is_compared():
+    gen = torch.Generator().manual_seed(2)
+    inside, band = torch.ones(1, 40, 40), torch.zeros(1, 40, 40)
+    t_out, s_out = outputs(gen), outputs(gen)
+    hv_only = {"np": t_out["np"], "hv": s_out["hv"]}  # agrees on NP, differs on HV
+    np_only = {"np": s_out["np"], "hv": t_out["hv"]}
+    assert float(miac_loss(hv_only, t_out, inside, band, np_mode="prob")) > 0
+    assert float(miac_loss(hv_only, t_out, inside, band, hv=False)) == 0.0
+    assert float(miac_loss(np_only, t_out, inside, band, np_mode="off")) == 0.0
+    both = float(miac_loss(s_out, t_out, inside, band))
+    parts = float(miac_loss(s_out, t_out, inside, band, hv=False)) + float(miac_loss(s_out, t_out, inside, band, np_mode="off"))
+    assert both == pytest.approx(parts, rel=1e-6)
+    z_s, z_t = s_out["np"][:, 1] - s_out["np"][:, 0], t_out["np"][:, 1] - t_out["np"][:, 0]
+    logit = float(miac_loss(s_out, t_out, inside, band, np_mode="logit", hv=False))
+    assert logit == pytest.approx(float(((z_s - z_t) ** 2).mean()), rel=1e-6)
+    with pytest.raises(ValueError):
+        miac_loss(s_out, t_out, inside, band, np_mode="off", hv=False)
+
+
+def test_logit_consistency_keeps_its_gradient_where_the_teacher_is_sure():
+    """A sure teacher (p = 0.9999) and a sure-but-less student (p = 0.999): the probability
+    difference hardly pulls the student; the log-odds difference still does."""
+    t_out = {"np": torch.tensor([0.0, 9.2]).view(1, 2, 1, 1), "hv": torch.zeros(1, 2, 1, 1)}
+    mask, zero = torch.ones(1, 1, 1), torch.zeros(1, 1, 1)
+    grads = {}
+    for mode in ("prob", "logit"):
+        s_np = torch.tensor([0.0, 6.9]).view(1, 2, 1, 1).requires_grad_(True)
+        miac_loss({"np": s_np, "hv": torch.zeros(1, 2, 1, 1)}, t_out, mask, zero, np_mode=mode, hv=False).backward()
+        grads[mode] = float(s_np.grad.abs().sum())
+    assert grads["logit"] > 1000 * grads["prob"]
+
+
+def test_confidence_gate_leaves_out_pixels_where_the_teacher_is_unsure():
+    t_np = torch.zeros(1, 2, 1, 2)
+    t_np[0, 1, 0, 0] = 4.0  # sure: p = 0.98; pixel (0, 1) unsure: p = 0.5
+    t_out = {"np": t_np, "hv": torch.zeros(1, 2, 1, 2)}
+    s_out = {"np": torch.zeros(1, 2, 1, 2), "hv": torch.zeros(1, 2, 1, 2)}
+    s_out["hv"][0, :, 0, 1] = 1.0  # the student differs on HV only at the unsure pixel
+    inside, band = torch.ones(1, 1, 2), torch.zeros(1, 1, 2)
+    sure_diff = float((torch.softmax(t_np, 1)[0, 1, 0, 0] - 0.5) ** 2)
+    assert float(miac_loss(s_out, t_out, inside, band, min_confidence=0.9)) == pytest.approx(sure_diff, rel=1e-6)
+    assert float(miac_loss(s_out, t_out, inside, band)) == pytest.approx((sure_diff + 1.0) / 2, rel=1e-6)
+    assert float(miac_loss(s_out, t_out, inside, band, min_confidence=0.99)) == 0.0

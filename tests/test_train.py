@@ -569,3 +569,22 @@ def test_scale_jitter_zooms_crops_and_keeps_labels_aligned():
     assert big["image"].shape == (4, 192, 192, 3) and big["hv"].shape == (4, 2, 192, 192)
     with pytest.raises(ValueError, match="scale_jitter"):
         CropSampler(tiles, 32, np.random.default_rng(0), scale_jitter=1.0)
+
+
+def test_miac_variants_train_end_to_end_and_the_automatic_weight_resumes(dataset, tmp_path, capsys):
+    """Logit consistency without HV, per-instance normalisation, a confidence gate, a later start
+    and the automatic weight: MIAC is absent before its start, then logged with its weight, and
+    the weight is part of the resumable state."""
+    out = tmp_path / "run"
+    argv = train_argv(dataset, out, 4, "--unlabelled", str(dataset["unlabelled"]), "--set", "tune_postprocess=false",
+                      *IRCR, "--set", "miac_np=logit", "--set", "miac_hv=false", "--set", "miac_instance_norm=true",
+                      "--set", "miac_confidence=0.2", "--set", "miac_grad_ratio=0.5", "--set", "miac_start_step=2",
+                      "--set", "miac_scale_every=1")
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    lines = {line.split()[1]: line for line in err.splitlines() if line.startswith("step ")}
+    assert "mt=" in lines["1/4"] and "miac" not in lines["1/4"] and "miac" not in lines["2/4"]
+    assert "miac=" in lines["3/4"] and "miac_scale=" in lines["3/4"]
+    state = load_checkpoint(out / "last.pt").train_state
+    assert "miac_scale" in state
+    assert load_checkpoint(out / "model.pt").meta["config"]["miac_np"] == "logit"

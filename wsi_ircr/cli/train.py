@@ -13,15 +13,21 @@ import click
 @click.option("--images", help="Folder of labelled RGB tiles (overrides data.images).")
 @click.option("--labels", help="Folder of instance label maps, same stems (overrides data.labels).")
 @click.option("--unlabelled", help="Folder of unlabelled RGB tiles (overrides data.unlabelled).")
+@click.option("--unlabelled-slides", "unlabelled_slides", multiple=True, metavar="PATH",
+              help="Whole slide (or folder of slides) whose tissue feeds unlabelled crops; repeat for more.")
+@click.option("--mpp", type=float, help="Level-0 microns per pixel of the --unlabelled-slides (overrides or replaces metadata).")
 @click.option("--labelled-fraction", type=float, help="Fraction of the labelled pool that keeps its labels; the rest is unlabelled.")
 @click.option("--seed", type=int, help="Random seed (weights, crops, augmentation).")
 @click.option("--steps", type=int, help="Number of optimisation steps.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (auto: CUDA if available).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Any config key, e.g. --set miac_weight=0 --set data.val=[a,b].")
+@click.option("--scheduler", metavar="tcp://HOST:PORT",
+              help="Run the training as one task on this Dask cluster's GPU worker (any worker with --device cpu).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out folder that already holds a run.")
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
-def train(config_path, out_dir, images, labels, unlabelled, labelled_fraction, seed, steps, device, overrides, resume, overwrite, quiet):
+def train(config_path, out_dir, images, labels, unlabelled, unlabelled_slides, mpp, labelled_fraction, seed, steps, device,
+          overrides, scheduler, resume, overwrite, quiet):
     """Train a model; writes OUT/model.pt (best on validation), best.pt, last.pt and metrics.json.
 
     \b
@@ -29,6 +35,8 @@ def train(config_path, out_dir, images, labels, unlabelled, labelled_fraction, s
       wsi-ircr train --config configs/train/ircr.yaml --out runs/ircr
       wsi-ircr train --config configs/train/ircr.yaml --out runs/ircr --resume
       wsi-ircr train --images tiles/ --labels masks/ --unlabelled more_tiles/ --out runs/mine
+      wsi-ircr train --config configs/train/mean_teacher.yaml --images tiles/ --labels masks/ --unlabelled-slides slides/ --out runs/adapted
+      wsi-ircr train --config configs/train/ircr.yaml --out /shared/runs/ircr --scheduler tcp://head:8786
     """
     from wsi_ircr.config import resolve_config
     from wsi_ircr.errors import UserError
@@ -41,12 +49,17 @@ def train(config_path, out_dir, images, labels, unlabelled, labelled_fraction, s
         "data.images": images and str(Path(images).resolve()),
         "data.labels": labels and str(Path(labels).resolve()),
         "data.unlabelled": unlabelled and str(Path(unlabelled).resolve()),
+        "data.unlabelled_slides": [str(Path(p).absolute()) for p in unlabelled_slides] if unlabelled_slides else None,
+        "data.slide_mpp": mpp,
         "data.labelled_fraction": labelled_fraction,
         "seed": seed,
         "steps": steps,
         "device": device,
     }
     cfg = resolve_config(TrainConfig, config_path, overrides, explicit)
+    if mpp is not None and not cfg.data.unlabelled_slides:
+        raise UserError(f"--mpp {mpp:g} is the resolution of --unlabelled-slides, and none are given; add them or drop --mpp "
+                        "(the network's resolution is --set mpp=...)")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a folder; pass another --out")
     if (out_dir / "last.pt").exists() and not resume:
@@ -54,7 +67,13 @@ def train(config_path, out_dir, images, labels, unlabelled, labelled_fraction, s
             raise UserError(f"{out_dir}: already holds a training run; pass --resume to continue it or --overwrite to start over")
         for name in RUN_FILES:  # only the run's own files: --out may hold other things
             (out_dir / name).unlink(missing_ok=True)
-    summary = run_training(cfg, out_dir, base_dir=base_dir, resume=resume, progress=not quiet)
+    if scheduler:
+        from wsi_ircr.train.remote import train_on_cluster
+
+        summary = train_on_cluster(scheduler, cfg, out_dir, base_dir, resume=resume,
+                                   echo=lambda line: quiet or click.echo(line, err=True))
+    else:
+        summary = run_training(cfg, out_dir, base_dir=base_dir, resume=resume, progress=not quiet)
     best = summary["best"]
     val = f"val AJI {best['aji']:.4f}" if best["aji"] >= 0 else "no validation tiles: last step"
     click.echo(f"model: {out_dir / 'model.pt'} (step {best['step']}, {val}, {summary['train_seconds'] / 60:.1f} min)")

@@ -11,8 +11,20 @@ loss (``pseudo_label``), or the squared teacher-student difference (``consistenc
 ``labelled_strength`` the same augmentation of labelled crops (0 = none); ``scale_jitter`` s
 zooms every crop by a factor in [1 - s, 1 + s] (0 = none, at most 0.4).
 ``miac_temperature`` < 1 sharpens the teacher's nucleus probability in the MIAC term.
+MIAC variants (issue 9; the defaults are the method as first built):
+``miac_np`` what MIAC compares on the NP branch: ``prob`` (softmax nucleus probability),
+``logit`` (nucleus log-odds, whose gradient does not fade where the teacher is sure) or ``off``;
+``miac_hv`` whether it compares the HV maps; ``miac_instance_norm`` every matched instance
+weighs the same in the inside term (else every pixel does, so large nuclei dominate);
+``miac_confidence`` c > 0 leaves out pixels where the teacher's confidence |2 p - 1| < c;
+``miac_grad_ratio`` r > 0 replaces ``miac_weight`` (which then only switches MIAC on) by an
+automatic weight that makes MIAC's gradient norm r times the supervised loss's, re-measured
+every ``miac_scale_every`` steps (before the ramp-up, which still applies);
+``miac_start_step`` MIAC's own ramp-up starts at max(``unsup_start_step``, this).
 ``ema_weights``: validate and ship the EMA of the weights (the teacher, kept in every run)
 instead of the student; semi-supervised runs always ship the teacher.
+``checkpoint_every`` n > 0 also saves last.pt every n steps between validations (0: only at
+each validation, every ``val_every`` steps): a killed run loses at most the steps since then.
 ``mpp`` is the network's operating resolution (null: the tiles' ``data.mpp``); the checkpoint
 carries it, and post-processing thresholds are physical (um, um^2) so they hold at any mpp.
 """
@@ -70,6 +82,13 @@ class DataConfig:
         model's ``TrainConfig.mpp`` when it differs, validation tiles are scored at this one.
     extra: more labelled sources (``SourceConfig``), all of whose tiles are trained on
         (except their ``exclude``d stems); crops are drawn in proportion to tile area.
+    unlabelled_slides: whole slides (files or folders of slides) whose tissue feeds unlabelled
+        crops: read, tissue-masked and tiled as ``wsi-ircr segment`` does, at the model's mpp
+        (``train.slides``); the tile stores go to ``<run folder>/slides/<stem>/tiles.zarr``.
+    slide_mpp: level-0 microns per pixel of those slides, overriding (or replacing missing)
+        metadata, as ``segment --mpp``; a slide with neither is refused.
+    slide_tiles: at most this many tissue tiles per slide (drawn with ``label_seed``) are used.
+    slide_tile_px: side of those tiles at the model's mpp (a multiple of 16, at least crop_px).
     """
 
     images: str = ""
@@ -82,8 +101,17 @@ class DataConfig:
     label_seed: int = 0
     mpp: float = 0.25
     extra: tuple[SourceConfig, ...] = ()
+    unlabelled_slides: tuple[str, ...] = ()
+    slide_mpp: float | None = None
+    slide_tiles: int = 64
+    slide_tile_px: int = 512
 
     def __post_init__(self):
+        if self.slide_mpp is not None and not 0 < self.slide_mpp <= 10:
+            raise ValueError(f"slide_mpp must be in (0, 10] or null, got {self.slide_mpp}")
+        if self.slide_tiles < 1 or self.slide_tile_px < 16 or self.slide_tile_px % 16:
+            raise ValueError(f"slide_tiles must be >= 1 and slide_tile_px a multiple of 16 >= 16, got "
+                             f"{self.slide_tiles} and {self.slide_tile_px}")
         if self.labelled is not None and self.labelled < 1:
             raise ValueError(f"labelled must be >= 1 or null, got {self.labelled}")
         if self.labelled_fraction is not None and not 0.0 < self.labelled_fraction <= 1.0:
@@ -121,6 +149,13 @@ class TrainConfig:
     miac_beta: float = 0.5
     miac_band_px: int = 2
     miac_temperature: float = 1.0
+    miac_np: Literal["prob", "logit", "off"] = "prob"
+    miac_hv: bool = True
+    miac_instance_norm: bool = False
+    miac_confidence: float = 0.0
+    miac_grad_ratio: float = 0.0
+    miac_scale_every: int = 25
+    miac_start_step: int = 0
     piac_tau: float = 0.35
     piac_w_good: float = 2.0
     piac_mode: Literal["pseudo_label", "consistency"] = "pseudo_label"
@@ -128,6 +163,7 @@ class TrainConfig:
     scale_jitter: float = 0.0
     labelled_strength: float = 1.0
     val_every: int = 250
+    checkpoint_every: int = 0
     log_every: int = 25
     tune_postprocess: bool = True
     tune_marker_radii: tuple[float, ...] = TUNE_MARKER_RADII
@@ -151,12 +187,18 @@ class TrainConfig:
             raise ValueError(f"tune_marker_radii must be a non-empty list of values > 0, got {list(self.tune_marker_radii)}")
         if self.miac_temperature <= 0:
             raise ValueError(f"miac_temperature must be > 0, got {self.miac_temperature}")
+        if self.miac_np == "off" and not self.miac_hv:
+            raise ValueError("miac_np=off with miac_hv=false leaves MIAC nothing to compare; set miac_weight=0 instead")
+        if not 0.0 <= self.miac_confidence < 1.0:
+            raise ValueError(f"miac_confidence must be in [0, 1), got {self.miac_confidence}")
+        if self.miac_grad_ratio < 0 or self.miac_scale_every < 1 or self.miac_start_step < 0:
+            raise ValueError("miac_grad_ratio and miac_start_step must be >= 0, miac_scale_every >= 1")
         if not 0 <= self.scale_jitter <= 0.4:
             raise ValueError(f"scale_jitter must be in [0, 0.4], got {self.scale_jitter}")
         if self.strong_strength < 0 or self.labelled_strength < 0:
             raise ValueError("strong_strength and labelled_strength must be >= 0")
-        if self.unlabelled_batch_size < 0 or self.rampup_steps < 0 or self.threads < 0:
-            raise ValueError("unlabelled_batch_size, rampup_steps and threads must be >= 0")
+        if min(self.unlabelled_batch_size, self.rampup_steps, self.threads, self.checkpoint_every) < 0:
+            raise ValueError("unlabelled_batch_size, rampup_steps, threads and checkpoint_every must be >= 0")
 
     @property
     def model_mpp(self) -> float:

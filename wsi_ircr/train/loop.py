@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,16 @@ from wsi_ircr.versions import versions
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("model.pt", "best.pt", "last.pt", "metrics.json", "config.yaml")  # what ``train`` writes in out_dir
+SLIDE_STORES = "slides"  # out_dir/slides/<stem>/tiles.zarr: tile stores of data.unlabelled_slides (reused on resume)
+
+
+def say_on_stderr(line: str) -> None:
+    """The default destination of progress lines."""
+    print(line, file=sys.stderr, flush=True)
+
+
+class TrainingStopped(UserError):
+    """The run was asked to stop before its last step (e.g. its cluster client went away)."""
 
 
 def rampup(step: int, start: int, length: int) -> float:
@@ -101,9 +112,11 @@ class Trainer:
         self.unlabelled = (CropSampler(data.unlabelled, cfg.crop_px, self.rng, scale_jitter=cfg.scale_jitter)
                            if len(data.unlabelled) and cfg.semi_supervised else None)
         self.step = 0
+        self.miac_scale: float | None = None  # automatic MIAC weight (miac_grad_ratio), None until measured
         self.best = {"aji": -1.0, "step": 0}
         self.history: list[dict] = []
         self.amp = self.device.type == "cuda"
+        self.say: Callable[[str], None] = say_on_stderr  # where progress lines go
 
     def state(self) -> dict:
         return {
@@ -116,6 +129,7 @@ class Trainer:
             "rng": json.dumps(self.rng.bit_generator.state),
             "torch_rng": torch.get_rng_state(),
             "gen": self.gen.get_state(),
+            "miac_scale": self.miac_scale,
         }
 
     def load_state(self, ckpt: Checkpoint) -> None:
@@ -128,6 +142,7 @@ class Trainer:
         self.rng.bit_generator.state = json.loads(s["rng"])
         torch.set_rng_state(s["torch_rng"])
         self.gen.set_state(s["gen"])
+        self.miac_scale = s.get("miac_scale")
 
     def checkpoint(self, net: torch.nn.Module, with_state: bool, metrics: dict | None = None) -> Checkpoint:
         return Checkpoint(
@@ -160,7 +175,21 @@ class Trainer:
         hv_valid = valid * torch.from_numpy(batch["hv_valid"]).to(self.device)[:, None, None]
         return instance_loss(self.student(x), target_np, target_hv, valid, hv_valid)
 
-    def unsupervised_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def unsup_weights(self) -> dict[str, float]:
+        """Weight x ramp-up of each unsupervised term that is switched on and has started at this
+        step; with ``miac_grad_ratio`` MIAC's weight is the last measured automatic one (0 before)."""
+        cfg = self.cfg
+        ramp = rampup(self.step, cfg.unsup_start_step, cfg.rampup_steps)
+        ramps = {"mt": ramp, "miac": rampup(self.step, max(cfg.unsup_start_step, cfg.miac_start_step), cfg.rampup_steps),
+                 "piac": ramp}
+        weights = {k: w * ramps[k] for k, w in (("mt", cfg.mt_weight), ("miac", cfg.miac_weight), ("piac", cfg.piac_weight))
+                   if w > 0 and ramps[k] > 0}
+        if "miac" in weights and cfg.miac_grad_ratio > 0:
+            weights["miac"] = (self.miac_scale or 0.0) * ramps["miac"]
+        return weights
+
+    def unsupervised_loss(self, batch: dict, terms: set[str]) -> dict[str, torch.Tensor]:
+        """The unweighted unsupervised ``terms`` (of mt, miac, piac) of one unlabelled batch."""
         from wsi_ircr.train.augment import strong_view, weak_view
 
         cfg = self.cfg
@@ -170,30 +199,26 @@ class Trainer:
             t_out = {k: v.float() for k, v in t_out.items()}
         s_out = self.student(strong_view(x, self.gen, cfg.strong_strength))
         s_out = {k: v.float() for k, v in s_out.items()}
-        total = torch.zeros((), device=self.device)
         parts = {}
-        if cfg.mt_weight > 0:
-            mt = torch.mean((torch.softmax(s_out["np"], 1) - torch.softmax(t_out["np"], 1)) ** 2) + torch.mean((s_out["hv"] - t_out["hv"]) ** 2)
-            total = total + cfg.mt_weight * mt
-            parts["mt"] = float(mt.detach())
-        if cfg.miac_weight > 0 or cfg.piac_weight > 0:
+        if "mt" in terms:
+            parts["mt"] = torch.mean((torch.softmax(s_out["np"], 1) - torch.softmax(t_out["np"], 1)) ** 2) + torch.mean((s_out["hv"] - t_out["hv"]) ** 2)
+        if "miac" in terms or "piac" in terms:
             t_inst = _instances(t_out, cfg)
-        if cfg.miac_weight > 0:
-            from wsi_ircr.train.miac import match_instances, matched_masks, miac_loss
+        if "miac" in terms:
+            from wsi_ircr.train.miac import instance_weights, match_instances, matched_masks, miac_loss
 
             s_inst = _instances(s_out, cfg)
             inside, band = [], []
             for t_lab, s_lab in zip(t_inst, s_inst):
                 matches = match_instances(t_lab, s_lab, cfg.miac_max_dist_px)
                 i, b = matched_masks(t_lab, s_lab, matches, cfg.miac_band_px)
-                inside.append(i)
+                inside.append(instance_weights(t_lab, s_lab, matches) if cfg.miac_instance_norm else i)
                 band.append(b)
             inside_t = torch.from_numpy(np.stack(inside)).to(self.device)
             band_t = torch.from_numpy(np.stack(band)).to(self.device)
-            miac = miac_loss(s_out, t_out, inside_t, band_t, cfg.miac_beta, cfg.miac_temperature)
-            total = total + cfg.miac_weight * miac
-            parts["miac"] = float(miac.detach())
-        if cfg.piac_weight > 0:
+            parts["miac"] = miac_loss(s_out, t_out, inside_t, band_t, cfg.miac_beta, cfg.miac_temperature,
+                                      cfg.miac_np, cfg.miac_hv, cfg.miac_confidence)
+        if "piac" in terms:
             from wsi_ircr.train.piac import MorphologyPriors, piac_loss, piac_targets, piac_weight_map
 
             priors = MorphologyPriors.from_dict(self.priors)
@@ -205,12 +230,20 @@ class Trainer:
                 targets = [piac_targets(lab, w) for lab, w in zip(t_inst, weights)]
                 target_np = torch.from_numpy(np.stack([t[0] for t in targets]).astype(np.int64)).to(self.device)
                 target_hv = torch.from_numpy(np.stack([t[1] for t in targets])).to(self.device)
-                piac = instance_loss(s_out, target_np, target_hv, weight_t)
+                parts["piac"] = instance_loss(s_out, target_np, target_hv, weight_t)
             else:
-                piac = piac_loss(s_out, t_out, weight_t)
-            total = total + cfg.piac_weight * piac
-            parts["piac"] = float(piac.detach())
-        return total, parts
+                parts["piac"] = piac_loss(s_out, t_out, weight_t)
+        return parts
+
+    def measure_miac_scale(self, sup: torch.Tensor, miac: torch.Tensor) -> None:
+        """Re-measure MIAC's automatic weight (``miac_grad_ratio``) on this step's graph when due."""
+        from wsi_ircr.train.balance import matched_weight
+
+        if self.miac_scale is not None and self.step % self.cfg.miac_scale_every:
+            return
+        scale = matched_weight(sup, miac, list(self.student.parameters()), self.cfg.miac_grad_ratio)
+        if scale is not None:
+            self.miac_scale = scale
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
@@ -218,13 +251,17 @@ class Trainer:
         self.teacher.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             sup = self.supervised_loss(self.labelled.sample(cfg.batch_size))
-            loss = sup
             record = {"sup": float(sup.detach())}
-            ramp = rampup(self.step, cfg.unsup_start_step, cfg.rampup_steps)
-            if self.unlabelled is not None and ramp > 0:
-                unsup, parts = self.unsupervised_loss(self.unlabelled.sample(cfg.unlabelled_batch_size))
-                loss = loss + ramp * unsup
-                record.update(parts)
+            weights = self.unsup_weights() if self.unlabelled is not None else {}
+            terms = self.unsupervised_loss(self.unlabelled.sample(cfg.unlabelled_batch_size), set(weights)) if weights else {}
+        record.update({k: float(v.detach()) for k, v in terms.items()})
+        if "miac" in terms and cfg.miac_grad_ratio > 0:
+            self.measure_miac_scale(sup, terms["miac"])
+            weights = self.unsup_weights()
+            record["miac_scale"] = self.miac_scale or 0.0
+        loss = sup
+        for name, term in terms.items():
+            loss = loss + weights[name] * term
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), 5.0)
@@ -235,7 +272,10 @@ class Trainer:
         record["loss"] = float(loss.detach())
         return record
 
-    def run(self, progress: bool = True) -> dict:
+    def run(self, progress: bool = True, stop: Callable[[], bool] | None = None) -> dict:
+        """Train to ``cfg.steps``; validate (and save best.pt, last.pt) every ``val_every`` steps and
+        save last.pt every ``checkpoint_every``. ``stop``, asked after every step, ends the run
+        early with last.pt at that step (``TrainingStopped``)."""
         cfg = self.cfg
         t0 = time.time()
         start = self.step
@@ -252,10 +292,19 @@ class Trainer:
                 eta = (cfg.steps - self.step) / max(rate, 1e-9)
                 if progress:
                     terms = " ".join(f"{k}={v:.4f}" for k, v in means.items())
-                    print(f"step {self.step}/{cfg.steps} {terms} {rate:.2f} it/s eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
+                    self.say(f"step {self.step}/{cfg.steps} {terms} {rate:.2f} it/s eta {eta / 60:.1f} min")
             if self.step % cfg.val_every == 0 or self.step == cfg.steps:
                 self.validate_and_save(progress)
+            elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_last()
+            if stop is not None and self.step < cfg.steps and stop():
+                self.save_last()
+                raise TrainingStopped(f"{self.out_dir}: stopped at step {self.step}; last.pt holds it, continue with --resume")
         return self.best
+
+    def save_last(self, metrics: dict | None = None) -> None:
+        """last.pt: the student and everything needed to continue from this step."""
+        save_checkpoint(self.out_dir / "last.pt", self.checkpoint(self.student, with_state=True, metrics=metrics))
 
     def validate_and_save(self, progress: bool) -> None:
         net = self.eval_net()
@@ -263,12 +312,12 @@ class Trainer:
         entry = {"step": self.step, **{k: float(v) for k, v in metrics.items()}}
         self.history.append(entry)
         if progress and metrics:
-            print(f"val step {self.step}: AJI {metrics['aji']:.4f} Dice {metrics['dice']:.4f} PQ {metrics['pq']:.4f}", file=sys.stderr, flush=True)
+            self.say(f"val step {self.step}: AJI {metrics['aji']:.4f} Dice {metrics['dice']:.4f} PQ {metrics['pq']:.4f}")
         improved = not metrics or metrics["aji"] > self.best["aji"]
         if improved:
             self.best = {"aji": float(metrics.get("aji", -1.0)), "step": self.step, "val": entry}
             save_checkpoint(self.out_dir / "best.pt", self.checkpoint(net, with_state=False, metrics={"val": entry}))
-        save_checkpoint(self.out_dir / "last.pt", self.checkpoint(self.student, with_state=True, metrics={"val": entry}))
+        self.save_last({"val": entry})
 
 
 def fit_priors(data: TrainData) -> dict:
@@ -281,38 +330,94 @@ def fit_priors(data: TrainData) -> dict:
     return MorphologyPriors.fit([tiles.labels[i] for i in keep], [tiles.images[i] for i in keep]).to_dict()
 
 
-def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume: bool = False, progress: bool = True) -> dict:
-    """Train per ``cfg`` into ``out_dir`` (best.pt, last.pt, model.pt, config.yaml, metrics.json)."""
+def add_slide_tiles(data: TrainData, cfg: TrainConfig, out_dir: Path, base_dir: Path) -> None:
+    """Append the tissue tiles of ``cfg.data.unlabelled_slides`` to ``data.unlabelled``
+    (stores in ``out_dir/slides``); UserError when no unsupervised term would use them."""
+    from wsi_ircr.train.slides import load_slide_tiles
+
+    d = cfg.data
+    if not cfg.semi_supervised:
+        raise UserError("--unlabelled-slides: no unsupervised term is on (mt_weight, miac_weight and piac_weight are 0), "
+                        "so the slides would not be used; pass a semi-supervised config, e.g. configs/train/mean_teacher.yaml")
+    if d.slide_tile_px < cfg.crop_px:
+        raise UserError(f"data.slide_tile_px={d.slide_tile_px} is smaller than crop_px={cfg.crop_px}; raise it")
+    paths = [p if Path(p).is_absolute() else base_dir / p for p in d.unlabelled_slides]
+    tiles = load_slide_tiles(paths, out_dir / SLIDE_STORES, cfg.model_mpp, slide_mpp=d.slide_mpp,
+                             tile_px=d.slide_tile_px, max_tiles=d.slide_tiles, seed=d.label_seed)
+    data.unlabelled.stems += tiles.stems
+    data.unlabelled.images += tiles.images
+
+
+def started_without_checkpoint(cfg: TrainConfig, out_dir: Path) -> bool:
+    """True when ``out_dir`` holds a run of ``cfg`` that stopped before its first checkpoint
+    (its config.yaml, no last.pt): resuming it means starting at step 0."""
+    import yaml
+
+    config = out_dir / "config.yaml"
+    if (out_dir / "last.pt").exists() or not config.is_file():
+        return False
+    try:
+        return same_config(yaml.safe_load(config.read_text()), cfg)
+    except (OSError, yaml.YAMLError):
+        return False
+
+
+def same_config(saved: dict | None, cfg: TrainConfig) -> bool:
+    """Whether a run's saved config (a dict) is ``cfg``; keys added to TrainConfig since the run
+    was saved count as their defaults, so older runs still resume."""
+    from wsi_ircr.config import from_dict
+
+    if not isinstance(saved, dict):
+        return False
+    try:
+        return to_dict(from_dict(TrainConfig, saved)) == to_dict(cfg)
+    except UserError:
+        return False
+
+
+def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume: bool = False, progress: bool = True,
+          stop: Callable[[], bool] | None = None, say: Callable[[str], None] = say_on_stderr) -> dict:
+    """Train per ``cfg`` into ``out_dir`` (best.pt, last.pt, model.pt, config.yaml, metrics.json).
+
+    ``resume``: continue from last.pt (a run of the same config that stopped before its first
+    checkpoint starts over); ``stop``: see ``Trainer.run``; ``say``: where progress lines go.
+    """
     import yaml
 
     from wsi_ircr.io.atomic import atomic_open
 
     last = out_dir / "last.pt"
     if resume and not last.exists():
-        raise UserError(f"{out_dir}: nothing to resume (no last.pt); start without --resume")
+        if not started_without_checkpoint(cfg, out_dir):
+            raise UserError(f"{out_dir}: nothing to resume (no last.pt); start without --resume")
+        if progress:
+            say(f"{out_dir}: stopped before its first checkpoint; starting at step 0")
+        resume = False
     resolve_device(cfg.device)  # fail before reading the data
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = load_train_data(cfg.data, base_dir, cfg.model_mpp)
+    if cfg.data.unlabelled_slides:
+        add_slide_tiles(data, cfg, out_dir, base_dir)
     if cfg.semi_supervised and not len(data.unlabelled):
         raise UserError("semi-supervised terms are on but there are no unlabelled tiles; set data.unlabelled or data.labelled below the pool size")
     if progress:
-        print(f"data: {len(data.labelled)} labelled, {len(data.unlabelled)} unlabelled, {len(data.val)} validation tiles", file=sys.stderr)
+        say(f"data: {len(data.labelled)} labelled, {len(data.unlabelled)} unlabelled, {len(data.val)} validation tiles")
     priors = fit_priors(data)
     trainer = Trainer(cfg, out_dir, data, priors)
+    trainer.say = say
     if resume:
         ckpt = load_checkpoint(last)
-        saved = ckpt.meta.get("config")
-        if saved != to_dict(cfg):
+        if not same_config(ckpt.meta.get("config"), cfg):
             raise UserError(f"{last}: was trained with a different config; resume with the same config and overrides, or use a new --out")
         trainer.load_state(ckpt)
         if progress:
-            print(f"resuming from step {trainer.step}", file=sys.stderr)
+            say(f"resuming from step {trainer.step}")
     with atomic_open(out_dir / "config.yaml") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     t0 = time.time()
-    best = trainer.run(progress)
+    best = trainer.run(progress, stop)
     seconds = time.time() - t0
     final = load_checkpoint(out_dir / "best.pt")
     final.meta["metrics"] = {"val": best.get("val"), "train_seconds": seconds, "history": trainer.history}
@@ -325,7 +430,7 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
         final.meta["metrics"]["val_aji_tuned_postprocess"] = tuned
         best["aji_tuned_postprocess"] = tuned
         if progress:
-            print(f"post-processing tuned on validation: AJI {tuned:.4f} with {final.postprocess}", file=sys.stderr)
+            say(f"post-processing tuned on validation: AJI {tuned:.4f} with {final.postprocess}")
     save_checkpoint(out_dir / "model.pt", final)
     summary = {"best": best, "train_seconds": seconds, "steps": cfg.steps, "device": str(trainer.device), "data": data.describe()}
     with atomic_open(out_dir / "metrics.json") as f:

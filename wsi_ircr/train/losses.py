@@ -97,17 +97,38 @@ def instance_loss(out: dict[str, torch.Tensor], target_np: torch.Tensor, target_
 
 
 def consistency_map(student_out: dict[str, torch.Tensor], teacher_out: dict[str, torch.Tensor],
-                    teacher_temperature: float = 1.0) -> torch.Tensor:
+                    teacher_temperature: float = 1.0, np_mode: str = "prob", hv: bool = True) -> torch.Tensor:
     """Per-pixel squared student-teacher difference, the teacher detached: float (N, H, W).
 
-    ``(p_s - p_t)^2 + ((h_s - h_t)^2 + (v_s - v_t)^2) / 2`` with p the softmax nucleus
-    probability of the ``"np"`` logits and h, v the ``"hv"`` channels. The teacher's
+    By default ``(p_s - p_t)^2 + ((h_s - h_t)^2 + (v_s - v_t)^2) / 2`` with p the softmax
+    nucleus probability of the ``"np"`` logits and h, v the ``"hv"`` channels. The teacher's
     logits are divided by ``teacher_temperature`` first: below 1 its probabilities are
     sharpened towards 0 / 1, so agreeing by turning both outputs soft stops paying.
+
+    Args:
+        np_mode: what the nucleus term compares: ``"prob"`` (p, above), ``"logit"`` (the
+            nucleus log-odds z = logit_1 - logit_0, ``(z_s - z_t)^2``: its gradient does not
+            vanish where the teacher is sure, so agreeing by turning soft costs), or ``"off"``.
+        hv: include the HV term.
     """
     if teacher_temperature <= 0:
         raise ValueError(f"consistency_map: teacher_temperature must be > 0, got {teacher_temperature}")
-    p_s = torch.softmax(student_out["np"], dim=1)[:, 1]
+    if np_mode not in ("prob", "logit", "off"):
+        raise ValueError(f"consistency_map: np_mode must be 'prob', 'logit' or 'off', got {np_mode!r}")
+    if np_mode == "off" and not hv:
+        raise ValueError("consistency_map: np_mode='off' and hv=False leave nothing to compare")
+    s_np, t_np = student_out["np"], teacher_out["np"].detach() / teacher_temperature
+    diff = torch.zeros_like(s_np[:, 0])
+    if np_mode == "prob":
+        diff = diff + (torch.softmax(s_np, dim=1)[:, 1] - torch.softmax(t_np, dim=1)[:, 1]) ** 2
+    elif np_mode == "logit":
+        diff = diff + ((s_np[:, 1] - s_np[:, 0]) - (t_np[:, 1] - t_np[:, 0])) ** 2
+    if hv:
+        diff = diff + ((student_out["hv"] - teacher_out["hv"].detach()) ** 2).mean(dim=1)
+    return diff
+
+
+def teacher_confidence(teacher_out: dict[str, torch.Tensor], teacher_temperature: float = 1.0) -> torch.Tensor:
+    """|2 p_t - 1| of the teacher's (temperature-scaled) nucleus probability: float (N, H, W) in [0, 1]."""
     p_t = torch.softmax(teacher_out["np"].detach() / teacher_temperature, dim=1)[:, 1]
-    hv = (student_out["hv"] - teacher_out["hv"].detach()) ** 2
-    return (p_s - p_t) ** 2 + hv.mean(dim=1)
+    return (2.0 * p_t - 1.0).abs()

@@ -14,7 +14,7 @@ from scipy import ndimage as ndi
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
-from wsi_ircr.train.losses import consistency_map
+from wsi_ircr.train.losses import consistency_map, teacher_confidence
 
 
 def instance_centroids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,6 +116,37 @@ def matched_masks(
     return inside.astype(np.float32), band.astype(np.float32)
 
 
+def instance_weights(teacher_labels: np.ndarray, student_labels: np.ndarray, matches: np.ndarray) -> np.ndarray:
+    """Per-instance normalisation of MIAC's inside term: every matched pair weighs the same.
+
+    Pixels of matched pair k (the union of its teacher and student instances) get
+    ``1 / |union_k|``, so each pair's pixels sum to 1 and the map sums to the number of
+    pairs; a large nucleus no longer outweighs small ones. Used in place of ``inside``.
+
+    Args:
+        teacher_labels, student_labels: int (H, W) instance maps.
+        matches: int (K, 2) of (teacher_id, student_id) from ``match_instances``.
+
+    Returns:
+        float32 (H, W), 0 outside matched instances.
+    """
+    teacher_labels, student_labels = np.asarray(teacher_labels), np.asarray(student_labels)
+    matches = np.asarray(matches, np.int64).reshape(-1, 2)
+    if not matches.size:
+        return np.zeros(teacher_labels.shape, np.float32)
+    pair = np.arange(1, len(matches) + 1)
+    lut_t = np.zeros(max(int(teacher_labels.max()), int(matches[:, 0].max())) + 1, np.int64)
+    lut_s = np.zeros(max(int(student_labels.max()), int(matches[:, 1].max())) + 1, np.int64)
+    lut_t[matches[:, 0]], lut_s[matches[:, 1]] = pair, pair
+    t_pair, s_pair = lut_t[teacher_labels], lut_s[student_labels]
+    s_only = np.where(s_pair != t_pair, s_pair, 0)  # student pixels not already counted for the same pair
+    n = len(matches) + 1
+    area = np.bincount(t_pair.ravel(), minlength=n) + np.bincount(s_only.ravel(), minlength=n)
+    inv = np.zeros(n, np.float64)
+    inv[1:] = 1.0 / np.maximum(area[1:], 1)
+    return (inv[t_pair] + inv[s_only]).astype(np.float32)
+
+
 def miac_loss(
     student_out: dict[str, torch.Tensor],
     teacher_out: dict[str, torch.Tensor],
@@ -123,26 +154,36 @@ def miac_loss(
     band: torch.Tensor,
     beta: float = 0.5,
     teacher_temperature: float = 1.0,
+    np_mode: str = "prob",
+    hv: bool = True,
+    min_confidence: float = 0.0,
 ) -> torch.Tensor:
     """MIAC consistency: mean squared student-teacher difference inside matched instances
     plus ``beta`` times the same on their boundary band.
 
-    The per-pixel difference is ``losses.consistency_map`` (softmax nucleus probability
-    and HV maps; the teacher is detached). Each term is normalised by its mask's sum over
-    the batch, so it is 0, never NaN, when nothing matched.
+    The per-pixel difference is ``losses.consistency_map`` (by default softmax nucleus
+    probability and HV maps; the teacher is detached). Each term is a weighted mean over its
+    mask's pixels in the batch, so it is 0, never NaN, when nothing matched.
 
     Args:
         student_out, teacher_out: ``{"np": (N, 2, H, W) logits, "hv": (N, 2, H, W)}``.
-        inside, band: float (N, H, W) masks from ``matched_masks`` (stacked, on the device).
+        inside, band: float (N, H, W) masks from ``matched_masks`` (stacked, on the device);
+            ``inside`` may be ``instance_weights`` instead (each matched pair weighs the same).
         beta: weight of the boundary term.
         teacher_temperature: sharpening of the teacher's nucleus probability (1 = none),
             see ``losses.consistency_map``.
+        np_mode, hv: what is compared (``losses.consistency_map``).
+        min_confidence: pixels where the teacher's confidence |2 p_t - 1| is below this are
+            left out of both terms (0 = none left out).
 
     Returns:
         scalar tensor.
     """
-    diff = consistency_map(student_out, teacher_out, teacher_temperature)
+    diff = consistency_map(student_out, teacher_out, teacher_temperature, np_mode, hv)
     inside, band = inside.to(diff.dtype), band.to(diff.dtype)
+    if min_confidence > 0:
+        sure = (teacher_confidence(teacher_out, teacher_temperature) >= min_confidence).to(diff.dtype)
+        inside, band = inside * sure, band * sure
     inner = (inside * diff).sum() / inside.sum().clamp_min(1e-8)
     edge = (band * diff).sum() / band.sum().clamp_min(1e-8)
     return inner + beta * edge
