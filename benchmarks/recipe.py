@@ -50,7 +50,8 @@ def train(name: str, overrides: list[str], sources: bool) -> None:
     if (out / "last.pt").exists():
         cmd.append("--resume")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text(" ".join(a for a in cmd if a != "--resume") + "\n")
+    shown = ["wsi-ircr", *cmd[3:]]  # the user's command for the table
+    (out / "command.txt").write_text(" ".join(a for a in shown if a != "--resume") + "\n")
     if sources:
         (out / "command.txt").write_text(f"python benchmarks/recipe.py train {name} --sources" + "".join(f" --set {o}" for o in overrides[1:]) + "\n")
     subprocess.run(cmd, check=True, cwd=REPO)
