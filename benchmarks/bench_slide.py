@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -120,12 +121,18 @@ class SyntheticSlide:
         import tifffile
         from PIL import Image
 
+        def encode(level: int, y: int, x: int) -> bytes:
+            buf = io.BytesIO()
+            Image.fromarray(self.region(level, y, x, TILE, TILE)).save(buf, format="JPEG", quality=quality)
+            return buf.getvalue()
+
         def tiles(level: int, n: int):
-            for y in range(0, n, TILE):
-                for x in range(0, n, TILE):
-                    buf = io.BytesIO()
-                    Image.fromarray(self.region(level, y, x, TILE, TILE)).save(buf, format="JPEG", quality=quality)
-                    yield buf.getvalue()
+            """The level's JPEG tiles in row-major order, encoded by a thread per core, a few rows at a time."""
+            self._blocks(level)  # before the threads share it
+            corners = [(y, x) for y in range(0, n, TILE) for x in range(0, n, TILE)]
+            with ThreadPoolExecutor(os.cpu_count()) as pool:
+                for k in range(0, len(corners), 256):
+                    yield from pool.map(lambda yx: encode(level, *yx), corners[k:k + 256])
 
         n_levels = 1
         while self.side // 2**n_levels >= 1024 and BLOCK // 2**n_levels >= 8:
@@ -210,8 +217,14 @@ def check_disk(folder: Path, n_px: int) -> None:
     need = n_px * BYTES_PER_PX
     free = shutil.disk_usage(folder).free
     if need > 0.9 * free:
-        sys.exit(f"error: a {n_px / 1e6:,.0f} Mpx slide needs about {need / 2**30:.1f} GiB in {folder} (slide, tile "
-                 f"store, results), only {free / 2**30:.1f} GiB are free; choose a smaller --side-px or another --dir")
+        fail(f"a {n_px / 1e6:,.0f} Mpx slide needs about {need / 2**30:.1f} GiB in {folder} (slide, tile store, "
+             f"results), only {free / 2**30:.1f} GiB are free; choose a smaller --side-px or another --dir")
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit status 2 (bad input)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def run_one(side: int, device: str, sets: list[str], folder: Path, forward_tiles: int) -> dict:
@@ -230,7 +243,7 @@ def run_one(side: int, device: str, sets: list[str], folder: Path, forward_tiles
         child.wait()
     wall_s = time.perf_counter() - t0
     if child.returncode != 0:
-        raise SystemExit(f"error: {' '.join(cmd)} exited with {child.returncode}")
+        fail(f"{' '.join(cmd)} exited with {child.returncode}")
     summary = json.loads((out / slide.stem / "summary.json").read_text())
     forward_s, timed, tile_px = bare_forward_seconds(out / slide.stem / "tiles.zarr", device, summary["config"]["batch_tiles"],
                                                      forward_tiles)
@@ -307,6 +320,11 @@ def main() -> None:
         if root * root != scale or args.side_px < BLOCK or args.side_px % BLOCK:
             parser.error("--scales must be perfect squares and --side-px a multiple of 1024")
         sides.append(args.side_px * root)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            fail(f"--device {args.device}: no CUDA GPU is visible to torch; use --device cpu")
     folder = Path(args.dir or tempfile.mkdtemp(prefix="bench-slide-"))
     folder.mkdir(parents=True, exist_ok=True)
     check_disk(folder, max(sides) ** 2)

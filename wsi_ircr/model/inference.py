@@ -85,7 +85,9 @@ class Predictor:
 
     ``predict_maps`` / ``segment_tiles`` take uint8 (N, H, W, 3) RGB at ``self.mpp``;
     ``segment_image`` takes an image at any mpp. ``tta``: average the maps over this many
-    of the 8 flips / transposes (1 = none; cost grows in proportion).
+    of the 8 flips / transposes (1 = none; cost grows in proportion). ``postprocess_backend``:
+    see ``choose_backend`` (used by ``predict_batch``). ``bf16``: run the network under bf16
+    autocast (None = on CUDA only).
     """
 
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", batch_size: int = 8, tta: int = 1,

@@ -27,6 +27,9 @@ class SegmentConfig:
         every core busy; 8 x ``batch_tiles`` on CUDA, where one task feeds the GPU).
     post_threads: threads of a tile task post-processing on the CPU (0 = 1 on the CPU,
         4 on CUDA).
+    postprocess: the watershed: "torch" (batched, on the network's device), "skimage"
+        (the reference, on the CPU) or "auto" (torch on CUDA, skimage on the CPU, where
+        it is the faster: benchmarks/postprocess.md).
     tasks_in_flight: tile tasks submitted at once over all slides of a command, so memory
         stays flat however large the cohort (0 = twice the cluster's worker threads).
     workers / threads_per_worker: the local Dask cluster (0 = from the CPU count).
@@ -47,6 +50,7 @@ class SegmentConfig:
     batch_tiles: int = 2
     task_tiles: int = 0
     post_threads: int = 0
+    postprocess: Literal["auto", "skimage", "torch"] = "auto"
     tasks_in_flight: int = 0
     workers: int = 1
     threads_per_worker: int = 0
