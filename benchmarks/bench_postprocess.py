@@ -20,8 +20,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("WSI_IRCR_SHARED", REPO.parent / "shared")) / "data" / "monuseg-train"
 

@@ -155,12 +155,13 @@ def _relabel_sequential(labels: torch.Tensor) -> torch.Tensor:
     n, h, w = labels.shape
     ids = torch.unique(labels)
     ids = ids[ids > 0]
-    image = (ids - 1) // (h * w)
+    if not len(ids):
+        return torch.zeros_like(labels, dtype=torch.int32)
+    image = (ids - 1) // (h * w)  # a label is 1 + a flat pixel index of its own image
     first = torch.searchsorted(image, torch.arange(n, device=labels.device))
     rank = torch.arange(len(ids), device=labels.device) - first[image] + 1
-    pos = torch.searchsorted(ids, labels.clamp(min=1))
-    return torch.where(labels > 0, rank[pos.clamp(max=max(len(ids) - 1, 0))], 0).to(torch.int32) if len(ids) else \
-        torch.zeros_like(labels, dtype=torch.int32)
+    pos = torch.searchsorted(ids, labels.clamp(min=1)).clamp(max=len(ids) - 1)
+    return torch.where(labels > 0, rank[pos], 0).to(torch.int32)
 
 
 @torch.inference_mode()
