@@ -325,9 +325,10 @@ def main() -> None:
 
         if not torch.cuda.is_available():
             fail(f"--device {args.device}: no CUDA GPU is visible to torch; use --device cpu")
+    where = args.dir or Path(tempfile.gettempdir())
+    check_disk(next(p for p in [where, *where.absolute().parents] if p.exists()), max(sides) ** 2)
     folder = Path(args.dir or tempfile.mkdtemp(prefix="bench-slide-"))
     folder.mkdir(parents=True, exist_ok=True)
-    check_disk(folder, max(sides) ** 2)
     load_before = os.getloadavg()
     try:
         results = []
