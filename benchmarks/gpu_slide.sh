@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 WHEELS=scratch/gpu-wheels
 if [ "${1:-}" = pack ]; then
   mkdir -p "$WHEELS"
-  pins=$(python -m pip freeze | grep -iE '^(zarr|numcodecs|donfig|crc32c|dask|distributed|partd|locket|tblib|zict|tornado|shapely|openslide-python|openslide-bin|imagecodecs)==')
+  pins=$(python -m pip freeze | grep -iE '^(zarr|numcodecs|donfig|google-crc32c|dask|distributed|partd|locket|tblib|zict|tornado|shapely|openslide-python|openslide-bin|imagecodecs)==')
   exec python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
     --platform manylinux1_x86_64 -d "$WHEELS" $pins
