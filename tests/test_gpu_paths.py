@@ -79,7 +79,7 @@ def test_streaming_knobs():
 @pytest.fixture(scope="module")
 def slide_and_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu-paths")
-    image, _ = synthetic_he((700, 640), n_nuclei=160, seed=11)
+    image, _ = synthetic_he((520, 480), n_nuclei=90, seed=11)
     slide = write_pyramidal_tiff(root / "he.tiff", image, mpp=0.25)
     model = signal_checkpoint(root / "model.pt", synthetic_he((256, 256), 20, seed=7)[0])
     return slide, model
@@ -93,8 +93,15 @@ def segment(slide: Path, model: Path, out: Path, *options: str) -> list[dict]:
     return json.loads(gzip.decompress(path.read_bytes()))["features"]
 
 
-def _areas(features: list[dict]) -> np.ndarray:
-    return np.sort([f["properties"]["measurements"]["Area px^2"] for f in features])
+def _raster(features: list[dict], shape_rc: tuple[int, int]) -> np.ndarray:
+    """int32 instance map of the features' level-0 polygons (ids 1..n in feature order)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("I", (shape_rc[1], shape_rc[0]), 0)
+    draw = ImageDraw.Draw(image)
+    for k, feature in enumerate(features, 1):
+        draw.polygon([tuple(p) for p in feature["geometry"]["coordinates"][0]], fill=k)
+    return np.asarray(image, np.int32)
 
 
 def test_torch_postprocessing_through_the_whole_pipeline_matches_the_reference(slide_and_model, tmp_path):
@@ -104,11 +111,12 @@ def test_torch_postprocessing_through_the_whole_pipeline_matches_the_reference(s
     ref = segment(slide, model, tmp_path / "ref", "--device", "cpu")
     got = segment(slide, model, tmp_path / "torch", "--device", "cpu", "--set", "postprocess=torch",
                   "--set", "task_tiles=4", "--set", "batch_tiles=2", "--set", "post_threads=2")
-    assert len(ref) > 50
-    assert abs(len(got) - len(ref)) <= max(1, len(ref) // 100)
-    a, b = _areas(ref), _areas(got)
-    if len(a) == len(b):
-        assert np.abs(a - b).sum() <= 0.01 * a.sum()
+    assert len(ref) > 30
+    assert abs(len(got) - len(ref)) <= max(1, len(ref) // 50)
+    # the signal model's HV maps are rougher than a trained network's, so the flood's levels
+    # matter more (0.93 here; >= 0.999 on the bundled model's maps, benchmarks/postprocess.md);
+    # a tile handed the wrong instances would score near 0
+    assert aji(_raster(ref, (520, 480)), _raster(got, (520, 480))) >= 0.9
 
 
 @pytest.mark.gpu
@@ -119,6 +127,7 @@ def test_cuda_run_matches_the_cpu_run(slide_and_model, tmp_path):
     cpu = segment(slide, model, tmp_path / "cpu", "--device", "cpu")
     gpu = segment(slide, model, tmp_path / "gpu", "--device", "cuda")
     assert abs(len(gpu) - len(cpu)) <= max(1, len(cpu) // 50)
+    assert aji(_raster(cpu, (520, 480)), _raster(gpu, (520, 480))) >= 0.9
     scores_cpu = np.mean([f["properties"]["measurements"]["Score"] for f in cpu])
     scores_gpu = np.mean([f["properties"]["measurements"]["Score"] for f in gpu])
     assert abs(scores_cpu - scores_gpu) < 0.01
