@@ -42,7 +42,10 @@ def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, h
     from wsi_ircr.slide.cluster import connect, load_slurm_config
     from wsi_ircr.slide.cohort import segment_slides
     from wsi_ircr.slide.inputs import collect_slides
+    from wsi_ircr.slide.memory import limit_malloc_arenas
     from wsi_ircr.slide.pipeline import check_settings, model_info
+
+    limit_malloc_arenas()  # before any worker thread: this process hosts the local worker's threads
 
     config = resolve_segment_config(
         config_path, overrides, mpp=mpp, core_px=core_px, halo_px=halo_px, model=model, device=device, workers=workers,

@@ -67,15 +67,31 @@ def _unview(prob: torch.Tensor, hv: torch.Tensor, k: int) -> tuple[torch.Tensor,
     return prob, hv
 
 
+POSTPROCESS_BACKENDS = ("auto", "skimage", "torch")
+
+
+def choose_backend(device: torch.device, backend: str = "auto") -> str:
+    """The post-processing to run: ``auto`` = torch on CUDA (batched on the GPU), scikit-image
+    on the CPU (measured 50-100x faster there than the torch path: benchmarks/postprocess.md)."""
+    if backend not in POSTPROCESS_BACKENDS:
+        raise UserError(f"postprocess backend {backend!r}: expected one of {', '.join(POSTPROCESS_BACKENDS)}")
+    if backend == "auto":
+        return "torch" if device.type == "cuda" else "skimage"
+    return backend
+
+
 class Predictor:
     """A checkpoint's network on a device, with its post-processing.
 
     ``predict_maps`` / ``segment_tiles`` take uint8 (N, H, W, 3) RGB at ``self.mpp``;
     ``segment_image`` takes an image at any mpp. ``tta``: average the maps over this many
-    of the 8 flips / transposes (1 = none; cost grows in proportion).
+    of the 8 flips / transposes (1 = none; cost grows in proportion). ``postprocess_backend``:
+    see ``choose_backend`` (used by ``predict_batch``). ``bf16``: run the network under bf16
+    autocast (None = on CUDA only).
     """
 
-    def __init__(self, checkpoint: Checkpoint, device: str = "auto", batch_size: int = 8, tta: int = 1):
+    def __init__(self, checkpoint: Checkpoint, device: str = "auto", batch_size: int = 8, tta: int = 1,
+                 postprocess_backend: str = "auto", bf16: bool | None = None):
         if tta not in TTA_VIEWS:
             raise UserError(f"--tta {tta}: expected one of {', '.join(map(str, TTA_VIEWS))} (views averaged)")
         self.checkpoint = checkpoint
@@ -86,6 +102,8 @@ class Predictor:
         self.postprocess = checkpoint.postprocess
         self.model_hash = checkpoint.model_hash
         self.net = checkpoint.build().to(self.device).to(memory_format=torch.channels_last)
+        self.postprocess_backend = choose_backend(self.device, postprocess_backend)
+        self.bf16 = self.device.type == "cuda" if bf16 is None else bf16
 
     @classmethod
     def from_network(cls, net: torch.nn.Module, mpp: float, postprocess: PostProcessConfig, device: torch.device) -> Predictor:
@@ -96,6 +114,7 @@ class Predictor:
         self.checkpoint = Checkpoint(arch="", model_state={}, mpp=mpp, postprocess=postprocess)
         self.device, self.batch_size, self.tta = device, 1, 1
         self.mpp, self.postprocess, self.model_hash, self.net = mpp, postprocess, "", net
+        self.postprocess_backend, self.bf16 = "skimage", False
         return self
 
     def _maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,20 +128,42 @@ class Predictor:
             hv_sum = hv if hv_sum is None else hv_sum + hv
         return prob_sum / self.tta, hv_sum / self.tta
 
+    def _device_maps(self, tiles: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (n, H, W, 3) -> probability (n, H, W), HV (n, 2, H, W), float32 on ``self.device``
+        (the network in bf16 autocast when ``self.bf16``)."""
+        batch = torch.from_numpy(np.ascontiguousarray(tiles))
+        x = batch.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            prob, hv = self._maps(x)
+        return prob.float(), hv.float()
+
     @torch.inference_mode()
     def predict_maps(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, H, W, 3) -> probability float32 (N, H, W), HV float32 (N, 2, H, W)."""
         probs, hvs = [], []
-        use_amp = self.device.type == "cuda"
         for start in range(0, len(tiles), self.batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(tiles[start : start + self.batch_size]))
-            x = batch.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-            x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                prob, hv = self._maps(x)
-            probs.append(prob.float().cpu().numpy())
-            hvs.append(hv.float().cpu().numpy())
+            prob, hv = self._device_maps(tiles[start : start + self.batch_size])
+            probs.append(prob.cpu().numpy())
+            hvs.append(hv.cpu().numpy())
         return np.concatenate(probs), np.concatenate(hvs)
+
+    @torch.inference_mode()
+    def predict_batch(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """One forward batch of uint8 (N, H, W, 3), post-processed on the device when the backend is torch.
+
+        Returns:
+            probability float32 (N, H, W); then HV float32 (N, 2, H, W) and None with the
+            scikit-image backend (``instances`` runs later, on the CPU), or None and the
+            int32 (N, H, W) instance maps of the torch backend.
+        """
+        prob, hv = self._device_maps(tiles)
+        if self.postprocess_backend == "torch":
+            from wsi_ircr.model.postprocess_torch import instances_from_maps_torch
+
+            labels = instances_from_maps_torch(prob, hv, self.postprocess, mpp=self.mpp)
+            return prob.cpu().numpy(), None, labels.cpu().numpy()
+        return prob.cpu().numpy(), hv.cpu().numpy(), None
 
     def instances(self, prob: np.ndarray, hv: np.ndarray, mpp: float | None = None) -> np.ndarray:
         """This model's post-processing: probability (H, W) + HV (2, H, W) at ``mpp``

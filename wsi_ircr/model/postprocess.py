@@ -84,7 +84,7 @@ def _remove_small(labels: np.ndarray, min_px: int) -> np.ndarray:
 
 
 def _relabel_sequential(labels: np.ndarray) -> np.ndarray:
-    ids = np.unique(labels)
+    ids = np.flatnonzero(np.bincount(labels.ravel()))
     ids = ids[ids > 0]
     lut = np.zeros(int(labels.max(initial=0)) + 1, np.int32)
     lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)

@@ -100,7 +100,9 @@ class WorkerSetup(WorkerPlugin):
 
     def setup(self, worker) -> None:
         from wsi_ircr.slide import tasks
+        from wsi_ircr.slide.memory import limit_malloc_arenas
 
+        limit_malloc_arenas()
         nthreads = worker.state.nthreads
         tasks.TORCH_THREADS = self.torch_threads or torch_threads_per_task(self.cores_per_process or nthreads, nthreads)
         if self.gpu_per_process:

@@ -142,6 +142,15 @@ class _Planned:
     error: BaseException | None = None
 
 
+def _uses_cuda(device: str) -> bool:
+    """Whether tile tasks will run on CUDA (``auto``: when this machine has a GPU)."""
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
+
+
 def _batches(items: list[int], size: int) -> deque:
     return deque(items[i:i + size] for i in range(0, len(items), size))
 
@@ -166,6 +175,7 @@ class _Cohort:
         self.futures: dict = {}
         self.exports = 0
         self.token = uuid.uuid4().hex[:8]
+        self.task_tiles, self.post_threads = config.streaming(cuda=_uses_cuda(config.device))
 
     # -- slides -------------------------------------------------------------------------
 
@@ -211,12 +221,13 @@ class _Cohort:
                     pending.append(i)
             results.reused = len(store.tiles) - len(pending)
             job = SlideJob(str(slide), self.config.mpp, plan.fingerprint, str(folder.store_path),
-                           str(folder.work_dir), self.model.path, self.model.hash, self.config.device, self.config.tta)
+                           str(folder.work_dir), self.model.path, self.model.hash, self.config.device, self.config.tta,
+                           self.config.batch_tiles, self.post_threads, self.config.postprocess)
         except Exception as e:  # noqa: BLE001 - any slide may fail alone
             if reader is not None:
                 reader.close()
             return _Planned(slide, t_start, error=e)
-        run = SlideRun(slide, folder, reader, plan, job, resumed, stored, _batches(pending, self.config.batch_tiles),
+        run = SlideRun(slide, folder, reader, plan, job, resumed, stored, _batches(pending, self.task_tiles),
                        results, seconds, t_start, driver_rss_mb())
         return _Planned(slide, t_start, run=run)
 

@@ -21,7 +21,15 @@ class SegmentConfig:
     tissue_mask / tissue_mpp: detect tissue at this low resolution and skip empty tiles.
     tta: test-time augmentation: the network's maps are averaged over this many of the 8
         flips / transposes of each tile (1, 2, 4 or 8; the network's cost grows in proportion).
-    batch_tiles: tiles per inference task (one forward batch).
+    batch_tiles: tiles per forward batch of the network.
+    task_tiles: tiles per tile task, streamed through load -> network -> post-processing
+        in forward batches (0 = ``batch_tiles`` on the CPU, where concurrent tasks keep
+        every core busy; 8 x ``batch_tiles`` on CUDA, where one task feeds the GPU).
+    post_threads: threads of a tile task post-processing on the CPU (0 = 1 on the CPU,
+        4 on CUDA).
+    postprocess: the watershed: "torch" (batched, on the network's device), "skimage"
+        (the reference, on the CPU) or "auto" (torch on CUDA, skimage on the CPU, where
+        it is the faster: benchmarks/postprocess.md).
     tasks_in_flight: tile tasks submitted at once over all slides of a command, so memory
         stays flat however large the cohort (0 = twice the cluster's worker threads).
     workers / threads_per_worker: the local Dask cluster (0 = from the CPU count).
@@ -40,6 +48,9 @@ class SegmentConfig:
     tissue_mask: bool = True
     tissue_mpp: float = 8.0
     batch_tiles: int = 2
+    task_tiles: int = 0
+    post_threads: int = 0
+    postprocess: Literal["auto", "skimage", "torch"] = "auto"
     tasks_in_flight: int = 0
     workers: int = 1
     threads_per_worker: int = 0
@@ -56,5 +67,12 @@ class SegmentConfig:
             raise ValueError(f"mpp must be > 0, got {self.mpp}")
         if self.tissue_mpp <= 0 or self.max_nucleus_um <= 0:
             raise ValueError("tissue_mpp and max_nucleus_um must be > 0")
-        if self.batch_tiles < 1 or min(self.workers, self.threads_per_worker, self.torch_threads, self.overlay_crops, self.tasks_in_flight) < 0:
-            raise ValueError("batch_tiles must be >= 1; workers, threads_per_worker, torch_threads, tasks_in_flight, overlay_crops >= 0")
+        if self.batch_tiles < 1 or min(self.workers, self.threads_per_worker, self.torch_threads, self.overlay_crops,
+                                       self.tasks_in_flight, self.task_tiles, self.post_threads) < 0:
+            raise ValueError("batch_tiles must be >= 1; workers, threads_per_worker, torch_threads, tasks_in_flight, "
+                             "task_tiles, post_threads, overlay_crops >= 0")
+
+    def streaming(self, cuda: bool) -> tuple[int, int]:
+        """(tiles per task, post-processing threads per task) with the 0 = automatic rules above."""
+        task = self.task_tiles or self.batch_tiles * (8 if cuda else 1)
+        return task, self.post_threads or (4 if cuda else 1)

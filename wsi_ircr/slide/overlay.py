@@ -58,6 +58,55 @@ def _mask_outline(mask: np.ndarray, shape_rc: tuple[int, int]) -> np.ndarray:
     return resized & ~ndi.binary_erosion(resized, border_value=0)
 
 
+class OverlayCanvas:
+    """The overlay, drawn as the nuclei come (one tile at a time), then finished with the crops.
+
+    Args:
+        thumbnail: uint8 (h, w, 3) RGB of the whole slide.
+        tissue_mask: bool mask of the whole slide at any resolution (resized to the
+            thumbnail), or None.
+        thumb_scale: thumbnail pixels per level-0 pixel (e.g. thumbnail width / slide width).
+    """
+
+    def __init__(self, thumbnail: np.ndarray, tissue_mask: np.ndarray | None, thumb_scale: float):
+        thumb = Image.fromarray(np.ascontiguousarray(thumbnail[..., :3]))
+        if tissue_mask is not None:
+            outline = _mask_outline(tissue_mask, (thumb.height, thumb.width))
+            pixels = np.asarray(thumb).copy()
+            pixels[outline] = TISSUE_COLOR
+            thumb = Image.fromarray(pixels)
+        self.thumb, self.scale = thumb, thumb_scale
+        self._draw = ImageDraw.Draw(thumb)
+
+    def draw_nuclei(self, polygons_xy: Iterable[Polygon]) -> None:
+        """Outline nuclei given in level-0 (x, y) on the thumbnail."""
+        _draw_outlines(self._draw, polygons_xy, self.scale, (0.0, 0.0), NUCLEUS_COLOR)
+
+    def finish(self, crops: Sequence[tuple[np.ndarray, Iterable[Polygon]]] = (),
+               windows_xy: Sequence[WindowXY] = ()) -> np.ndarray:
+        """uint8 (H, W, 3): the thumbnail (crop windows outlined) on top, the crops in a row
+        below on white; ``crops`` / ``windows_xy`` as in ``overlay_image``."""
+        s = self.scale
+        for x0, y0, x1, y1 in windows_xy:
+            self._draw.rectangle([x0 * s, y0 * s, x1 * s, y1 * s], outline=WINDOW_COLOR, width=2)
+        tiles = []
+        for image, polygons in crops:
+            crop = Image.fromarray(np.ascontiguousarray(image[..., :3]))
+            _draw_outlines(ImageDraw.Draw(crop), polygons, 1.0, (0.0, 0.0), CROP_NUCLEUS_COLOR)
+            tiles.append(crop)
+        row_w = sum(t.width for t in tiles) + GAP_PX * max(len(tiles) - 1, 0)
+        row_h = max((t.height for t in tiles), default=0)
+        width = max(self.thumb.width, row_w)
+        height = self.thumb.height + (GAP_PX + row_h if tiles else 0)
+        canvas = Image.new("RGB", (width, height), (255, 255, 255))
+        canvas.paste(self.thumb, (0, 0))
+        x = 0
+        for tile in tiles:
+            canvas.paste(tile, (x, self.thumb.height + GAP_PX))
+            x += tile.width + GAP_PX
+        return np.asarray(canvas)
+
+
 def overlay_image(thumbnail: np.ndarray, tissue_mask: np.ndarray | None, polygons_xy: Iterable[Polygon],
                   thumb_scale: float, crops: Sequence[tuple[np.ndarray, Iterable[Polygon]]] = (),
                   windows_xy: Sequence[WindowXY] = ()) -> np.ndarray:
@@ -75,33 +124,9 @@ def overlay_image(thumbnail: np.ndarray, tissue_mask: np.ndarray | None, polygon
     Returns:
         uint8 (H, W, 3): the thumbnail on top, the crops in a row below on white.
     """
-    thumb = Image.fromarray(np.ascontiguousarray(thumbnail[..., :3]))
-    if tissue_mask is not None:
-        outline = _mask_outline(tissue_mask, (thumb.height, thumb.width))
-        pixels = np.asarray(thumb).copy()
-        pixels[outline] = TISSUE_COLOR
-        thumb = Image.fromarray(pixels)
-    draw = ImageDraw.Draw(thumb)
-    _draw_outlines(draw, polygons_xy, thumb_scale, (0.0, 0.0), NUCLEUS_COLOR)
-    for x0, y0, x1, y1 in windows_xy:
-        draw.rectangle([x0 * thumb_scale, y0 * thumb_scale, x1 * thumb_scale, y1 * thumb_scale],
-                       outline=WINDOW_COLOR, width=2)
-    tiles = []
-    for image, polygons in crops:
-        crop = Image.fromarray(np.ascontiguousarray(image[..., :3]))
-        _draw_outlines(ImageDraw.Draw(crop), polygons, 1.0, (0.0, 0.0), CROP_NUCLEUS_COLOR)
-        tiles.append(crop)
-    row_w = sum(t.width for t in tiles) + GAP_PX * max(len(tiles) - 1, 0)
-    row_h = max((t.height for t in tiles), default=0)
-    width = max(thumb.width, row_w)
-    height = thumb.height + (GAP_PX + row_h if tiles else 0)
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    canvas.paste(thumb, (0, 0))
-    x = 0
-    for tile in tiles:
-        canvas.paste(tile, (x, thumb.height + GAP_PX))
-        x += tile.width + GAP_PX
-    return np.asarray(canvas)
+    canvas = OverlayCanvas(thumbnail, tissue_mask, thumb_scale)
+    canvas.draw_nuclei(polygons_xy)
+    return canvas.finish(crops, windows_xy)
 
 
 def render_overlay(path: str | os.PathLike, thumbnail: np.ndarray, tissue_mask: np.ndarray | None,

@@ -88,9 +88,12 @@ def plan_slide(reader: SlideReader, config: SegmentConfig, model_mpp: float) -> 
 
 
 def export_nuclei(plan: SlidePlan, counts: dict[Tile, int], work_dir: Path, geojson_path: Path, table_path: Path,
-                  namespace: str) -> tuple[int, np.ndarray]:
+                  namespace: str, on_tile=None) -> tuple[int, np.ndarray]:
     """Stage: global ids by prefix sum, then stream every tile's nuclei (row-major) to the
-    GeoJSON and CSV, one tile in memory at a time.
+    GeoJSON and CSV, one tile in memory at a time, each tile's result read once.
+
+    ``on_tile(instances)``, if given, also receives every non-empty tile's ``TileInstances``
+    (e.g. to draw the overlay in the same pass).
 
     Returns:
         The number of nuclei written, and float64 (<= CROP_SAMPLE, 2) level-0 (x, y)
@@ -113,13 +116,14 @@ def export_nuclei(plan: SlidePlan, counts: dict[Tile, int], work_dir: Path, geoj
             export_tile(instances, plan.grid, offsets[tile], geojson, table, namespace=namespace)
             global_ids = offsets[tile] + 1 + np.arange(instances.count)
             sample.append(plan.grid.target_to_level0_xy(instances.centroid_rc[global_ids % stride == 0]))
+            if on_tile is not None:
+                on_tile(instances)
     return geojson.count, np.concatenate(sample)
 
 
-def _level0_polygons(plan: SlidePlan, counts: dict[Tile, int], work_dir: Path,
-                     window_xy: tuple[int, int, int, int] | None = None):
-    """Every nucleus polygon (level-0 x, y), one tile in memory at a time; with a level-0
-    window (x0, y0, x1, y1) only the tiles whose read window meets it are loaded."""
+def _window_polygons(plan: SlidePlan, counts: dict[Tile, int], work_dir: Path, window_xy: tuple[int, int, int, int]):
+    """The nucleus polygons (level-0 x, y) of the tiles whose read window meets the level-0
+    window (x0, y0, x1, y1), one tile in memory at a time."""
     from wsi_ircr.slide.polygons import to_level0
     from wsi_ircr.slide.tasks import load_result
 
@@ -127,32 +131,40 @@ def _level0_polygons(plan: SlidePlan, counts: dict[Tile, int], work_dir: Path,
     for tile in sorted(counts):
         if not counts[tile]:
             continue
-        if window_xy is not None:
-            x, y = plan.grid.origin_xy(tile)
-            if x >= window_xy[2] or y >= window_xy[3] or x + side <= window_xy[0] or y + side <= window_xy[1]:
-                continue
+        x, y = plan.grid.origin_xy(tile)
+        if x >= window_xy[2] or y >= window_xy[3] or x + side <= window_xy[0] or y + side <= window_xy[1]:
+            continue
         for polygon in load_result(work_dir, tile).polygons:
             yield to_level0(polygon, plan.grid)
 
 
-def render_previews(reader: SlideReader, plan: SlidePlan, counts: dict[Tile, int], work_dir: Path,
+def start_overlay(reader: SlideReader, plan: SlidePlan):
+    """The overlay canvas (slide thumbnail with the tissue outline) that ``export_nuclei``
+    draws the nuclei on, tile by tile; ``(canvas, on_tile)``."""
+    from wsi_ircr.slide.overlay import OverlayCanvas
+    from wsi_ircr.slide.polygons import to_level0
+
+    thumb = reader.thumbnail(2048)
+    canvas = OverlayCanvas(thumb, plan.tissue.mask, thumb.shape[1] / reader.dimensions_xy[0])
+    return canvas, lambda instances: canvas.draw_nuclei(to_level0(p, plan.grid) for p in instances.polygons)
+
+
+def render_previews(reader: SlideReader, plan: SlidePlan, counts: dict[Tile, int], work_dir: Path, canvas,
                     centroids_xy: np.ndarray, out_dir: Path, n_crops: int) -> None:
-    """Stage: ``tissue.png`` and ``overlay.png`` (thumbnail with tissue and nuclei outlines,
-    plus full-resolution crops where the level-0 (x, y) ``centroids_xy`` are densest)."""
-    from wsi_ircr.slide.overlay import pick_crop_windows, polygons_in_window, render_mask_png, render_overlay
+    """Stage: ``tissue.png`` and ``overlay.png`` (the ``canvas`` with every nucleus drawn,
+    plus full-resolution crops where the level-0 (x, y) ``centroids_xy`` are densest; only
+    the tiles under the crops are read again)."""
+    from wsi_ircr.slide.overlay import pick_crop_windows, polygons_in_window, render_mask_png, save_png
 
     render_mask_png(plan.tissue.mask, out_dir / "tissue.png")
-    thumb = reader.thumbnail(2048)
-    scale = thumb.shape[1] / reader.dimensions_xy[0]
     crop_px = max(64, int(round(384 * 0.5 / plan.slide_mpp)))
     windows = pick_crop_windows(centroids_xy, crop_px, n_crops, reader.dimensions_xy)
     crops = []
     for x0, y0, x1, y1 in windows:
         image = reader.read_region((x0, y0), 0, (x1 - x0, y1 - y0))
-        polygons = _level0_polygons(plan, counts, work_dir, (x0, y0, x1, y1))
+        polygons = _window_polygons(plan, counts, work_dir, (x0, y0, x1, y1))
         crops.append((image, polygons_in_window(polygons, (x0, y0, x1, y1))))
-    render_overlay(out_dir / "overlay.png", thumb, plan.tissue.mask, _level0_polygons(plan, counts, work_dir), scale,
-                   crops, windows)
+    save_png(canvas.finish(crops, windows), out_dir / "overlay.png")
 
 
 def driver_rss_mb() -> float:
@@ -230,15 +242,20 @@ def finish_slide(reader: SlideReader, plan: SlidePlan, folder: RunFolder, model:
     ``seconds`` holds the stages timed so far, ``t_start`` is ``time.perf_counter()`` when
     the slide started and ``rss_mb`` the driver's largest resident memory seen so far for it."""
     t = time.perf_counter()
+    canvas, draw_tile = start_overlay(reader, plan)
+    seconds["overlay"] = time.perf_counter() - t
+    t = time.perf_counter()
     suffix = ".geojson.gz" if config.gzip else ".geojson"
     geojson_name = f"{folder.stem}{suffix}"
     n, centroids_xy = export_nuclei(plan, results.counts, folder.work_dir, folder.path / geojson_name,
-                                    folder.path / "nuclei.csv", namespace=f"{plan.fingerprint}:{model.hash}")
-    seconds["stitch_export"] = time.perf_counter() - t
+                                    folder.path / "nuclei.csv", namespace=f"{plan.fingerprint}:{model.hash}",
+                                    on_tile=draw_tile)
+    seconds["stitch_export"] = time.perf_counter() - t  # the overlay's nuclei are drawn in this pass
     rss = max(rss_mb, driver_rss_mb())
     t = time.perf_counter()
-    render_previews(reader, plan, results.counts, folder.work_dir, centroids_xy, folder.path, config.overlay_crops)
-    seconds["overlay"] = time.perf_counter() - t
+    render_previews(reader, plan, results.counts, folder.work_dir, canvas, centroids_xy, folder.path,
+                    config.overlay_crops)
+    seconds["overlay"] += time.perf_counter() - t
     rss = max(rss, driver_rss_mb())
     seconds["total"] = time.perf_counter() - t_start
     summary = summarise(plan, folder, model, config, results, n, seconds, rss, resumed, stored, geojson_name)

@@ -40,7 +40,8 @@ def _largest_polygon(geom) -> Polygon | None:
 
 def _outline_xy(mask: np.ndarray, offset_rc: tuple[float, float]) -> np.ndarray:
     """float64 (n, 2) closed (x, y) ring of the largest outline of a non-empty bool mask."""
-    padded = np.pad(mask.astype(np.uint8), 1)
+    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.uint8)
+    padded[1:-1, 1:-1] = mask
     rings = find_contours(padded, 0.5, fully_connected="high")
     ring_rc = rings[0] if len(rings) == 1 else max(rings, key=_ring_area)
     # find_contours works in pixel-centre coordinates of the padded array: subtract the

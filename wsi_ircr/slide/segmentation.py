@@ -19,11 +19,11 @@ from wsi_ircr.slide.stitch import TileInstances, owned_instances, stitch_label_i
 if TYPE_CHECKING:
     from wsi_ircr.model.inference import Predictor
 
-Maps = tuple[np.ndarray, np.ndarray]
+Maps = tuple[np.ndarray, np.ndarray | None]
 
 
 def _owned(image: np.ndarray, predictor: Predictor, grid: TileGrid, tile: Tile, maps: Maps | None,
-           on_truncated: Literal["raise", "drop"]) -> tuple[np.ndarray, np.ndarray, int]:
+           on_truncated: Literal["raise", "drop"], labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """(owned int32 (tile_px, tile_px), probability float32 (tile_px, tile_px), dropped count)."""
     if image.shape != (grid.tile_px, grid.tile_px, 3) or image.dtype != np.uint8:
         raise ValueError(f"tile {tuple(tile)}: expected uint8 ({grid.tile_px}, {grid.tile_px}, 3), "
@@ -32,12 +32,14 @@ def _owned(image: np.ndarray, predictor: Predictor, grid: TileGrid, tile: Tile, 
         probs, hvs = predictor.predict_maps(image[None])
         maps = probs[0], hvs[0]
     prob, hv = maps
-    owned, dropped = owned_instances(predictor.instances(prob, hv), grid, tile, on_truncated=on_truncated)
+    if labels is None:
+        labels = predictor.instances(prob, hv)
+    owned, dropped = owned_instances(labels, grid, tile, on_truncated=on_truncated)
     return owned, prob, dropped
 
 
 def segment_tile(image: np.ndarray, predictor: Predictor, grid: TileGrid, tile: Tile, *, maps: Maps | None = None,
-                 on_truncated: Literal["raise", "drop"] = "drop") -> TileInstances:
+                 labels: np.ndarray | None = None, on_truncated: Literal["raise", "drop"] = "drop") -> TileInstances:
     """Segment one tile of ``grid`` into the nuclei it owns.
 
     Args:
@@ -47,13 +49,16 @@ def segment_tile(image: np.ndarray, predictor: Predictor, grid: TileGrid, tile: 
         grid: the tile grid; ``tile`` = (row, col) in it.
         maps: the tile's (probability (tile_px, tile_px), HV (2, tile_px, tile_px)) when a
             batched forward pass already computed them; None = run the network here.
+        labels: int (tile_px, tile_px) instances already post-processed (the torch backend,
+            on the network's device; HV may then be None); None = the predictor's
+            post-processing of ``maps`` runs here.
         on_truncated: a nucleus cut by the window (halo too small): "drop" it (counted in
             ``TileInstances.dropped``) or "raise" a UserError.
 
     Returns:
         The owned nuclei in target-image coordinates (centroids, boxes, features, outlines).
     """
-    owned, prob, dropped = _owned(image, predictor, grid, tile, maps, on_truncated)
+    owned, prob, dropped = _owned(image, predictor, grid, tile, maps, on_truncated, labels)
     instances = tile_instances(owned, grid, tile, image=image, np_prob=prob)
     instances.dropped = dropped
     return instances

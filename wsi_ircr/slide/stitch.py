@@ -37,6 +37,18 @@ def _per_label_sums(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray,
     return count, sum_r, sum_c
 
 
+def _compact(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(labels, return_inverse=True)`` of a non-negative int map, as (sorted ids,
+    int32 index map of the same shape), in linear time when the ids are few for the pixels."""
+    if int(labels.max(initial=0)) > 4 * labels.size:
+        ids, inverse = np.unique(labels, return_inverse=True)
+        return ids, inverse.reshape(labels.shape).astype(np.int32)
+    ids = np.flatnonzero(np.bincount(labels.ravel()))
+    lut = np.zeros(int(ids[-1]) + 1, np.int32)
+    lut[ids] = np.arange(len(ids), dtype=np.int32)
+    return ids, lut[labels]
+
+
 def _inside_image(grid: TileGrid, tile: Tile) -> tuple[slice, slice]:
     """Rows and columns of the tile window that lie inside the target image."""
     r0, c0 = grid.read_origin_rc(tile)
@@ -95,8 +107,7 @@ def owned_instances(labels_tile: np.ndarray, grid: TileGrid, tile: Tile,
             f"tile {tile}: expected an integer ({n_px}, {n_px}) instance map, got {labels.dtype} {labels.shape}")
     if labels.min(initial=0) < 0:
         raise ValueError(f"tile {tile}: instance labels must be >= 0")
-    ids, labels = np.unique(labels, return_inverse=True)
-    labels = labels.reshape(n_px, n_px).astype(np.int32)
+    ids, labels = _compact(labels)
     if ids[0] != 0:
         ids = np.concatenate([[0], ids])
         labels += 1

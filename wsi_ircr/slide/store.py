@@ -142,12 +142,14 @@ class TileStore:
             )
         return np.asarray(self._tiles[i])
 
-    def write(self, i: int, reader: SlideReader) -> None:
-        """Read tile ``i`` from ``reader`` at the grid's mpp, write its chunk, then its done flag."""
+    def write(self, i: int, reader: SlideReader) -> np.ndarray:
+        """Read tile ``i`` from ``reader`` at the grid's mpp, write its chunk, then its done flag;
+        returns the uint8 (tile_px, tile_px, 3) pixels written."""
         tile = self.tiles[i]
         pixels = read_at_mpp(reader, self.grid.origin_xy(tile), (self.tile_px, self.tile_px), self.grid.mpp)
         self._tiles[i] = pixels
         self._done[i] = 1
+        return pixels
 
     def __getstate__(self) -> dict:
         return {"path": str(self.path)}
@@ -230,8 +232,9 @@ def _open_cached(path: str, mtime_ns: int) -> TileStore:
     return TileStore(path)
 
 
-def write_tile(store_path: str | os.PathLike, i: int, reader: SlideReader) -> None:
-    """Write tile ``i`` of the store at ``store_path`` (a pure, idempotent task for any process).
+def write_tile(store_path: str | os.PathLike, i: int, reader: SlideReader) -> np.ndarray:
+    """Write tile ``i`` of the store at ``store_path`` (a pure, idempotent task for any process)
+    and return its uint8 (tile_px, tile_px, 3) pixels.
 
     The opened store is cached per process (keyed by its metadata's modification time).
     """
@@ -240,4 +243,4 @@ def write_tile(store_path: str | os.PathLike, i: int, reader: SlideReader) -> No
         mtime_ns = _metadata_path(path).stat().st_mtime_ns
     except FileNotFoundError:
         raise UserError(f"{path}: no tile store here; run `wsi-ircr tile` to write one") from None
-    _open_cached(str(path), mtime_ns).write(i, reader)
+    return _open_cached(str(path), mtime_ns).write(i, reader)

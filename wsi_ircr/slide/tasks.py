@@ -68,7 +68,7 @@ def _require_on_worker(path: str | None) -> None:
                         "model and output folder at the same paths (a shared filesystem)")
 
 
-def get_predictor(model_path: str | None, model_hash: str, device: str, tta: int = 1):
+def get_predictor(model_path: str | None, model_hash: str, device: str, tta: int = 1, postprocess: str = "auto"):
     """The worker's Predictor for this model file, device and test-time views, loaded once per process.
 
     Keyed by the file hash the driver saw, so a model file replaced at the same path is
@@ -80,7 +80,7 @@ def get_predictor(model_path: str | None, model_hash: str, device: str, tta: int
     from wsi_ircr.model.checkpoint import load_checkpoint
     from wsi_ircr.model.inference import Predictor
 
-    key = (model_path, model_hash, device, tta)
+    key = (model_path, model_hash, device, tta, postprocess)
     with _CACHE_LOCK:
         if key in _PREDICTORS:
             return _with_cpu_threads(_PREDICTORS[key])
@@ -92,8 +92,8 @@ def get_predictor(model_path: str | None, model_hash: str, device: str, tta: int
                 f"{model_hash}; the file changed during the run or differs between machines: keep one copy on a "
                 "shared filesystem"
             )
-        predictor = Predictor(checkpoint, device=device, tta=tta)
-        for old in [k for k in _PREDICTORS if k[0] == model_path and k[2:] == (device, tta)]:
+        predictor = Predictor(checkpoint, device=device, tta=tta, postprocess_backend=postprocess)
+        for old in [k for k in _PREDICTORS if k[0] == model_path and k[2:] == (device, tta, postprocess)]:
             del _PREDICTORS[old]
         _PREDICTORS[key] = predictor
         return _with_cpu_threads(predictor)
@@ -143,6 +143,9 @@ class SlideJob:
     store_path / results_dir: the run's tile store and per-tile results folder.
     model_path / model_hash / device: the checkpoint (None: bundled) and where it runs.
     tta: views of test-time augmentation averaged by the network (1 = none).
+    batch_tiles: tiles per forward batch (a task streams its tiles batch by batch).
+    post_threads: threads post-processing a task's tiles on the CPU.
+    postprocess: the post-processing backend (``inference.choose_backend``).
     """
 
     slide_path: str
@@ -154,6 +157,9 @@ class SlideJob:
     model_hash: str
     device: str
     tta: int = 1
+    batch_tiles: int = 2
+    post_threads: int = 1
+    postprocess: str = "auto"
 
 
 @dataclass
@@ -190,40 +196,64 @@ def write_tiles(store_path: str, indices: list[int], slide_path: str, mpp: float
 
 
 def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop") -> BatchReport:
-    """Tiles ``indices`` of the job's store: read from the slide those not stored yet, run
-    the network on them as one batch, ``segment_tile`` each, save each tile's result.
+    """Tiles ``indices`` of the job's store, streamed in forward batches of ``job.batch_tiles``.
 
-    Stages timed: ``read_decode`` (slide reads for tiles not in the store), ``tile_load``
-    (zarr reads), ``inference`` (network), ``postprocess`` (watershed, ownership,
-    measurements, outlines).
+    Stages (``wsi_ircr.slide.stream``, overlapping, bounded queues): load each tile (from the
+    store, or read from the slide and stored once: a rerun reuses it) -> the network (and,
+    with the torch post-processing backend, the instances, on the network's device) ->
+    post-processing on the CPU (``segment_tile``: watershed unless done, ownership,
+    measurements, outlines) and the tile's result saved atomically as soon as it is done.
+
+    Busy seconds per stage: ``read_decode`` (slide reads, store writes), ``tile_load`` (store
+    reads), ``inference``, ``postprocess``.
     """
     from wsi_ircr.io.atomic import atomic_open
     from wsi_ircr.slide.segmentation import segment_tile
     from wsi_ircr.slide.store import TileStore, write_tile
+    from wsi_ircr.slide.stream import Stage, stream
 
-    report = BatchReport(seconds={"read_decode": 0.0, "tile_load": 0.0, "inference": 0.0, "postprocess": 0.0})
-    t0 = time.perf_counter()
     store = TileStore.open(job.store_path)
-    missing = [i for i in indices if not store.is_done(i)]
-    if missing:
-        reader = get_reader(job.slide_path, job.mpp, job.fingerprint)
-        for i in missing:
-            write_tile(job.store_path, i, reader)
-    t1 = time.perf_counter()
-    images = np.stack([store.read(i) for i in indices])
-    t2 = time.perf_counter()
-    predictor = get_predictor(job.model_path, job.model_hash, job.device, job.tta)
-    probs, hvs = predictor.predict_maps(images)
-    t3 = time.perf_counter()
-    rss_after_inference = _rss_mb()  # images and maps of the whole batch are held here
-    for i, image, prob, hv in zip(indices, images, probs, hvs):
-        tile = store.tiles[i]
-        instances = segment_tile(image, predictor, store.grid, tile, maps=(prob, hv), on_truncated=on_truncated)
-        with atomic_open(result_path(job.results_dir, tile), "wb") as f:
-            pickle.dump(instances, f, protocol=pickle.HIGHEST_PROTOCOL)
-        report.counts[tile] = instances.count
-        report.dropped[tile] = instances.dropped
-    t4 = time.perf_counter()
-    report.rss_mb = max(rss_after_inference, _rss_mb())
-    report.seconds.update(read_decode=t1 - t0, tile_load=t2 - t1, inference=t3 - t2, postprocess=t4 - t3)
+    predictor = get_predictor(job.model_path, job.model_hash, job.device, job.tta, job.postprocess)
+    report = BatchReport(seconds={"read_decode": 0.0, "tile_load": 0.0, "inference": 0.0, "postprocess": 0.0})
+
+    def load(batch: list[int]):
+        images = []
+        for i in batch:
+            t0 = time.perf_counter()
+            if store.is_done(i):
+                images.append(store.read(i))
+                report.seconds["tile_load"] += time.perf_counter() - t0
+            else:
+                images.append(write_tile(job.store_path, i, get_reader(job.slide_path, job.mpp, job.fingerprint)))
+                report.seconds["read_decode"] += time.perf_counter() - t0
+        return batch, np.stack(images)
+
+    def infer(item):
+        batch, images = item
+        _with_cpu_threads(predictor)  # torch's CPU threads are set per calling thread
+        prob, hv, labels = predictor.predict_batch(images)
+        report.rss_mb = max(report.rss_mb, _rss_mb())  # images and maps of a batch or two are held here
+        return batch, images, prob, hv, labels
+
+    def post(item):
+        batch, images, prob, hv, labels = item
+        done = []
+        for k, i in enumerate(batch):
+            tile = store.tiles[i]
+            instances = segment_tile(images[k], predictor, store.grid, tile, maps=(prob[k], None if hv is None else hv[k]),
+                                     labels=None if labels is None else labels[k], on_truncated=on_truncated)
+            with atomic_open(result_path(job.results_dir, tile), "wb") as f:
+                pickle.dump(instances, f, protocol=pickle.HIGHEST_PROTOCOL)
+            done.append((tile, instances.count, instances.dropped))
+        return done
+
+    batches = [indices[k:k + job.batch_tiles] for k in range(0, len(indices), job.batch_tiles)]
+    busy: dict[str, float] = {}
+    stages = [Stage("load", load), Stage("inference", infer), Stage("postprocess", post, job.post_threads)]
+    for done in stream(batches, stages, depth=2, seconds=busy):
+        for tile, count, dropped in done:
+            report.counts[tile] = count
+            report.dropped[tile] = dropped
+    report.seconds.update(inference=busy["inference"], postprocess=busy["postprocess"])
+    report.rss_mb = max(report.rss_mb, _rss_mb())
     return report

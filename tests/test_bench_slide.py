@@ -1,0 +1,54 @@
+"""benchmarks/bench_slide.py: its synthetic slide and its refusals of bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_slide import BACKGROUND, SyntheticSlide  # noqa: E402
+
+
+def run_bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_slide.py"), *args, "--no-record"],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def test_a_slide_too_large_for_the_disk_is_refused_in_one_line(tmp_path):
+    done = run_bench("--side-px", str(2**20), "--scales", "1", "--dir", str(tmp_path / "runs"), cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: a 1,099,512 Mpx slide needs")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cuda_without_a_gpu_is_refused_in_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    done = run_bench("--side-px", "1024", "--scales", "1", "--device", "cuda", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: --device cuda: no CUDA GPU is visible to torch; use --device cpu"]
+
+
+@pytest.mark.openslide
+def test_the_synthetic_slide_is_a_40x_pyramid_of_tissue_on_glass(tmp_path):
+    import openslide
+
+    slide = SyntheticSlide(2048, n_blocks=1)
+    path = slide.write(tmp_path / "s.tiff")
+    with openslide.OpenSlide(str(path)) as osr:
+        assert osr.dimensions == (2048, 2048) and osr.level_count == 2
+        assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(0.25)
+        corner = np.asarray(osr.read_region((0, 0), 0, (64, 64)))[..., :3].astype(int)
+        centre = np.asarray(osr.read_region((896, 896), 0, (256, 256)))[..., :3].astype(int)
+    assert np.abs(corner - BACKGROUND).mean() < 3  # glass outside the tissue
+    assert np.abs(centre - slide.region(0, 896, 896, 256, 256)).mean() < 6  # JPEG of the rendered texture
+    purple = (centre[..., 0] < 140) & (centre[..., 2] > centre[..., 1] + 40)
+    assert 0.05 < purple.mean() < 0.6  # nuclei among pink stroma
