@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -102,3 +103,12 @@ def test_pipeline_recipes_are_valid_and_import_nothing_private():
         private = re.findall(r"^\s*(?:from wsi_ircr[\w.]* import .*\b_\w+|import wsi_ircr[\w.]*\._\w+)", path.read_text(),
                              re.MULTILINE)
         assert not private, (path.name, private)
+
+
+def test_segment_with_a_malformed_scheduler_address_is_one_line(tmp_path, capfd):
+    slide = Path(__file__).resolve().parents[1] / "examples" / "cmu-1-small-region.svs"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", str(slide), "-o", str(tmp_path / "out"), "--scheduler", "head"])
+    err = capfd.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert "--scheduler head: not a scheduler address" in err and "tcp://HOST:PORT" in err, err

@@ -141,11 +141,24 @@ def local_client(config: SegmentConfig):
         yield client
 
 
+def check_address(address: str) -> None:
+    """UserError unless ``address`` reads as a scheduler address (``tcp://HOST:PORT``)."""
+    from distributed.comm import parse_address
+    from distributed.comm.addressing import parse_host_port
+
+    try:
+        parse_host_port(parse_address(address)[1])
+    except ValueError as e:
+        raise UserError(f"--scheduler {address}: not a scheduler address ({e}); pass tcp://HOST:PORT, "
+                        "e.g. tcp://head:8786") from None
+
+
 @contextmanager
 def scheduler_client(address: str, config: SegmentConfig):
-    """A client of the existing Dask scheduler at ``address``."""
+    """A client of the existing Dask scheduler at ``address`` (a malformed or silent address: UserError)."""
     from distributed import Client
 
+    check_address(address)
     try:
         client = Client(address, timeout="10s")
     except (OSError, TimeoutError) as e:

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from wsi_ircr.errors import UserError
 from wsi_ircr.train.config import TrainConfig
 
 GPU = "GPU"  # the resource name GPU workers declare (see wsi_ircr.slide.cluster)
@@ -34,18 +33,6 @@ def task_resources(device: str, workers: dict) -> dict | None:
     if device == "cuda" or any(w.get("resources", {}).get(GPU) for w in workers.values()):
         return {GPU: 1}
     return None
-
-
-def check_address(address: str) -> None:
-    """UserError unless ``address`` reads as a scheduler address (``tcp://HOST:PORT``)."""
-    from distributed.comm import parse_address
-    from distributed.comm.addressing import parse_host_port
-
-    try:
-        parse_host_port(parse_address(address)[1])
-    except ValueError as e:
-        raise UserError(f"--scheduler {address}: not a scheduler address ({e}); pass tcp://HOST:PORT, "
-                        "e.g. tcp://head:8786") from None
 
 
 def _released(key: str) -> Callable[[], bool]:
@@ -98,7 +85,6 @@ def train_on_cluster(address: str, cfg: TrainConfig, out_dir: Path, base_dir: Pa
     from wsi_ircr.slide.cluster import scheduler_client
     from wsi_ircr.slide.config import SegmentConfig
 
-    check_address(address)
     with scheduler_client(address, SegmentConfig(device=cfg.device)) as client:
         workers = client.scheduler_info(n_workers=-1).get("workers", {})
         resources = task_resources(cfg.device, workers)
