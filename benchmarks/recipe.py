@@ -42,18 +42,16 @@ def train(name: str, overrides: list[str], sources: bool) -> None:
     import yaml
 
     out = RUNS / name
-    cmd = [sys.executable, "-m", "wsi_ircr", "train", "--config", CONFIG, "--out", str(out.relative_to(REPO))]
+    args = ["train", "--config", CONFIG, "--out", str(out.relative_to(REPO))]
     if sources:
         extra = yaml.safe_load((REPO / "configs/train/sources.yaml").read_text())["data"]["extra"]
         overrides = [f"data.extra={json.dumps(extra)}", *overrides]
-    cmd += [a for o in overrides for a in ("--set", o)]
-    if (out / "last.pt").exists():
-        cmd.append("--resume")
+    args += [a for o in overrides for a in ("--set", o)]
     out.mkdir(parents=True, exist_ok=True)
-    shown = ["wsi-ircr", *cmd[3:]]  # the user's command for the table
-    (out / "command.txt").write_text(" ".join(a for a in shown if a != "--resume") + "\n")
-    if sources:
-        (out / "command.txt").write_text(f"python benchmarks/recipe.py train {name} --sources" + "".join(f" --set {o}" for o in overrides[1:]) + "\n")
+    shown = (f"python benchmarks/recipe.py train {name} --sources" + "".join(f" --set {o}" for o in overrides[1:])
+             if sources else " ".join(["wsi-ircr", *args]))  # the user's command, for the table
+    (out / "command.txt").write_text(shown + "\n")
+    cmd = [sys.executable, "-m", "wsi_ircr", *args] + (["--resume"] if (out / "last.pt").exists() else [])
     subprocess.run(cmd, check=True, cwd=REPO)
 
 

@@ -5,7 +5,7 @@ Each slide goes through the same reader (OpenSlide; level-0 mpp from its metadat
 the tissue tiles of a grid of ``tile_px`` squares at the model's mpp, of which at most
 ``max_tiles`` (drawn with ``seed``) are written to ``<store_root>/<slide stem>/tiles.zarr`` and
 loaded as unlabelled tiles. A later run of the same settings (``--resume``) reopens the
-store and reads nothing from the slide again.
+store and reads no tile from the slide again (only its tissue mask).
 """
 
 from __future__ import annotations
