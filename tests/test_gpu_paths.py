@@ -19,7 +19,7 @@ from synthetic_slides import synthetic_he, write_pyramidal_tiff
 from wsi_ircr.errors import UserError
 from wsi_ircr.metrics import aji
 from wsi_ircr.model.checkpoint import load_checkpoint
-from wsi_ircr.model.inference import Predictor, choose_backend
+from wsi_ircr.model.inference import Predictor, choose_backend, native_bf16
 from wsi_ircr.slide.config import SegmentConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def test_backend_follows_the_device():
 def test_bf16_network_gives_nearly_the_float32_instances(he_tiles):
     """The autocast path CUDA takes by default, on the CPU: the instances barely move."""
     checkpoint = load_checkpoint(None)
-    fp32 = Predictor(checkpoint, device="cpu")
+    fp32 = Predictor(checkpoint, device="cpu", bf16=False)
     bf16 = Predictor(checkpoint, device="cpu", bf16=True)
     assert not fp32.bf16 and bf16.bf16
     p32, h32 = fp32.predict_maps(he_tiles)
@@ -51,6 +51,18 @@ def test_bf16_network_gives_nearly_the_float32_instances(he_tiles):
     for k in range(len(he_tiles)):
         ref = fp32.instances(p32[k], h32[k])
         assert ref.max() > 5 and aji(ref, bf16.instances(p16[k], h16[k])) > 0.9
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "native"), [(True, False, True), (False, True, True), (False, False, False)])
+def test_bf16_is_chosen_where_the_cpu_has_it(monkeypatch, avx512_bf16, amx, native):
+    """``bf16=None`` (the default everywhere) follows the CPU's native bf16 support; CUDA always has it."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert native_bf16(torch.device("cpu")) is native
+    assert native_bf16(torch.device("cuda")) is True
+    checkpoint = load_checkpoint(None)
+    assert Predictor(checkpoint, device="cpu").bf16 is native
+    assert Predictor(checkpoint, device="cpu", bf16=False).bf16 is False
 
 
 def test_predict_batch_with_the_torch_backend_returns_instances(he_tiles):

@@ -479,6 +479,24 @@ def test_labelled_strength_augments_what_the_student_sees(dataset, tmp_path, str
     assert torch.equal(seen[0], raw) == (strength == 0.0)
 
 
+@pytest.mark.parametrize("bf16", [None, False, True])
+def test_bf16_autocast_follows_the_config_or_the_cpu(dataset, tmp_path, monkeypatch, bf16):
+    """``bf16: null`` trains in bf16 autocast where it is native; the weights stay fp32 either way."""
+    from wsi_ircr.train.config import TrainConfig
+    from wsi_ircr.train.loop import Trainer
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    data_cfg = DataConfig(images=str(dataset["images"]), labels=str(dataset["labels"]), val=("t5",))
+    cfg = TrainConfig(data=data_cfg, device="cpu", crop_px=32, batch_size=2, unlabelled_batch_size=0, bf16=bf16)
+    trainer = Trainer(cfg, tmp_path, load_train_data(data_cfg), priors=None)
+    assert trainer.amp is (bf16 is not False)
+    dtypes = []
+    trainer.student.np_head.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    record = trainer.train_step()
+    assert np.isfinite(record["loss"]) and dtypes == [torch.bfloat16 if trainer.amp else torch.float32]
+    assert all(p.dtype == torch.float32 for p in trainer.student.parameters())
+
+
 # --- several labelled sources ----------------------------------------------------------------
 
 

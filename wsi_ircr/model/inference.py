@@ -24,6 +24,19 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 matrix arithmetic is native and fast: CUDA, or a CPU with AVX512-BF16 or
+    AMX (about 2x fp32 for these networks on an AMD EPYC Zen 4, benchmarks/precision.md);
+    elsewhere bf16 on the CPU is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def output_maps(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The network's output dict -> nucleus probability (N, H, W) and HV (N, 2, H, W), float32."""
     return torch.softmax(out["np"].float(), dim=1)[:, 1], out["hv"].float()
@@ -87,7 +100,7 @@ class Predictor:
     ``segment_image`` takes an image at any mpp. ``tta``: average the maps over this many
     of the 8 flips / transposes (1 = none; cost grows in proportion). ``postprocess_backend``:
     see ``choose_backend`` (used by ``predict_batch``). ``bf16``: run the network under bf16
-    autocast (None = on CUDA only).
+    autocast (None = where it is native, ``native_bf16``).
     """
 
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", batch_size: int = 8, tta: int = 1,
@@ -103,7 +116,7 @@ class Predictor:
         self.model_hash = checkpoint.model_hash
         self.net = checkpoint.build().to(self.device).to(memory_format=torch.channels_last)
         self.postprocess_backend = choose_backend(self.device, postprocess_backend)
-        self.bf16 = self.device.type == "cuda" if bf16 is None else bf16
+        self.bf16 = native_bf16(self.device) if bf16 is None else bf16
 
     @classmethod
     def from_network(cls, net: torch.nn.Module, mpp: float, postprocess: PostProcessConfig, device: torch.device) -> Predictor:

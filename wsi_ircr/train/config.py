@@ -25,6 +25,8 @@ every ``miac_scale_every`` steps (before the ramp-up, which still applies);
 instead of the student; semi-supervised runs always ship the teacher.
 ``checkpoint_every`` n > 0 also saves last.pt every n steps between validations (0: only at
 each validation, every ``val_every`` steps): a killed run loses at most the steps since then.
+``bf16``: forward passes under bf16 autocast with fp32 weights and optimiser (null: where bf16
+is native, CUDA or a CPU with AVX512-BF16 / AMX, about 2x fp32 there; benchmarks/precision.md).
 ``mpp`` is the network's operating resolution (null: the tiles' ``data.mpp``); the checkpoint
 carries it, and post-processing thresholds are physical (um, um^2) so they hold at any mpp.
 """
@@ -138,6 +140,7 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0
+    bf16: bool | None = None
     ema_alpha: float = 0.95
     ema_weights: bool = False
     mt_weight: float = 0.0

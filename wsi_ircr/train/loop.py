@@ -22,7 +22,7 @@ import torch
 from wsi_ircr.config import to_dict
 from wsi_ircr.errors import UserError
 from wsi_ircr.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from wsi_ircr.model.inference import Predictor, output_maps, resolve_device
+from wsi_ircr.model.inference import Predictor, native_bf16, output_maps, resolve_device
 from wsi_ircr.model.net import build_model
 from wsi_ircr.model.postprocess import instances_from_maps
 from wsi_ircr.train.config import TrainConfig
@@ -115,7 +115,7 @@ class Trainer:
         self.miac_scale: float | None = None  # automatic MIAC weight (miac_grad_ratio), None until measured
         self.best = {"aji": -1.0, "step": 0}
         self.history: list[dict] = []
-        self.amp = self.device.type == "cuda"
+        self.amp = native_bf16(self.device) if cfg.bf16 is None else cfg.bf16
         self.say: Callable[[str], None] = say_on_stderr  # where progress lines go
 
     def state(self) -> dict:
