@@ -2,9 +2,10 @@
 
     python benchmarks/bench_network.py [--threads 2] [--device cpu]   # appends to benchmarks/network.md
 
-Measures forward passes of 2 x 1024 x 1024 tiles (the segment default), fp32 on the CPU
-or bf16 autocast on CUDA, channels_last, after one warm-up batch; and the HV watershed of
-the bundled model on one 1024 x 1024 MoNuSeg-like tile.
+Measures forward passes of 2 x 1024 x 1024 tiles (the segment default) in bf16 autocast where
+it is native (CUDA, CPUs with AVX512-BF16 / AMX; as segment does) and fp32 elsewhere,
+channels_last, after one warm-up batch; and the HV watershed of the bundled model on one
+1024 x 1024 MoNuSeg-like tile.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsi_ircr.model.inference import predict_maps_tensor
+from wsi_ircr.model.inference import native_bf16, predict_maps_tensor
 from wsi_ircr.model.net import BUILDERS, build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def forward_mpx_per_s(name: str, device: torch.device, repeats: int) -> tuple[float, float]:
     net = build_model(name).to(device).eval().to(memory_format=torch.channels_last)
     x = torch.rand(2, 3, 1024, 1024, device=device).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=native_bf16(device)):
         predict_maps_tensor(net, x)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -48,7 +49,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    lines = [f"\n## {platform.node() or 'machine'}: {args.device}, {args.threads} threads, torch {torch.__version__}\n",
+    lines = [f"\n## {platform.node() or 'machine'}: {args.device}, {args.threads} threads, torch {torch.__version__}, "
+             f"{'bf16' if native_bf16(torch.device(args.device)) else 'fp32'}\n",
              "Command: `python benchmarks/bench_network.py --threads %d --device %s`\n" % (args.threads, args.device),
              "| network | parameters (M) | forward Mpx/s |", "|---|---|---|"]
     for name in BUILDERS:

@@ -50,7 +50,8 @@ def main() -> None:
         x = torch.rand(cfg.batch_size, 3, cfg.crop_px, cfg.crop_px).contiguous(memory_format=torch.channels_last)
 
         def bare_step() -> None:
-            out = bare(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=trainer.amp):  # the trainer's precision
+                out = bare(x)
             loss = out["np"].float().mean() + out["hv"].float().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -72,7 +73,7 @@ def main() -> None:
     mpx = cfg.batch_size * cfg.crop_px**2 / 1e6
     bare_s, real_s = times["bare"] / n, times["real"] / n
     real_val_s = real_s + val_seconds / cfg.val_every
-    row = (f"| {cfg.arch} | {cfg.model_mpp} | {cfg.batch_size} x {cfg.crop_px} | {mpx / bare_s:.3f} | {mpx / real_s:.3f} | "
+    row = (f"| {cfg.arch} | {'bf16' if trainer.amp else 'fp32'} | {cfg.model_mpp} | {cfg.batch_size} x {cfg.crop_px} | {mpx / bare_s:.3f} | {mpx / real_s:.3f} | "
            f"{mpx / real_val_s:.3f} | {bare_s / real_val_s:.2f} | {val_seconds:.1f} s / {cfg.val_every} steps |")
     print(row)
     if args.no_record:
@@ -85,8 +86,8 @@ def main() -> None:
         f.write(text)
 
 
-HEADER = ("| arch | mpp | batch | bare fwd+bwd Mpx/s | train step Mpx/s | with validation Mpx/s | trained / bare | validation |\n"
-          "|---|---|---|---|---|---|---|---|\n")
+HEADER = ("| arch | precision | mpp | batch | bare fwd+bwd Mpx/s | train step Mpx/s | with validation Mpx/s | trained / bare "
+          "| validation |\n|---|---|---|---|---|---|---|---|---|\n")
 
 if __name__ == "__main__":
     np.seterr(all="ignore")
