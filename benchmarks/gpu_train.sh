@@ -19,10 +19,10 @@ mkdir -p "$OUT" /tmp/gpu-runs
 [ -d "$DATA/images" ] || { echo "error: $DATA is missing; run python benchmarks/gpu_pack.py here and carry it" >&2; exit 2; }
 wsi() { python3 -c 'import sys; from wsi_ircr.cli import main; sys.exit(main())' "$@"; }
 common=(--images "$DATA/images" --labels "$DATA/labels" --device "$DEVICE" --steps "$STEPS"
-        --set threads=2 --set val_every=$((STEPS / 4 > 0 ? STEPS / 4 : 1)) --set data.mpp=0.25)
+        --set threads=2 --set val_every=$((STEPS / 4 > 0 ? STEPS / 4 : 1)) --set data.mpp=0.25 --set bf16=true)
 start=$(date +%s)
 for seed in 0 1; do  # the recipe's pool runs (held-out figures), two seeds
-  wsi train --config configs/train/recipe.yaml --out /tmp/gpu-runs/pool-s$seed --seed $seed \
+  wsi train --config configs/train/recipe.yaml --out /tmp/gpu-runs/pool-s$seed --seed $seed --set arch=lite-m \
       --set scale_jitter=0.15 --set ema_weights=true --set ema_alpha=0.99 "${common[@]}" > "$OUT/pool-s$seed.log" 2>&1 &
 done
 wsi train --config configs/train/bundled.yaml --out /tmp/gpu-runs/bundled "${common[@]}" > "$OUT/bundled.log" 2>&1 &

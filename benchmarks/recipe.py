@@ -96,7 +96,8 @@ def score(name: str, tta: int) -> dict:
         "name": name + suffix,
         "command": (out / "command.txt").read_text().strip() if (out / "command.txt").exists() else "",
         "arch": cfg["arch"], "mpp": ckpt["mpp"], "steps": cfg["steps"], "batch": f"{cfg['batch_size']} x {cfg['crop_px']}",
-        "tta": tta, "threads": cfg["threads"], "train_minutes": round(minutes, 1),
+        "tta": tta, "precision": f"{'bf16' if cfg.get('bf16') else 'fp32'} / {'bf16' if test.get('bf16') else 'fp32'}",
+        "threads": cfg["threads"], "train_minutes": round(minutes, 1),
         "cpu_minutes": round(minutes * max(cfg["threads"], 1), 1),
         "best_step": metrics["best"]["step"], "val_aji": round(sources["kumar"]["aji"], 4),
         **{f"test_{k}": round(test["mean"][k], 4) for k in ("aji", "dice", "pq", "f1")},
@@ -106,9 +107,9 @@ def score(name: str, tta: int) -> dict:
 
 
 def write_table(rows: list[dict]) -> None:
-    head = ("| run | arch | mpp | batch | steps | TTA | CPU min | val AJI | NuInsSeg val AJI | CryoNuSeg val Dice "
+    head = ("| run | arch | mpp | batch | steps | train / eval precision | TTA | CPU min | val AJI | NuInsSeg val AJI | CryoNuSeg val Dice "
             "| test AJI | Dice | PQ | F1 | AJI same / new organ |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    body = "".join(f"| {r['name']} | {r['arch']} | {r['mpp']} | {r['batch']} | {r['steps']} | {r['tta']} | {r['cpu_minutes']} | "
+    body = "".join(f"| {r['name']} | {r['arch']} | {r['mpp']} | {r['batch']} | {r['steps']} | {r.get('precision', 'fp32 / fp32')} | {r['tta']} | {r['cpu_minutes']} | "
                    f"{r['val_aji']} | {r['val_nuinsseg_aji']} | {r['val_cryonuseg_dice']} | {r['test_aji']} | {r['test_dice']} | "
                    f"{r['test_pq']} | {r['test_f1']} | {r['test_aji_same_organ']} / {r['test_aji_new_organ']} |\n" for r in rows)
     commands = "".join(f"- {r['name']}: `{r['command']}`" + (f" then `--tta {r['tta']}` at evaluation" if r["tta"] != 1 else "") + "\n"

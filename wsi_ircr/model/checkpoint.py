@@ -21,7 +21,7 @@ from wsi_ircr.model.postprocess import PostProcessConfig, legacy_postprocess
 
 FORMAT = "wsi-ircr-checkpoint"
 VERSION = 1
-BUNDLED_NAME = "ircr-monuseg-lite-s.pt"
+BUNDLED_NAME = "ircr-monuseg-lite-m.pt"
 
 
 def bundled_model_path() -> Path:
