@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -67,7 +68,7 @@ def main() -> None:
     lines = ["| variant | model | network precision | wall s per round | nuclei |", "|---|---|---|---|---|"]
     for name, model, precision in variants:
         lines.append(f"| {name} | {model or 'bundled'} | {precision} | {', '.join(f'{w:.1f}' for w in walls[name])} | {nuclei[name]} |")
-    cmd = "python benchmarks/bench_sample.py --rounds %d%s" % (args.rounds, "".join(f" --variant {v}" for v in args.variant))
+    cmd = "python benchmarks/bench_sample.py --rounds %d%s" % (args.rounds, "".join(f" --variant {shlex.quote(v)}" for v in args.variant))
     section = (f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node() or 'machine'} "
                f"({len(os.sched_getaffinity(0))} CPUs), load average {load_before} before: `{cmd}`\n\n"
                + "\n".join(lines) + "\n")

@@ -120,8 +120,8 @@ def test_torch_postprocessing_through_the_whole_pipeline_matches_the_reference(s
     """``postprocess: torch`` (CUDA's default) on the CPU, in streamed tasks of several
     batches and post-processing threads, against the scikit-image run: same nuclei."""
     slide, model = slide_and_model
-    ref = segment(slide, model, tmp_path / "ref", "--device", "cpu")
-    got = segment(slide, model, tmp_path / "torch", "--device", "cpu", "--set", "postprocess=torch",
+    ref = segment(slide, model, tmp_path / "ref", "--device", "cpu", "--fp32")  # the backends compared on the same maps
+    got = segment(slide, model, tmp_path / "torch", "--device", "cpu", "--fp32", "--set", "postprocess=torch",
                   "--set", "task_tiles=4", "--set", "batch_tiles=2", "--set", "post_threads=2")
     assert len(ref) > 30
     assert abs(len(got) - len(ref)) <= max(1, len(ref) // 50)
