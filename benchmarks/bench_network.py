@@ -50,7 +50,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     lines = [f"\n## {platform.node() or 'machine'}: {args.device}, {args.threads} threads, torch {torch.__version__}, "
-             f"{'bf16' if native_bf16(torch.device(args.device)) else 'fp32'}\n",
+             f"{'bf16' if native_bf16(device) else 'fp32'}\n",
              "Command: `python benchmarks/bench_network.py --threads %d --device %s`\n" % (args.threads, args.device),
              "| network | parameters (M) | forward Mpx/s |", "|---|---|---|"]
     for name in BUILDERS:

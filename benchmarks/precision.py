@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "precision.md"
 
 
-def _rate(step, pixels: int, blocks: int, steps: int) -> float:
+def _rate(step, pixels: int, steps: int) -> float:
+    """Mpx/s of ``steps`` calls of ``step`` after one warm-up call."""
     step()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -70,7 +71,7 @@ def speed(threads: int, blocks: int, steps: int, record: bool) -> None:
 
             key = "bf16" if bf16 else "fp32"
             for kind, fn, px in (("train", train_step, x_train.numel() // 3), ("infer", infer_step, x_infer.numel() // 3)):
-                best[f"{kind} {key}"] = max(best.get(f"{kind} {key}", 0.0), _rate(fn, px, blocks, steps))
+                best[f"{kind} {key}"] = max(best.get(f"{kind} {key}", 0.0), _rate(fn, px, steps))
         rows.append((arch, best))
     head = ("| arch | train fp32 Mpx/s | train bf16 Mpx/s | bf16 / fp32 | infer fp32 Mpx/s | infer bf16 Mpx/s "
             "| bf16 / fp32 |\n|---|---|---|---|---|---|---|")
@@ -101,12 +102,12 @@ def accuracy(models: list[Path], threads: int) -> None:
     print("|---|---|---|---|")
     for path in models:
         checkpoint = load_checkpoint(path)
-        scores: dict[str, list] = {"fp32": [], "bf16": []}
+        predictors = {key: Predictor(checkpoint, device="cpu", bf16=key == "bf16") for key in ("fp32", "bf16")}
+        scores: dict[str, list] = {key: [] for key in predictors}
         agreement = []
         for image, labels in tiles:
             out = {}
-            for key in scores:
-                predictor = Predictor(checkpoint, device="cpu", bf16=key == "bf16")
+            for key, predictor in predictors.items():
                 out[key] = predictor.segment_image(image, 0.25)
                 scores[key].append(score_instances(labels, out[key]))
             agreement.append(aji(out["fp32"], out["bf16"]))
