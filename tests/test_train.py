@@ -243,6 +243,7 @@ def test_train_supervised_end_to_end(dataset, tmp_path, capsys):
     assert code == 0, err
     metrics = assert_run_folder(out)
     assert metrics["steps"] == 4 and metrics["data"]["val"] == ["t5"] and len(metrics["data"]["labelled"]) == 5
+    assert [h["step"] for h in metrics["history"]] == [2, 4] and all(0 <= h["aji"] <= 1 for h in metrics["history"])
     assert str(out / "model.pt") in stdout
     model = load_checkpoint(out / "model.pt")
     assert model.arch == "lite-s" and model.mpp == 0.25 and model.train_state is None

@@ -432,7 +432,8 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
         if progress:
             say(f"post-processing tuned on validation: AJI {tuned:.4f} with {final.postprocess}")
     save_checkpoint(out_dir / "model.pt", final)
-    summary = {"best": best, "train_seconds": seconds, "steps": cfg.steps, "device": str(trainer.device), "data": data.describe()}
+    summary = {"best": best, "train_seconds": seconds, "steps": cfg.steps, "device": str(trainer.device),
+               "history": trainer.history, "data": data.describe()}
     with atomic_open(out_dir / "metrics.json") as f:
         json.dump(summary, f, indent=1)
     return summary
