@@ -99,7 +99,9 @@ def score(name: str, tta: int) -> dict:
         "tta": tta, "precision": f"{'bf16' if cfg.get('bf16') else 'fp32'} / {'bf16' if test.get('bf16') else 'fp32'}",
         "threads": cfg["threads"], "train_minutes": round(minutes, 1),
         "cpu_minutes": round(minutes * max(cfg["threads"], 1), 1),
-        "best_step": metrics["best"]["step"], "val_aji": round(sources["kumar"]["aji"], 4),
+        "best_step": metrics["best"]["step"],
+        # a run that trains on the validation tiles (data.val empty) has no validation figure
+        "val_aji": round(sources["kumar"]["aji"], 4) if cfg["data"]["val"] else "trained on",
         **{f"test_{k}": round(test["mean"][k], 4) for k in ("aji", "dice", "pq", "f1")},
         "test_aji_same_organ": round(mean_aji(split["testA"]), 4), "test_aji_new_organ": round(mean_aji(split["testB"]), 4),
         "val_nuinsseg_aji": round(sources["nuinsseg"]["aji"], 4), "val_cryonuseg_dice": round(sources["cryonuseg"]["dice"], 4),
