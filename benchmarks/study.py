@@ -138,6 +138,7 @@ def study_rows(out: Path) -> list[dict]:
                      "test_aji": round(r["aji"], 4), "test_dice": round(r["dice"], 4), "test_pq": round(r["pq"], 4),
                      "test_f1": round(r["f1"], 4), "name": r["name"], "best_step": best["step"],
                      "val_curve": [[h["step"], round(h["aji"], 4)] for h in metrics.get("history", [])],
+                     "resumed": r.get("resumed", False),
                      "command": r["command"]})
     return rows
 
@@ -157,7 +158,9 @@ def run_one(method: str, n_labelled: int, seed: int, overrides: list[str], out: 
         return json.loads(result_file.read_text())
     train = [sys.executable, "-m", "wsi_ircr", "train", "--config", str(REPO / "configs/train" / f"{method}.yaml"),
              "--out", str(run_dir), "--seed", str(seed), "--set", f"data.labelled={n_labelled}",
-             "--set", f"data.label_seed={seed}", "--overwrite", "--quiet"]
+             "--set", f"data.label_seed={seed}", "--quiet"]
+    resumed = (run_dir / "last.pt").exists()  # a run killed before it finished continues where it stopped
+    train.append("--resume" if resumed else "--overwrite")
     for item in overrides:
         train += ["--set", item]
     t0 = time.time()
@@ -165,7 +168,9 @@ def run_one(method: str, n_labelled: int, seed: int, overrides: list[str], out: 
     seconds = time.time() - t0
     scores = evaluate(run_dir, tests)
     result = {"name": name, "method": method, "labelled": n_labelled, "seed": seed, "train_seconds": seconds, **scores,
-              "command": " ".join(train[1:])}
+              "command": " ".join(a for a in train[1:] if a not in ("--resume", "--overwrite"))}
+    if resumed:
+        result["resumed"] = True  # train_seconds counts only the part after the resume
     result_file.write_text(json.dumps(result, indent=1))
     print(f"{name}: AJI {scores['aji']:.4f} Dice {scores['dice']:.4f} PQ {scores['pq']:.4f} ({seconds / 60:.1f} min)",
           file=sys.stderr, flush=True)
