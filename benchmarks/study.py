@@ -143,6 +143,17 @@ def study_rows(out: Path) -> list[dict]:
     return rows
 
 
+def write_study_json(path: Path | None, out: Path) -> None:
+    """Write ``study_rows(out)`` to ``path`` (nothing when ``path`` is None)."""
+    if path is not None:
+        path.write_text(json.dumps(study_rows(out), indent=1) + "\n")
+
+
+def run_overrides(preset: dict, method: str, extra: list[str]) -> list[str]:
+    """The ``--set`` overrides of one run: the preset's, then its method's, then the command line's."""
+    return preset["overrides"] + preset.get("method_overrides", {}).get(method, []) + extra
+
+
 def run_one(method: str, n_labelled: int, seed: int, overrides: list[str], out: Path, tests: Path) -> dict:
     name = f"{method}-L{n_labelled}-s{seed}"
     run_dir = out / name
@@ -206,8 +217,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.table:
         print(table([json.loads(p.read_text()) for p in sorted(args.out.glob("*/test.json"))]))
-        if args.json:
-            args.json.write_text(json.dumps(study_rows(args.out), indent=1) + "\n")
+        write_study_json(args.json, args.out)
         return
     if not DATA.is_dir():
         sys.exit(f"error: {DATA} not found; the study needs ../shared/data/monuseg-train")
@@ -218,11 +228,9 @@ def main() -> None:
         wanted = set(args.only.split(","))
         runs = [r for r in runs if f"{r[0]}-L{r[1]}-s{r[2]}" in wanted]
     with ThreadPoolExecutor(args.parallel or preset["parallel"]) as pool:
-        results = list(pool.map(lambda r: run_one(*r, preset["overrides"] + preset.get("method_overrides", {}).get(r[0], [])
-                                                  + args.extra, args.out, tests), runs))
+        results = list(pool.map(lambda r: run_one(*r, run_overrides(preset, r[0], args.extra), args.out, tests), runs))
     (args.out / f"results-{args.preset}.json").write_text(json.dumps(results, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(study_rows(args.out), indent=1) + "\n")
+    write_study_json(args.json, args.out)
     print(table(results))
 
 
