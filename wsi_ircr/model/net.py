@@ -5,9 +5,11 @@ Input: float tensor (N, 3, H, W) of RGB in [0, 1]; H and W multiples of 16 are c
 Output: dict ``{"np": (N, 2, H, W) logits (background, nucleus),
 "hv": (N, 2, H, W) horizontal (x) / vertical (y) offset to the nucleus centre in [-1, 1]}``.
 
-Design for whole slides on CPU and GPU: one cheap full-resolution stem, the residual
+Design for whole slides on CPU and GPU: a cheap full-resolution stem, the residual
 U-Net encoder/decoder at 1/2 to 1/16 resolution, and a full-resolution fusion layer that
-feeds two 3x3 heads (HoVer-Net's NP and HV branches; no type branch).
+feeds two 3x3 heads (HoVer-Net's NP and HV branches; no type branch). The ``-fr`` variants
+add a residual block at full resolution to both the stem and the fusion, for the nucleus
+rim that the 1/2-resolution decoder cannot place.
 """
 
 from __future__ import annotations
@@ -45,18 +47,26 @@ class ConvBlock(nn.Module):
 
 
 class NucleiNet(nn.Module):
-    """Stem (full res) -> residual U-Net (1/2 .. 1/2**len(widths)) -> fusion -> NP, HV heads."""
+    """Stem (full res) -> residual U-Net (1/2 .. 1/2**len(widths)) -> fusion -> NP, HV heads.
 
-    def __init__(self, widths: tuple[int, ...], stem: int, head: int):
+    ``full_res_blocks`` residual blocks follow the stem's conv and the fusion's conv
+    (0: one conv each, the original layout and state-dict keys).
+    """
+
+    def __init__(self, widths: tuple[int, ...], stem: int, head: int, full_res_blocks: int = 0):
         super().__init__()
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
         self.stem = _conv_bn_relu(3, stem)
+        if full_res_blocks:
+            self.stem.extend(ConvBlock(stem, stem) for _ in range(full_res_blocks))
         chain = (stem, *widths)
         self.down = nn.ModuleList(ConvBlock(a, b) for a, b in zip(chain[:-1], chain[1:]))
         rev = widths[::-1]
         self.up = nn.ModuleList(ConvBlock(a + b, b) for a, b in zip(rev[:-1], rev[1:]))
         self.fuse = _conv_bn_relu(widths[0] + stem, head)
+        if full_res_blocks:
+            self.fuse.extend(ConvBlock(head, head) for _ in range(full_res_blocks))
         self.np_head = nn.Conv2d(head, 2, 3, padding=1)
         self.hv_head = nn.Conv2d(head, 2, 3, padding=1)
 
@@ -81,6 +91,8 @@ BUILDERS: dict[str, Callable[[], NucleiNet]] = {
     "lite-s": lambda: NucleiNet((24, 48, 96, 160), stem=12, head=16),
     "lite-m": lambda: NucleiNet((32, 64, 128, 192), stem=16, head=24),
     "lite-l": lambda: NucleiNet((48, 96, 192, 384), stem=24, head=32),
+    "lite-m-fr": lambda: NucleiNet((32, 64, 128, 192), stem=16, head=24, full_res_blocks=1),
+    "lite-l-fr": lambda: NucleiNet((48, 96, 192, 384), stem=24, head=32, full_res_blocks=1),
 }
 
 
