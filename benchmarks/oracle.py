@@ -6,7 +6,9 @@ For each model, the post-processing (the checkpoint's tuned thresholds) runs on 
 maps: the model's NP and HV ("model"); the true nucleus mask with the model's HV ("true NP");
 the model's NP with the true HV maps of the labels ("true HV"); both true ("true NP + HV",
 the ceiling of the post-processing itself). The gap from "model" to each oracle is what a
-perfect head would add. Validation tiles only, never the test tiles.
+perfect head would add. A second table gives the model's predicted foreground (its instances)
+against the labels' nucleus pixels: precision, recall, and the recall on the labels' rim (each
+nucleus's outer 1 px). Validation tiles only, never the test tiles.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main() -> None:
     from wsi_ircr.model.checkpoint import load_checkpoint
     from wsi_ircr.model.inference import Predictor
     from wsi_ircr.train.targets import hv_targets, np_targets
+    from skimage.segmentation import find_boundaries
 
     parser = argparse.ArgumentParser()
     parser.add_argument("models", type=Path, nargs="+")
@@ -39,18 +42,33 @@ def main() -> None:
     tiles = [(read_image(DATA / "images" / f"{s}.tif"), read_label(DATA / "labels" / f"{s}.png")) for s in stems]
     print(f"| model | {' | '.join(MODES)} |  (mean AJI / PQ of {len(stems)} Kumar validation tiles)")
     print(f"|---|{'---|' * len(MODES)}")
+    pixel_rows = []
     for path in args.models:
         predictor = Predictor(load_checkpoint(path), device="cpu")
         scores: dict[str, list] = {mode: [] for mode in MODES}
+        counts = np.zeros(5, dtype=np.int64)
         for image, labels in tiles:
             prob, hv = predictor.maps_at(image, args.mpp)
             true_prob, true_hv = np_targets(labels).astype(np.float32), hv_targets(labels)
             pairs = {"model": (prob, hv), "true NP": (true_prob, hv), "true HV": (prob, true_hv),
                      "true NP + HV": (true_prob, true_hv)}
             for mode, maps in pairs.items():
-                scores[mode].append(score_instances(labels, predictor.instances(*maps, args.mpp)))
+                instances = predictor.instances(*maps, args.mpp)
+                scores[mode].append(score_instances(labels, instances))
+                if mode == "model":
+                    counts += _pixel_counts(labels, instances > 0, find_boundaries(labels, mode="inner") & (labels > 0))
         cells = [mean_scores(scores[mode]) for mode in MODES]
         print(f"| {path.parent.name}/{path.name} | " + " | ".join(f"{m['aji']:.4f} / {m['pq']:.4f}" for m in cells) + " |")
+        tp, pred, true, rim_hit, rim = counts
+        pixel_rows.append(f"| {path.parent.name}/{path.name} | {tp / pred:.3f} | {tp / true:.3f} | {rim_hit / rim:.3f} |")
+    print("\n| model | pixel precision | pixel recall | rim recall |  (pooled over the tiles)\n|---|---|---|---|")
+    print("\n".join(pixel_rows))
+
+
+def _pixel_counts(labels: np.ndarray, fg: np.ndarray, rim: np.ndarray) -> np.ndarray:
+    """[true positives, predicted, true, rim pixels predicted, rim pixels] of one tile."""
+    true = labels > 0
+    return np.array([(fg & true).sum(), fg.sum(), true.sum(), (fg & rim).sum(), rim.sum()], dtype=np.int64)
 
 
 if __name__ == "__main__":
