@@ -7,9 +7,9 @@ Output: dict ``{"np": (N, 2, H, W) logits (background, nucleus),
 
 Design for whole slides on CPU and GPU: a cheap full-resolution stem, the residual
 U-Net encoder/decoder at 1/2 to 1/16 resolution, and a full-resolution fusion layer that
-feeds two 3x3 heads (HoVer-Net's NP and HV branches; no type branch). The ``-fr`` variants
-add a residual block at full resolution to both the stem and the fusion, for the nucleus
-rim that the 1/2-resolution decoder cannot place.
+feeds two 3x3 heads (HoVer-Net's NP and HV branches; no type branch). ``lite-l-fr``
+adds a residual block at full resolution to both the stem and the fusion (measured in
+benchmarks/recipe.md, row lfr2000: no gain over lite-l).
 """
 
 from __future__ import annotations
@@ -91,7 +91,6 @@ BUILDERS: dict[str, Callable[[], NucleiNet]] = {
     "lite-s": lambda: NucleiNet((24, 48, 96, 160), stem=12, head=16),
     "lite-m": lambda: NucleiNet((32, 64, 128, 192), stem=16, head=24),
     "lite-l": lambda: NucleiNet((48, 96, 192, 384), stem=24, head=32),
-    "lite-m-fr": lambda: NucleiNet((32, 64, 128, 192), stem=16, head=24, full_res_blocks=1),
     "lite-l-fr": lambda: NucleiNet((48, 96, 192, 384), stem=24, head=32, full_res_blocks=1),
 }
 
