@@ -205,6 +205,15 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _native_cpu_bf16() -> bool:
+    """Whether this machine's CPU computes bf16 natively (the bf16 preset's speed depends on it)."""
+    import torch
+
+    from wsi_ircr.model.inference import native_bf16
+
+    return native_bf16(torch.device("cpu"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -223,6 +232,11 @@ def main() -> None:
     if not DATA.is_dir():
         sys.exit(f"error: {DATA} not found; the study needs ../shared/data/monuseg-train")
     preset = PRESETS[args.preset]
+    overrides = preset["overrides"] + args.extra
+    if "bf16=true" in overrides and "bf16=false" not in args.extra and not _native_cpu_bf16():
+        print("warning: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 is emulated and many times slower than "
+              "fp32 here; add --set bf16=false for fp32 runs (about 20 min per teacher-student run on one thread)",
+              file=sys.stderr, flush=True)
     tests = test_folder(args.out)
     runs = preset["runs"]
     if args.only:
