@@ -178,18 +178,3 @@ def test_consistency_map_teacher_temperature_sharpens_the_target():
     assert float(consistency_map(student, teacher, 0.5).abs().max()) < 1e-10
     with pytest.raises(ValueError, match="temperature"):
         consistency_map(student, teacher, 0.0)
-
-
-def test_boundary_weights_mark_both_sides_of_every_edge():
-    from wsi_ircr.train.targets import boundary_weights
-
-    labels = np.zeros((2, 12, 16), np.int32)
-    labels[0, 3:9, 2:7] = 1
-    labels[0, 3:9, 7:12] = 2  # touches nucleus 1
-    w = boundary_weights(labels, 4.0)
-    assert w.shape == labels.shape and w.dtype == np.float32
-    assert set(np.unique(w)) == {1.0, 4.0}
-    assert w[0, 5, 6] == 4.0 and w[0, 5, 7] == 4.0  # the touching edge, on both nuclei
-    assert w[0, 5, 1] == 4.0 and w[0, 5, 2] == 4.0  # outside and inside the outer edge
-    assert w[0, 5, 4] == 1.0 and w[0, 0, 0] == 1.0  # interior and far background
-    assert np.all(w[1] == 1.0)  # no nuclei, no boundary

@@ -165,7 +165,6 @@ class TrainConfig:
     strong_strength: float = 1.0
     scale_jitter: float = 0.0
     labelled_strength: float = 1.0
-    boundary_weight: float = 1.0
     val_every: int = 250
     checkpoint_every: int = 0
     log_every: int = 25
@@ -199,8 +198,6 @@ class TrainConfig:
             raise ValueError("miac_grad_ratio and miac_start_step must be >= 0, miac_scale_every >= 1")
         if not 0 <= self.scale_jitter <= 0.4:
             raise ValueError(f"scale_jitter must be in [0, 0.4], got {self.scale_jitter}")
-        if self.boundary_weight <= 0:
-            raise ValueError(f"boundary_weight must be > 0 (1 = off), got {self.boundary_weight}")
         if self.strong_strength < 0 or self.labelled_strength < 0:
             raise ValueError("strong_strength and labelled_strength must be >= 0")
         if min(self.unlabelled_batch_size, self.rampup_steps, self.threads, self.checkpoint_every) < 0:

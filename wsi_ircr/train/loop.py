@@ -169,19 +169,11 @@ class Trainer:
             x = strong_view(x, self.gen, self.cfg.labelled_strength)
         target_np = torch.from_numpy((batch["labels"] > 0).astype(np.int64)).to(self.device)
         target_hv = torch.from_numpy(batch["hv"]).to(self.device)
-        if "valid" not in batch and self.cfg.boundary_weight == 1.0:
+        if "valid" not in batch:
             return instance_loss(self.student(x), target_np, target_hv)
-        if "valid" in batch:
-            valid = torch.from_numpy(batch["valid"]).to(self.device)
-            hv_weight = valid * torch.from_numpy(batch["hv_valid"]).to(self.device)[:, None, None]
-        else:
-            valid = hv_weight = torch.ones(target_np.shape, device=self.device)
-        np_weight = valid
-        if self.cfg.boundary_weight != 1.0:
-            from wsi_ircr.train.targets import boundary_weights
-
-            np_weight = valid * torch.from_numpy(boundary_weights(batch["labels"], self.cfg.boundary_weight)).to(self.device)
-        return instance_loss(self.student(x), target_np, target_hv, np_weight, hv_weight)
+        valid = torch.from_numpy(batch["valid"]).to(self.device)
+        hv_valid = valid * torch.from_numpy(batch["hv_valid"]).to(self.device)[:, None, None]
+        return instance_loss(self.student(x), target_np, target_hv, valid, hv_valid)
 
     def unsup_weights(self) -> dict[str, float]:
         """Weight x ramp-up of each unsupervised term that is switched on and has started at this

@@ -58,13 +58,3 @@ def hv_targets(labels: np.ndarray) -> np.ndarray:
     out[0, rows, cols] = _normalise_sides(cols - cx[run], run, starts)
     out[1, rows, cols] = _normalise_sides(rows - cy[run], run, starts)
     return out
-
-
-def boundary_weights(labels: np.ndarray, weight: float) -> np.ndarray:
-    """Pixel weights float32 (..., H, W): ``weight`` on nucleus boundaries (1 px on each side of
-    every instance's edge, touching nuclei included), 1 elsewhere; ``labels`` int (..., H, W)."""
-    from skimage.segmentation import find_boundaries
-
-    labels = np.asarray(labels)
-    edges = np.stack([find_boundaries(lab, mode="thick") for lab in labels.reshape(-1, *labels.shape[-2:])])
-    return np.where(edges.reshape(labels.shape), np.float32(weight), np.float32(1.0))
