@@ -232,8 +232,8 @@ def main() -> None:
     if not DATA.is_dir():
         sys.exit(f"error: {DATA} not found; the study needs ../shared/data/monuseg-train")
     preset = PRESETS[args.preset]
-    overrides = preset["overrides"] + args.extra
-    if "bf16=true" in overrides and "bf16=false" not in args.extra and not _native_cpu_bf16():
+    bf16 = [o for o in preset["overrides"] + args.extra if o.startswith("bf16=")]  # the last one wins
+    if bf16 and bf16[-1] == "bf16=true" and not _native_cpu_bf16():
         print("warning: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 is emulated and many times slower than "
               "fp32 here; add --set bf16=false for fp32 runs (about 20 min per teacher-student run on one thread)",
               file=sys.stderr, flush=True)
