@@ -1,27 +1,24 @@
-"""benchmarks/bench_slide.py: its synthetic slide and its refusals of bad input."""
+"""benchmarks/speed/bench_slide.py: its synthetic slide and its refusals of bad input."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from bench_slide import BACKGROUND, SyntheticSlide  # noqa: E402
+from benchmarks.common import REPO
+from benchmarks.speed.bench_slide import BACKGROUND, SyntheticSlide
 
 
-def run_bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_slide.py"), *args, "--no-record"],
-                          capture_output=True, text=True, cwd=cwd)
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmarks.speed.bench_slide", *args, "--no-record"],
+                          capture_output=True, text=True, cwd=REPO)
 
 
 def test_a_slide_too_large_for_the_disk_is_refused_in_one_line(tmp_path):
-    done = run_bench("--side-px", str(2**20), "--scales", "1", "--dir", str(tmp_path / "runs"), cwd=tmp_path)
+    done = run_bench("--side-px", str(2**20), "--scales", "1", "--dir", str(tmp_path / "runs"))
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: a 1,099,512 Mpx slide needs")
     assert not (tmp_path / "runs").exists()
@@ -32,7 +29,7 @@ def test_cuda_without_a_gpu_is_refused_in_one_line(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    done = run_bench("--side-px", "1024", "--scales", "1", "--device", "cuda", cwd=tmp_path)
+    done = run_bench("--side-px", "1024", "--scales", "1", "--device", "cuda")
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "error: --device cuda: no CUDA GPU is visible to torch; use --device cpu"]
 

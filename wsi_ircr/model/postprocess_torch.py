@@ -12,7 +12,7 @@ The same steps and ``PostProcessConfig`` as :func:`wsi_ircr.model.postprocess.in
   as the lowest pixel leaves the reference's priority queue first), until nothing changes.
 
 Instances agree with the reference up to pixels where two basins meet within one level
-(see ``benchmarks/bench_postprocess.py``); ids differ (1..n per image in another order).
+(see ``benchmarks/speed/bench_postprocess.py``); ids differ (1..n per image in another order).
 """
 
 from __future__ import annotations

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Issue "Throughput", item 4: the slide benchmark on a lent GPU, within about 6 minutes.
+# The whole-slide benchmark on a machine with a CUDA GPU, in about 6 minutes: the tests marked
+# gpu (CUDA results against CPU ones), then benchmarks/speed/bench_slide.py on a 1.07 Gpx synthetic
+# 40x slide (32768^2 px at 0.25 um/px), bundled model on CUDA, 8 worker processes of 2 threads,
+# forward batches of 8 tiles. JSON and logs go to $OUT (default /tmp/gpu-out).
 #
-# Here, once:  bash benchmarks/gpu_slide.sh pack
-#   downloads (pip, the ordinary client) the wheels the GPU image lacks, for its Python 3.12,
-#   at this venv's versions, into scratch/gpu-wheels (git-ignored, about 40 MB).
-# Then the device tool's run with:  command "bash benchmarks/gpu_slide.sh", carry ["scratch/gpu-wheels"],
-#   timeout_s 420. It installs only the carried wheels (into /tmp/gpu-site, no index), runs the
-#   tests marked gpu (CUDA against CPU results), then bench_slide.py on a 1.07 Gpx synthetic 40x
-#   slide (32768^2 px at 0.25 um/px) with the bundled model on CUDA (8 worker processes of 2 threads,
-#   forward batches of 8 tiles: the flood of the torch post-processing runs once per batch); JSON and logs go to $OUT.
-# A CPU smoke test at a tiny size:  DEVICE=cpu SIDE=1024 OUT=/tmp/gpu-out bash benchmarks/gpu_slide.sh
+# Needs: a CUDA GPU, python3 with torch (CUDA build). Where the GPU machine's python lacks the
+# slide packages (zarr, dask, openslide, ...), pack their wheels on a machine with network first:
+#   bash benchmarks/speed/gpu_slide.sh pack      # scratch/gpu-wheels (git-ignored, about 40 MB), Python 3.12
+# and copy scratch/gpu-wheels beside the checkout; they are installed into /tmp/gpu-site, no index.
+# Run:  bash benchmarks/speed/gpu_slide.sh       (SIDE, LIMIT_S, DEVICE, OUT override the defaults)
+# A CPU smoke test at a tiny size:  DEVICE=cpu SIDE=1024 OUT=/tmp/gpu-out bash benchmarks/speed/gpu_slide.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 WHEELS=scratch/gpu-wheels
 if [ "${1:-}" = pack ]; then
   mkdir -p "$WHEELS"
@@ -27,7 +27,7 @@ OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 if ! python3 -c 'import zarr, numcodecs, dask, distributed, shapely, openslide, imagecodecs' 2>/dev/null; then
-  [ -d "$WHEELS" ] || { echo "error: $WHEELS is missing; run bash benchmarks/gpu_slide.sh pack here and carry it" >&2; exit 2; }
+  [ -d "$WHEELS" ] || { echo "error: $WHEELS is missing; run bash benchmarks/speed/gpu_slide.sh pack here and carry it" >&2; exit 2; }
   python3 -m pip install -q --no-index --no-deps --target /tmp/gpu-site "$WHEELS"/*.whl > "$OUT/install.log" 2>&1 \
     || { echo "error: installing the carried wheels failed (see $OUT/install.log)" >&2; exit 2; }
   export PYTHONPATH=$PWD:/tmp/gpu-site
@@ -38,7 +38,7 @@ python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_postprocess_torch.py 
 echo "gpu tests: exit $? ($(tail -1 "$OUT/gpu-tests.log"))"
 sets=()
 [ "$DEVICE" = cuda ] && sets=(--set workers=8 --set threads_per_worker=2 --set batch_tiles=8 --set task_tiles=16)
-timeout "$LIMIT_S" python3 benchmarks/bench_slide.py --side-px "$SIDE" --scales 1 --device "$DEVICE" "${sets[@]}" \
+timeout "$LIMIT_S" python3 -m benchmarks.speed.bench_slide --side-px "$SIDE" --scales 1 --device "$DEVICE" "${sets[@]}" \
   --dir /tmp/bench-slide --json "$OUT/slide.json" --no-record > "$OUT/bench.log" 2>&1
 echo "bench: exit $? in $(( $(date +%s) - start )) s"
 tail -20 "$OUT/bench.log"

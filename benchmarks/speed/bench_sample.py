@@ -1,6 +1,6 @@
 """Wall time of the README's main job, the bundled sample slide, for several models / precisions.
 
-    python benchmarks/bench_sample.py [--rounds 2] [--variant NAME=MODEL.pt:bf16|fp32 ...]
+    python -m benchmarks.speed.bench_sample [--rounds 2] [--variant NAME=MODEL.pt:bf16|fp32 ...]
     # appends to benchmarks/sample_slide.md
 
 Each variant runs ``wsi-ircr segment examples/cmu-1-small-region.svs -o FRESH --quiet
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -23,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import REPO, load_average, machine
+
 SLIDE = REPO / "examples" / "cmu-1-small-region.svs"
 RESULTS = REPO / "benchmarks" / "sample_slide.md"
 
@@ -57,7 +56,7 @@ def main() -> None:
     variants = [parse_variant(v) for v in args.variant] or [("bundled bf16", None, "bf16"), ("bundled fp32", None, "fp32")]
     walls: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     nuclei: dict[str, int] = {}
-    load_before = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+    load_before = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for name, model, precision in variants:
@@ -68,9 +67,9 @@ def main() -> None:
     lines = ["| variant | model | network precision | wall s per round | nuclei |", "|---|---|---|---|---|"]
     for name, model, precision in variants:
         lines.append(f"| {name} | {model or 'bundled'} | {precision} | {', '.join(f'{w:.1f}' for w in walls[name])} | {nuclei[name]} |")
-    cmd = "python benchmarks/bench_sample.py --rounds %d%s" % (args.rounds, "".join(f" --variant {shlex.quote(v)}" for v in args.variant))
-    section = (f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node() or 'machine'} "
-               f"({len(os.sched_getaffinity(0))} CPUs), load average {load_before} before: `{cmd}`\n\n"
+    cmd = "python -m benchmarks.speed.bench_sample --rounds %d%s" % (args.rounds, "".join(f" --variant {shlex.quote(v)}" for v in args.variant))
+    section = (f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()}, "
+               f"load average {load_before} before: `{cmd}`\n\n"
                + "\n".join(lines) + "\n")
     print(section)
     if not args.no_record:

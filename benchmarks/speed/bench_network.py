@@ -1,6 +1,6 @@
 """Inference speed of the network builders (and post-processing) on this machine.
 
-    python benchmarks/bench_network.py [--threads 2] [--device cpu]   # appends to benchmarks/network.md
+    python -m benchmarks.speed.bench_network [--threads 2] [--device cpu]   # appends to benchmarks/network.md
 
 Measures forward passes of 2 x 1024 x 1024 tiles (the segment default) in bf16 autocast where
 it is native (CUDA, CPUs with AVX512-BF16 / AMX; as segment does) and fp32 elsewhere,
@@ -11,9 +11,7 @@ channels_last, after one warm-up batch; and the HV watershed of the bundled mode
 from __future__ import annotations
 
 import argparse
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +19,7 @@ import torch
 from wsi_ircr.model.inference import native_bf16, predict_maps_tensor
 from wsi_ircr.model.net import BUILDERS, build_model
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import REPO, machine
 
 
 def forward_mpx_per_s(name: str, device: torch.device, repeats: int) -> tuple[float, float]:
@@ -49,9 +47,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    lines = [f"\n## {platform.node() or 'machine'}: {args.device}, {args.threads} threads, torch {torch.__version__}, "
+    lines = [f"\n## {machine(args.device)}: {args.device}, {args.threads} threads, "
              f"{'bf16' if native_bf16(device) else 'fp32'}\n",
-             "Command: `python benchmarks/bench_network.py --threads %d --device %s`\n" % (args.threads, args.device),
+             "Command: `python -m benchmarks.speed.bench_network --threads %d --device %s`\n" % (args.threads, args.device),
              "| network | parameters (M) | forward Mpx/s |", "|---|---|---|"]
     for name in BUILDERS:
         mpx, params = forward_mpx_per_s(name, device, args.repeats)

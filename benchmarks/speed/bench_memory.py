@@ -6,13 +6,12 @@ with white margins so the tissue mask matters. Each size runs in a fresh process
 memory is the ``peak_rss_mb`` of its ``summary.json`` (driver process, which hosts the
 threads of the default local Dask worker).
 
-    python benchmarks/bench_memory.py            # writes benchmarks/memory.md
+    python -m benchmarks.speed.bench_memory            # writes benchmarks/memory.md
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -20,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("WSI_IRCR_SHARED", REPO.parent / "shared")) / "data" / "monuseg-train"
-sys.path.insert(0, str(REPO / "tests"))
+from benchmarks.common import MONUSEG as DATA
+from benchmarks.common import REPO, machine
 
 
 def mosaic(n_side: int) -> np.ndarray:
@@ -39,7 +37,7 @@ def mosaic(n_side: int) -> np.ndarray:
 
 
 def main() -> None:
-    from synthetic_slides import write_pyramidal_tiff
+    from tests.synthetic_slides import write_pyramidal_tiff
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,7 +51,7 @@ def main() -> None:
     lines = [
         "# Peak memory vs slide size (`wsi-ircr segment`, CPU)",
         "",
-        "Command: `python benchmarks/bench_memory.py` (2-core CPU machine, bundled model, default config).",
+        f"Command: `python -m benchmarks.speed.bench_memory` (bundled model, default config). Machine: {machine()}.",
         "",
         "| slide | level-0 px | tissue mm^2 | tiles | nuclei | total s | peak RSS MiB |",
         "|---|---|---|---|---|---|---|",

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The training recipe, longer, on a lent GPU (issue "Accuracy per CPU-hour", item 8): several runs
-# side by side on one GPU within about 7 minutes, checkpoints and logs brought back through $OUT.
+# The training recipe, longer, on a machine with a CUDA GPU: three runs side by side on one GPU
+# for MINUTES (default 7): the recipe's Kumar-pool run (lite-m, EMA weights) with seeds 0 and 1,
+# and configs/train/bundled.yaml; STEPS (default 6000) steps each, bf16. Checkpoints and logs go
+# to $OUT (default /tmp/gpu-out).
 #
-# Here, once:  python benchmarks/gpu_pack.py   (scratch/gpu-data, git-ignored)
-# Then the device tool's run with:  command "bash benchmarks/gpu_train.sh", carry ["scratch/gpu-data"],
-# timeout_s 540. It installs nothing: the GPU machine's python3 has torch, numpy, scipy,
-# scikit-image, tifffile, pillow, pyyaml and click, all that training needs.
-# A CPU smoke test:  DEVICE=cpu STEPS=2 MINUTES=1 OUT=/tmp/gpu-out bash benchmarks/gpu_train.sh
+# Needs: a CUDA GPU; python3 with torch, numpy, scipy, scikit-image, tifffile, pillow, pyyaml and
+# click; the MoNuSeg tiles in scratch/gpu-data (git-ignored; MoNuSeg is never committed), packed
+# from ../shared by:  python -m benchmarks.experiments.gpu_pack
+# Run:  bash benchmarks/experiments/gpu_train.sh
+# A CPU smoke test:  DEVICE=cpu STEPS=2 MINUTES=1 OUT=/tmp/gpu-out bash benchmarks/experiments/gpu_train.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 DEVICE=${DEVICE:-cuda}
 STEPS=${STEPS:-6000}       # per run; sized so that the runs end inside MINUTES on one H200
@@ -16,7 +18,7 @@ MINUTES=${MINUTES:-7}
 OUT=${OUT:-/tmp/gpu-out}
 DATA=scratch/gpu-data
 mkdir -p "$OUT" /tmp/gpu-runs
-[ -d "$DATA/images" ] || { echo "error: $DATA is missing; run python benchmarks/gpu_pack.py here and carry it" >&2; exit 2; }
+[ -d "$DATA/images" ] || { echo "error: $DATA is missing; run python -m benchmarks.experiments.gpu_pack here and carry it" >&2; exit 2; }
 wsi() { python3 -c 'import sys; from wsi_ircr.cli import main; sys.exit(main())' "$@"; }
 common=(--images "$DATA/images" --labels "$DATA/labels" --device "$DEVICE" --steps "$STEPS"
         --set threads=2 --set val_every=$((STEPS / 4 > 0 ? STEPS / 4 : 1)) --set data.mpp=0.25 --set bf16=true)

@@ -10,8 +10,8 @@ the GPU's busy fraction (NVML samples, on CUDA), and a bare forward pass of the 
 network on the same tiles (read back from the run's tile store) for the ratio the CPU target
 is about (end to end within 1.2x of it).
 
-    python benchmarks/bench_slide.py --side-px 2048 --scales 1 16          # appends to benchmarks/slide.md
-    python benchmarks/bench_slide.py --side-px 32768 --scales 1 --device cuda --json out.json
+    python -m benchmarks.speed.bench_slide --side-px 2048 --scales 1 16          # appends to benchmarks/slide.md
+    python -m benchmarks.speed.bench_slide --side-px 32768 --scales 1 --device cuda --json out.json
 
 The slides and run folders are written under ``--dir`` (a temporary folder by default) and
 removed afterwards; a size that does not fit there is refused before anything is written.
@@ -23,12 +23,10 @@ import argparse
 import io
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -36,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import REPO, MemorySampler, machine
+
 MPP = 0.25
 TILE = 512  # TIFF tile side
 BLOCK = 1024  # side of the texture blocks the slide is tiled with (a multiple of TILE)
@@ -147,48 +146,6 @@ class SyntheticSlide:
         return path
 
 
-class Sampler:
-    """Peak resident memory of a process tree and the GPU's busy fraction, sampled in a thread."""
-
-    def __init__(self, pid: int, gpu: bool, period_s: float = 0.2):
-        self.pid, self.gpu, self.period_s = pid, gpu, period_s
-        self.peak_rss_mb = 0.0
-        self.gpu_busy: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import psutil
-
-        nvml = None
-        if self.gpu:
-            try:
-                import pynvml
-
-                pynvml.nvmlInit()
-                nvml = pynvml.nvmlDeviceGetHandleByIndex(0)
-            except Exception:  # noqa: BLE001 - no NVML: no busy fraction
-                nvml = None
-        while not self._stop.is_set():
-            try:
-                root = psutil.Process(self.pid)
-                rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-                self.peak_rss_mb = max(self.peak_rss_mb, rss / 2**20)
-            except psutil.Error:
-                pass
-            if nvml is not None:
-                self.gpu_busy.append(pynvml.nvmlDeviceGetUtilizationRates(nvml).gpu / 100.0)
-            time.sleep(self.period_s)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def bare_forward_seconds(store_path: Path, device: str, batch: int, max_tiles: int) -> tuple[float, int, int]:
     """Seconds a bare forward pass of the bundled network takes over all tiles of the store
     (timed on up to ``max_tiles`` of them, evenly spread, after one warm-up batch, and scaled),
@@ -239,7 +196,7 @@ def run_one(side: int, device: str, sets: list[str], folder: Path, forward_tiles
         cmd += ["--set", s]
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd, cwd=REPO)
-    with Sampler(child.pid, gpu=device.startswith("cuda")) as sampler:
+    with MemorySampler(child.pid, gpu=device.startswith("cuda")) as sampler:
         child.wait()
     wall_s = time.perf_counter() - t0
     if child.returncode != 0:
@@ -263,15 +220,6 @@ def run_one(side: int, device: str, sets: list[str], folder: Path, forward_tiles
     shutil.rmtree(out)
     slide.unlink()
     return result
-
-
-def machine(device: str) -> str:
-    import torch
-
-    text = f"{platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-    if device.startswith("cuda") and torch.cuda.is_available():
-        text += f", {torch.cuda.get_device_name(0)}"
-    return text
 
 
 def markdown(results: list[dict], command: str, device: str, load_before: tuple, load_after: tuple) -> str:
@@ -338,14 +286,14 @@ def main() -> None:
     finally:
         if args.dir is None:
             shutil.rmtree(folder, ignore_errors=True)
-    command = "python benchmarks/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
+    command = " ".join(["python -m benchmarks.speed.bench_slide", *sys.argv[1:]])
     text = markdown(results, command, args.device, load_before, os.getloadavg())
     print(text)
     if args.json:
         args.json.write_text(json.dumps({"command": command, "machine": machine(args.device), "results": results}, indent=1))
     if not args.no_record:
         path = REPO / "benchmarks" / "slide.md"
-        head = "" if path.exists() else ("# Whole-slide speed and memory (`benchmarks/bench_slide.py`)\n\n"
+        head = "" if path.exists() else ("# Whole-slide speed and memory (`python -m benchmarks.speed.bench_slide`)\n\n"
                                          "Each section is appended by the command it names.\n\n")
         with open(path, "a") as f:
             f.write(head + text + "\n")

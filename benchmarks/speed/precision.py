@@ -1,7 +1,7 @@
 """bf16 against fp32 on this CPU: network speed, and what it does to the instances.
 
-    python benchmarks/precision.py speed [--threads 1]          # appends to benchmarks/precision.md
-    python benchmarks/precision.py accuracy MODEL.pt [...]      # 4 Kumar validation tiles
+    python -m benchmarks.speed.precision speed [--threads 1]          # appends to benchmarks/precision.md
+    python -m benchmarks.speed.precision accuracy MODEL.pt [...]      # 4 Kumar validation tiles
 
 ``speed``: crop Mpx/s of a forward + backward + AdamW step (8 x 192 px, as in training) and of
 an inference forward (4 x 512 px), fp32 and bf16 autocast, channels-last, for every ``lite``
@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from study import DATA  # noqa: E402
+from benchmarks.common import MONUSEG as DATA
+from benchmarks.common import REPO, load_average, machine
 
-REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "precision.md"
 
 
@@ -79,10 +76,9 @@ def speed(threads: int, blocks: int, steps: int, record: bool) -> None:
     for arch, b in rows:
         lines.append(f"| {arch} | {b['train fp32']:.3f} | {b['train bf16']:.3f} | {b['train bf16'] / b['train fp32']:.2f} "
                      f"| {b['infer fp32']:.3f} | {b['infer bf16']:.3f} | {b['infer bf16'] / b['infer fp32']:.2f} |")
-    load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
-    section = (f"\n{platform.node() or 'machine'} ({platform.processor() or platform.machine()}), {threads} thread(s), "
-               f"torch {torch.__version__}, native bf16 {native_bf16(torch.device('cpu'))}, load average {load} at the end, "
-               f"{time.strftime('%Y-%m-%d')}: `python benchmarks/precision.py speed --threads {threads}`\n\n" + "\n".join(lines) + "\n")
+    section = (f"\n{machine()}, {threads} thread(s), "
+               f"native bf16 {native_bf16(torch.device('cpu'))}, load average {load_average()} at the end, "
+               f"{time.strftime('%Y-%m-%d')}: `python -m benchmarks.speed.precision speed --threads {threads}`\n\n" + "\n".join(lines) + "\n")
     print(section)
     if record:
         with RESULTS.open("a") as f:

@@ -1,6 +1,6 @@
 """Where a model loses AJI: its NP map, its HV map, or the post-processing, measured by oracles.
 
-    python benchmarks/oracle.py runs/recipe/NAME/model.pt [...]   # on the 4 Kumar validation tiles
+    python -m benchmarks.experiments.oracle runs/recipe/NAME/model.pt [...]   # on the 4 Kumar validation tiles
 
 For each model, the post-processing (the checkpoint's tuned thresholds) runs on four pairs of
 maps: the model's NP and HV ("model"); the true nucleus mask with the model's HV ("true NP");
@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from study import DATA  # noqa: E402
+from benchmarks.common import MONUSEG as DATA
 
 MODES = ("model", "true NP", "true HV", "true NP + HV")
 

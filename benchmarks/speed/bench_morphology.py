@@ -5,7 +5,7 @@ Synthetic nuclei maps: a 1024 x 1024 tile (a whole-slide tile, ~1000 nuclei) and
 radii 4-12 px on a jittered 32 px grid, so some touch. Single thread; each timing is the
 median (and min) of several runs. Also reports the largest difference to regionprops.
 
-    python benchmarks/bench_morphology.py            # writes benchmarks/morphology.md
+    python -m benchmarks.speed.bench_morphology            # writes benchmarks/morphology.md
 """
 
 from __future__ import annotations
@@ -15,17 +15,14 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
 
-import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import skimage  # noqa: E402
 from skimage.draw import ellipse  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+from benchmarks.common import REPO, load_average, machine  # noqa: E402
 
 PIAC_FEATURES = ("area", "solidity", "circularity", "mean_intensity", "extent")
 
@@ -40,17 +37,6 @@ def nuclei_tile(size: int = 1024, cell: int = 32, seed: int = 0) -> tuple[np.nda
                          shape=labels.shape, rotation=rng.uniform(0, np.pi))
         labels[rr, cc] = i
     return labels, rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, else the platform's machine type."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def timing_ms(fn, repeats: int) -> tuple[float, float]:
@@ -91,10 +77,9 @@ def main() -> None:
     lines = [
         "# instance_features: vectorised vs skimage regionprops",
         "",
-        "Command: `python benchmarks/bench_morphology.py` (writes this file).",
+        "Command: `python -m benchmarks.speed.bench_morphology` (writes this file).",
         "",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other jobs "
-        f"(load average {os.getloadavg()[0]:.1f}), 1 thread; Python {platform.python_version()}, "
+        f"Machine: {machine()}, shared with other jobs (load average {load_average()}), 1 thread; "
         f"numpy {np.__version__}, scikit-image {skimage.__version__}.",
         "",
         "Synthetic nuclei (ellipses, radii 4-12 px, jittered 32 px grid, some touching), random RGB.",

@@ -6,16 +6,14 @@ memory of the driver and its worker processes, sampled every 0.2 s. Per slide, w
 is the command's wall time / N. ``--crop PX`` segments a PX x PX level-0 crop of the sample
 (a tiled TIFF with its mpp) instead of the whole slide, for slow or shared machines.
 
-    python benchmarks/bench_cohort.py                       # N = 1, 2, 4 copies; writes benchmarks/cohort.md
-    python benchmarks/bench_cohort.py --copies 1 2 4 8 --crop 1200 --note "machine shared with training"
+    python -m benchmarks.speed.bench_cohort                       # N = 1, 2, 4 copies; writes benchmarks/cohort.md
+    python -m benchmarks.speed.bench_cohort --copies 1 2 4 8 --crop 1200 --note "machine shared with training"
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -24,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import REPO, MemorySampler, machine
+
 SAMPLE = REPO / "examples" / "cmu-1-small-region.svs"
 
 
@@ -53,33 +52,13 @@ def cropped_sample(path: Path, crop_px: int) -> Path:
 
 def run(command: list[str]) -> tuple[float, float]:
     """(wall seconds, peak MiB of the process tree's summed resident memory)."""
-    import psutil
-
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    root = psutil.Process(proc.pid)
-    peak = 0.0
-    while proc.poll() is None:
-        try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()) / 2**20)
-        except psutil.Error:
-            pass
-        time.sleep(0.2)
+    with MemorySampler(proc.pid) as sampler:
+        proc.wait()
     if proc.returncode != 0:
         raise SystemExit(f"{shlex.join(command)} exited {proc.returncode}")
-    return time.perf_counter() - start, peak
-
-
-def machine() -> str:
-    import psutil
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+    return time.perf_counter() - start, sampler.peak_rss_mb
 
 
 def main() -> None:
@@ -112,7 +91,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     base = rows[0]["per_slide_s"]
     shown = [a for i, a in enumerate(sys.argv[1:]) if a != "--note" and (i == 0 or sys.argv[i] != "--note")]
-    command = "python benchmarks/bench_cohort.py " + shlex.join(shown) + (' --note "..."' if args.note else "")
+    command = "python -m benchmarks.speed.bench_cohort " + shlex.join(shown) + (' --note "..."' if args.note else "")
     lines = [
         "# Cohort: N copies of the sample slide in one command",
         "",

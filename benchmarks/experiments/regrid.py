@@ -1,6 +1,6 @@
 """How predictions of a model at a coarser mpp return to the labels' grid, measured.
 
-    python benchmarks/regrid.py runs/recipe/NAME/model.pt   # on the 4 Kumar validation tiles
+    python -m benchmarks.experiments.regrid runs/recipe/NAME/model.pt   # on the 4 Kumar validation tiles
 
 "maps": the NP / HV maps are resampled (bilinear) to the labels' grid and post-processed
 there (what ``Predictor.segment_image`` does); "instances": post-processing at the model's
@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from study import DATA  # noqa: E402
+from benchmarks.common import MONUSEG as DATA
 
 
 def main() -> None:

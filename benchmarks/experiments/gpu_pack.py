@@ -1,20 +1,18 @@
 """Pack the MoNuSeg tiles for a GPU machine, where ../shared does not travel.
 
-    python benchmarks/gpu_pack.py        # writes scratch/gpu-data/{images,labels} (PNG, about 40 MB)
+    python -m benchmarks.experiments.gpu_pack        # writes scratch/gpu-data/{images,labels} (PNG, about 40 MB)
 
 The device tool carries ``scratch/gpu-data`` (git-ignored: MoNuSeg is CC BY-NC-SA and is never
-committed) beside the working tree; ``benchmarks/gpu_train.sh`` trains from it.
+committed) beside the working tree; ``benchmarks/experiments/gpu_train.sh`` trains from it.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from study import DATA  # noqa: E402
+from benchmarks.common import MONUSEG as DATA
+from benchmarks.common import REPO
 
-OUT = Path(__file__).resolve().parents[1] / "scratch" / "gpu-data"
+OUT = REPO / "scratch" / "gpu-data"
 
 
 def main() -> None:

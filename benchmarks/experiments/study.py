@@ -4,26 +4,25 @@ Every run is the public CLI: ``wsi-ircr train`` then ``wsi-ircr evaluate`` on th
 test tiles (never used for training or checkpoint selection). Results go to
 ``runs/study/<run>/`` and the table to ``benchmarks/study.md``.
 
-    python benchmarks/study.py --preset cpu      # the reduced CPU study (2 cores)
-    python benchmarks/study.py --preset cpu-bf16 --json benchmarks/results/study.json
+    python -m benchmarks.experiments.study --preset cpu      # the reduced CPU study (2 cores)
+    python -m benchmarks.experiments.study --preset cpu-bf16 --json benchmarks/results/study.json
                                                  # 1,500 steps in bf16 (2 cores, resumable)
-    python benchmarks/study.py --preset gpu      # the full protocol (one H100)
-    python benchmarks/study.py --only mt_miac-L2-s0 --set miac_temperature=0.5 --out runs/variant
+    python -m benchmarks.experiments.study --preset gpu      # the full protocol (one H100)
+    python -m benchmarks.experiments.study --only mt_miac-L2-s0 --set miac_temperature=0.5 --out runs/variant
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("WSI_IRCR_SHARED", REPO.parent / "shared")) / "data" / "monuseg-train"
+from benchmarks.common import MONUSEG as DATA
+from benchmarks.common import REPO
 METHODS = ("supervised", "mean_teacher", "mt_miac", "mt_piac", "ircr")
 
 PRESETS = {

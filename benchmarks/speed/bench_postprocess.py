@@ -5,23 +5,21 @@ committed): AJI between the two paths' instances on the 4 validation tiles (targ
 the Kumar-test metrics of each path against the labels (target: within 0.005), and the
 speed of each path (Mpx/s, maps already computed) on this machine's device.
 
-    python benchmarks/bench_postprocess.py                       # appends to benchmarks/postprocess.md
-    python benchmarks/bench_postprocess.py --device cuda --json out.json
+    python -m benchmarks.speed.bench_postprocess                       # appends to benchmarks/postprocess.md
+    python -m benchmarks.speed.bench_postprocess --device cuda --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("WSI_IRCR_SHARED", REPO.parent / "shared")) / "data" / "monuseg-train"
+from benchmarks.common import MONUSEG as DATA
+from benchmarks.common import REPO, load_average, machine
 
 
 def _tiles(split: str) -> list[str]:
@@ -90,10 +88,10 @@ def run(device_name: str, threads: int, levels: int | None) -> dict:
 
 def markdown(result: dict, command: str) -> str:
     """One section of ``postprocess.md``."""
-    load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    load = load_average()
     keys = list(result["test_skimage"])
     lines = [
-        f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}: {result['device']}, "
+        f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine(result['device'])}: {result['device']}, "
         f"{result['threads']} threads, {result['levels']} flood levels",
         "",
         f"Command: `{command}` (load average {load} at the end)",
@@ -125,7 +123,7 @@ def main() -> None:
     if not (DATA / "meta.json").exists():
         sys.exit(f"error: {DATA} not found; set WSI_IRCR_SHARED to the folder holding data/monuseg-train")
     result = run(args.device, args.threads, args.levels)
-    text = markdown(result, "python benchmarks/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
+    text = markdown(result, " ".join(["python -m benchmarks.speed.bench_postprocess", *sys.argv[1:]]))
     print(text)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

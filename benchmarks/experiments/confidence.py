@@ -7,8 +7,8 @@ nucleus probability over ground-truth nucleus pixels (``p_in``) and background p
 (``p_out``), the mean confidence ``|2 p - 1|`` over all pixels, and the run's test AJI from
 its ``test.json`` (written by ``study.py``).
 
-    python benchmarks/confidence.py                 # every run under runs/study
-    python benchmarks/confidence.py runs/exp/a runs/exp/b
+    python -m benchmarks.experiments.confidence                 # every run under runs/study
+    python -m benchmarks.experiments.confidence runs/exp/a runs/exp/b
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from study import DATA, REPO
+
+from benchmarks.common import MONUSEG as DATA
+from benchmarks.common import REPO
 
 
 def confidence(run_dir: Path) -> dict[str, float]:

@@ -4,8 +4,8 @@ Every row is a run of ``configs/train/recipe.yaml`` (Kumar pool, 4 validation ti
 selection and post-processing tuning) with the overrides of its command, scored with the
 public ``wsi-ircr evaluate`` on the 14 Kumar test tiles, which no choice ever looks at.
 
-    python benchmarks/recipe.py train NAME [--sources] [--set KEY=VALUE ...]   # runs/recipe/NAME (resumes if cut)
-    python benchmarks/recipe.py score NAME [NAME ...] [--tta 8]     # evaluates, records, rewrites recipe.md
+    python -m benchmarks.experiments.recipe train NAME [--sources] [--set KEY=VALUE ...]   # runs/recipe/NAME (resumes if cut)
+    python -m benchmarks.experiments.recipe score NAME [NAME ...] [--tta 8]     # evaluates, records, rewrites recipe.md
 
 Results: ``benchmarks/results/recipe.json`` (one entry per scored run) and the table in
 ``benchmarks/recipe.md``. CPU minutes = training wall minutes x torch threads of the run.
@@ -17,11 +17,10 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
-from study import DATA, test_folder  # noqa: E402
+from benchmarks.common import MONUSEG as DATA
+from benchmarks.common import REPO
+from benchmarks.experiments.study import test_folder
 
 RUNS = REPO / "runs" / "recipe"
 SHARED = DATA.parent
@@ -48,7 +47,7 @@ def train(name: str, overrides: list[str], sources: bool) -> None:
         overrides = [f"data.extra={json.dumps(extra)}", *overrides]
     args += [a for o in overrides for a in ("--set", o)]
     out.mkdir(parents=True, exist_ok=True)
-    shown = (f"python benchmarks/recipe.py train {name} --sources" + "".join(f" --set {o}" for o in overrides[1:])
+    shown = (f"python -m benchmarks.experiments.recipe train {name} --sources" + "".join(f" --set {o}" for o in overrides[1:])
              if sources else " ".join(["wsi-ircr", *args]))  # the user's command, for the table
     (out / "command.txt").write_text(shown + "\n")
     cmd = [sys.executable, "-m", "wsi_ircr", *args] + (["--resume"] if (out / "last.pt").exists() else [])
@@ -118,7 +117,7 @@ def write_table(rows: list[dict]) -> None:
                        for r in rows)
     text = TABLE.read_text() if TABLE.exists() else ""
     start, end = "<!-- table -->\n", "<!-- /table -->\n"
-    block = start + head + body + "\nCommands (each trains `runs/recipe/NAME`, then `python benchmarks/recipe.py score NAME`):\n\n" + commands + end
+    block = start + head + body + "\nCommands (each trains `runs/recipe/NAME`, then `python -m benchmarks.experiments.recipe score NAME`):\n\n" + commands + end
     if start in text and end in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:

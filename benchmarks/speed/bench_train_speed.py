@@ -1,6 +1,6 @@
 """Training throughput: crop Mpx/s of the real training step against a bare forward+backward.
 
-    python benchmarks/bench_train_speed.py [--threads 2] [--set KEY=VALUE ...]   # appends to benchmarks/train_speed.md
+    python -m benchmarks.speed.bench_train_speed [--threads 2] [--set KEY=VALUE ...]   # appends to benchmarks/train_speed.md
 
 The real step is ``Trainer.train_step`` on ``configs/train/recipe.yaml`` (MoNuSeg Kumar pool
 from ../shared): crop sampling, geometric and photometric augmentation, HV targets, the
@@ -14,7 +14,6 @@ alternate (bare, real, bare, real, ...) so that both see the same machine load.
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import REPO, load_average, machine
 
 
 def main() -> None:
@@ -78,9 +77,8 @@ def main() -> None:
     print(row)
     if args.no_record:
         return
-    load = open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else "?"
-    cmd = "python benchmarks/bench_train_speed.py --threads %d%s" % (args.threads, "".join(f" --set {o}" for o in args.overrides))
-    text = (f"\n{platform.node() or 'machine'}, {args.threads} threads, torch {torch.__version__}, load average {load} "
+    cmd = "python -m benchmarks.speed.bench_train_speed --threads %d%s" % (args.threads, "".join(f" --set {o}" for o in args.overrides))
+    text = (f"\n{machine()}, {args.threads} threads, load average {load_average()} "
             f"at the end, {time.strftime('%Y-%m-%d')}: `{cmd}`\n\n" + HEADER + row + "\n")
     with open(REPO / "benchmarks/train_speed.md", "a") as f:
         f.write(text)

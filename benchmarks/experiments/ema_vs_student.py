@@ -1,6 +1,6 @@
 """The EMA of the weights against the last student of a run, on the 4 Kumar validation tiles.
 
-    python benchmarks/ema_vs_student.py runs/recipe/NAME
+    python -m benchmarks.experiments.ema_vs_student runs/recipe/NAME
 
 Both networks of ``last.pt`` (the student and the teacher, an EMA of the student's weights)
 are scored with the run's tuned post-processing (from ``model.pt``); validation tiles only.
@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from study import DATA  # noqa: E402
+from benchmarks.common import MONUSEG as DATA
 
 
 def main() -> None:
