@@ -7,6 +7,14 @@ A run trained on every labelled tile has no tiles left to tune its post-processi
 ``--postprocess-from`` copies the thresholds that the same recipe's run with held-out
 validation tiles chose. ``--tune-images/--tune-labels [--tune-stems]`` tune on given tiles instead.
 
+Paths in the metadata are recorded relative to ``--root`` (default: the working directory;
+a path outside it keeps only its file name), never as this machine's absolute paths.
+``--meta-only`` rewrites an already packaged checkpoint's metadata that way, weights and
+everything else unchanged:
+
+    python pipelines/package_model.py wsi_ircr/weights/ircr-monuseg-lite-m.pt \
+        wsi_ircr/weights/ircr-monuseg-lite-m.pt --meta-only --root /path/of/the/checkout/it/was/built/in
+
 The checkpoint written keeps weights, architecture, mpp, post-processing thresholds, PIAC
 priors and metadata (training config, data description with licence and citation,
 metrics); no optimiser or teacher state.
@@ -20,7 +28,7 @@ import sys
 from pathlib import Path
 
 from wsi_ircr.io.images import pair_folders, read_image, read_label
-from wsi_ircr.model.checkpoint import load_checkpoint, save_checkpoint
+from wsi_ircr.model.checkpoint import load_checkpoint, portable_meta, portable_name, save_checkpoint
 from wsi_ircr.model.inference import Predictor
 from wsi_ircr.train.tune import tune_postprocess
 
@@ -44,14 +52,22 @@ def main() -> None:
     parser.add_argument("--tune-stems", default="", help="Comma-separated stems to tune on (default: all pairs).")
     parser.add_argument("--postprocess-from", type=Path, help="Checkpoint whose post-processing thresholds to copy.")
     parser.add_argument("--metrics", type=Path, help="JSON of evaluation figures to store in meta.metrics.")
+    parser.add_argument("--root", type=Path, help="Record paths relative to this folder (default: the working directory).")
+    parser.add_argument("--meta-only", action="store_true",
+                        help="Only make the source's metadata portable (no absolute paths); weights unchanged.")
     args = parser.parse_args()
     ckpt = load_checkpoint(args.source)
+    if args.meta_only:
+        ckpt.meta = portable_meta(ckpt.meta, args.root)
+        digest = save_checkpoint(args.target, ckpt)
+        print(f"{args.target}: metadata made portable, hash {digest}")
+        return
     notes = {}
     if args.postprocess_from:
         donor = load_checkpoint(args.postprocess_from)
         ckpt.postprocess = donor.postprocess
         tuned = (donor.meta.get("metrics") or {}).get("val_aji_tuned_postprocess")
-        notes["postprocess_from"] = {"checkpoint": str(args.postprocess_from), "hash": donor.model_hash,
+        notes["postprocess_from"] = {"checkpoint": portable_name(args.postprocess_from, args.root), "hash": donor.model_hash,
                                      "val_stems": (donor.meta.get("data") or {}).get("val"), "val_aji": tuned}
         print(f"post-processing of {args.postprocess_from}: {ckpt.postprocess}", file=sys.stderr)
     if args.tune_images:
@@ -69,6 +85,7 @@ def main() -> None:
     if args.metrics:
         metrics["evaluation"] = json.loads(args.metrics.read_text())
     ckpt.meta["metrics"] = metrics
+    ckpt.meta = portable_meta(ckpt.meta, args.root)
     ckpt.train_state = None
     digest = save_checkpoint(args.target, ckpt)
     print(f"{args.target}: {args.target.stat().st_size / 1e6:.1f} MB, hash {digest}")

@@ -23,7 +23,7 @@ from qupath_geojson import validate_qupath_geojson
 from synthetic_slides import synthetic_he, write_aperio_svs
 
 from wsi_ircr.cli import main
-from wsi_ircr.model.checkpoint import bundled_model_path
+from wsi_ircr.model.checkpoint import bundled_model_path, file_hash, portable_name
 
 pytestmark = pytest.mark.openslide
 REPO = Path(__file__).resolve().parents[1]
@@ -249,7 +249,8 @@ def test_readme_command_on_the_sample_slide(tmp_path, capfd):
     summary = json.loads((out / "summary.json").read_text())
     n = validate_qupath_geojson(out / "cmu-1-small-region.geojson.gz")
     assert summary["nuclei"] == n > 1000
-    assert summary["model"]["path"] == str(bundled_model_path())
+    assert summary["model"]["hash"] == file_hash(bundled_model_path())
+    assert summary["model"]["path"] == portable_name(bundled_model_path()) and not summary["model"]["path"].startswith("/")
     from PIL import Image
 
     overlay = np.asarray(Image.open(out / "overlay.png"))

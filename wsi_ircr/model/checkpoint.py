@@ -29,6 +29,29 @@ def bundled_model_path() -> Path:
     return Path(__file__).resolve().parent.parent / "weights" / BUNDLED_NAME
 
 
+def portable_name(path: str | Path, root: str | Path | None = None) -> str:
+    """``path`` relative to ``root`` (default: the working directory) when it lies under it,
+    else its file name: provenance never records a machine's absolute paths."""
+    path = Path(path)
+    base = Path(root if root is not None else Path.cwd()).absolute()
+    try:
+        return Path(path).absolute().relative_to(base).as_posix()
+    except ValueError:
+        return path.name
+
+
+def portable_meta(value: Any, root: str | Path | None = None) -> Any:
+    """A copy of the JSON-like ``value`` with every absolute path string replaced by its
+    ``portable_name`` (relative to ``root``, else the file name)."""
+    if isinstance(value, dict):
+        return {k: portable_meta(v, root) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(portable_meta(v, root) for v in value)
+    if isinstance(value, str) and "\n" not in value and Path(value).is_absolute():
+        return portable_name(value, root)
+    return value
+
+
 def file_hash(path: Path) -> str:
     """First 16 hex digits of the file's SHA-256."""
     digest = hashlib.sha256()
@@ -64,9 +87,9 @@ class Checkpoint:
         return net.eval()
 
     def describe(self) -> dict[str, Any]:
-        """Short JSON-ready description for summaries and evaluation reports."""
+        """Short JSON-ready description for summaries and evaluation reports (``path``: ``portable_name``)."""
         return {
-            "path": str(self.path) if self.path else None,
+            "path": portable_name(self.path) if self.path else None,
             "hash": self.model_hash,
             "arch": self.arch,
             "mpp": self.mpp,
