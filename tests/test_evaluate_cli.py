@@ -198,7 +198,7 @@ def test_cli_end_to_end_with_a_checkpoint(tmp_path, capsys):
     code, out, err = run_cli([*args, "--json", str(out_json), "--save-predictions", str(pred_dir)], capsys)
     assert code == 0, err
     data = json.loads(out_json.read_text())
-    assert set(data) == {"mean", "per_image", "model", "mpp", "tta", "bf16"} and data["tta"] == 1
+    assert set(data) == {"mean", "per_image", "model", "mpp", "tta", "precision", "engine"} and data["tta"] == 1
     assert set(data["mean"]) == set(METRIC_KEYS)
     assert all(0.0 <= v <= 1.0 for v in data["mean"].values())
     assert list(data["per_image"]) == ["a", "b"]
@@ -236,7 +236,7 @@ def test_cli_mpp_puts_predictions_on_the_labels_grid(tmp_path, capsys):
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["mpp"] == 0.5 and data["tta"] == 2 and data["model"]["mpp"] == 0.25
     code, _, err = run_cli([*args, "--fp32"], capsys)
-    assert code == 0 and "(bf16)" not in err and json.loads((tmp_path / "s.json").read_text())["bf16"] is False
+    assert code == 0 and "(fp32, torch)" in err and json.loads((tmp_path / "s.json").read_text())["precision"] == "fp32"
     code, _, err = run_cli([*args, "--bf16"], capsys)
-    assert code == 0 and "(bf16)" in err and json.loads((tmp_path / "s.json").read_text())["bf16"] is True
+    assert code == 0 and "(bf16, torch)" in err and json.loads((tmp_path / "s.json").read_text())["precision"] == "bf16"
     assert read_label(pred_dir / "a.png").shape == (SIZE, SIZE)

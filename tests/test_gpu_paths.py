@@ -42,8 +42,8 @@ def test_backend_follows_the_device():
 def test_bf16_network_gives_nearly_the_float32_instances(he_tiles):
     """The autocast path CUDA takes by default, on the CPU: the instances barely move."""
     checkpoint = load_checkpoint(None)
-    fp32 = Predictor(checkpoint, device="cpu", bf16=False)
-    bf16 = Predictor(checkpoint, device="cpu", bf16=True)
+    fp32 = Predictor(checkpoint, device="cpu", precision="fp32")
+    bf16 = Predictor(checkpoint, device="cpu", precision="bf16")
     assert not fp32.bf16 and bf16.bf16
     p32, h32 = fp32.predict_maps(he_tiles)
     p16, h16 = bf16.predict_maps(he_tiles)
@@ -55,14 +55,14 @@ def test_bf16_network_gives_nearly_the_float32_instances(he_tiles):
 
 @pytest.mark.parametrize(("avx512_bf16", "amx", "native"), [(True, False, True), (False, True, True), (False, False, False)])
 def test_bf16_is_chosen_where_the_cpu_has_it(monkeypatch, avx512_bf16, amx, native):
-    """``bf16=None`` (the default everywhere) follows the CPU's native bf16 support; CUDA always has it."""
+    """``precision="auto"`` (the default everywhere) follows the CPU's native bf16 support; CUDA always has it."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert native_bf16(torch.device("cpu")) is native
     assert native_bf16(torch.device("cuda")) is True
     checkpoint = load_checkpoint(None)
     assert Predictor(checkpoint, device="cpu").bf16 is native
-    assert Predictor(checkpoint, device="cpu", bf16=False).bf16 is False
+    assert Predictor(checkpoint, device="cpu", precision="fp32").bf16 is False
 
 
 def test_predict_batch_with_the_torch_backend_returns_instances(he_tiles):

@@ -98,7 +98,7 @@ def accuracy(models: list[Path], threads: int) -> None:
     print("|---|---|---|---|")
     for path in models:
         checkpoint = load_checkpoint(path)
-        predictors = {key: Predictor(checkpoint, device="cpu", bf16=key == "bf16") for key in ("fp32", "bf16")}
+        predictors = {key: Predictor(checkpoint, device="cpu", precision=key) for key in ("fp32", "bf16")}
         scores: dict[str, list] = {key: [] for key in predictors}
         agreement = []
         for image, labels in tiles:

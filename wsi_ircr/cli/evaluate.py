@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from wsi_ircr.cli.options import precision_option
+
 
 @click.command()
 @click.option("--images", "images_dir", required=True, type=click.Path(path_type=Path), help="Folder of RGB tiles (.png .tif .tiff .jpg .jpeg) at the model's mpp.")
@@ -16,9 +18,9 @@ import click
 @click.option("--mpp", type=float, help="Resolution of the tiles in um/px (default: the model's). Tiles are resampled to the model's mpp and scored on their own grid.")
 @click.option("--tta", type=click.Choice(["1", "2", "4", "8"]), default="1", show_default=True, help="Test-time augmentation: average the maps over this many flips / transposes (cost grows in proportion).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where to run the model (auto: CUDA if available).")
-@click.option("--bf16/--fp32", "bf16", default=None, help="Run the network in bf16 autocast or fp32 (default: bf16 where it is native: CUDA, or a CPU with AVX512-BF16 / AMX).")
+@precision_option
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
-def evaluate(images_dir, labels_dir, model_path, save_dir, json_path, mpp, tta, device, bf16, quiet):
+def evaluate(images_dir, labels_dir, model_path, save_dir, json_path, mpp, tta, device, precision, quiet):
     """Segment labelled tiles and report AJI, Dice, PQ, DQ, SQ and object F1 (IoU > 0.5).
 
     Prints one row per image and the mean over images. Tiles at another resolution than
@@ -46,17 +48,17 @@ def evaluate(images_dir, labels_dir, model_path, save_dir, json_path, mpp, tta, 
     if json_path is not None and json_path.is_dir():
         raise UserError(f"--json {json_path}: is a folder; pass a file name such as scores.json")
     checkpoint = load_checkpoint(model_path)
-    predictor = Predictor(checkpoint, device=device, tta=int(tta), bf16=bf16)
+    predictor = Predictor(checkpoint, device=device, tta=int(tta), precision=precision or "auto")
 
     def report(line: str) -> None:
         click.echo(line, err=True)
 
     if not quiet:
         tiles = f"tiles at {mpp} um/px" if mpp is not None else "tiles at the model's mpp"
-        report(f"model {checkpoint.path} ({checkpoint.model_hash}, {checkpoint.mpp} um/px) on {predictor.device}{' (bf16)' if predictor.bf16 else ''}; {len(pairs)} image(s), {tiles}")
+        report(f"model {checkpoint.path} ({checkpoint.model_hash}, {checkpoint.mpp} um/px) on {predictor.device} ({predictor.precision}, {predictor.engine}); {len(pairs)} image(s), {tiles}")
     result = evaluate_folder(predictor, pairs, save_dir=save_dir, progress=None if quiet else report, mpp=mpp)
     result["tta"] = int(tta)
-    result["bf16"] = predictor.bf16
+    result["precision"], result["engine"] = predictor.precision, predictor.engine
     click.echo(format_table(result))
     if json_path is not None:
         with atomic_open(json_path, "w") as f:

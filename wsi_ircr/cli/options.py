@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
@@ -30,6 +31,32 @@ def slide_options(func):
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def precision_option(func):
+    """``--precision auto|fp32|bf16|int8`` (None when not given), with ``--fp32`` / ``--bf16`` as
+    short forms; two different choices are a ``UserError``."""
+
+    @functools.wraps(func)
+    def wrapper(*args, precision, fp32, bf16, **kwargs):
+        chosen = {p for p in (precision, "fp32" if fp32 else None, "bf16" if bf16 else None) if p}
+        if len(chosen) > 1:
+            from wsi_ircr.errors import UserError
+
+            raise UserError(f"conflicting precisions ({', '.join(sorted(chosen))}): pass one of --precision, --fp32, --bf16")
+        return func(*args, precision=chosen.pop() if chosen else None, **kwargs)
+
+    options = [
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]),
+                     help="The network's arithmetic (default auto: the fastest the model proves accurate here; without "
+                          "a record, bf16 where native (CUDA, AVX512-BF16 / AMX CPUs), else fp32). "
+                          "int8: CPU, pip install \"wsi-ircr[cpu-fast]\"."),
+        click.option("--fp32", is_flag=True, help="Same as --precision fp32."),
+        click.option("--bf16", is_flag=True, help="Same as --precision bf16."),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 def resolve_segment_config(config_path, overrides, **explicit):

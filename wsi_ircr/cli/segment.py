@@ -7,15 +7,14 @@ from pathlib import Path
 
 import click
 
-from wsi_ircr.cli.options import resolve_segment_config, slide_options
+from wsi_ircr.cli.options import precision_option, resolve_segment_config, slide_options
 
 
 @click.command()
 @slide_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the network runs.")
 @click.option("--tta", type=click.Choice(["1", "2", "4", "8"]), help="Average the network over this many flips / transposes of each tile.")
-@click.option("--bf16/--fp32", "bf16", default=None,
-              help="Network in bf16 autocast or fp32 (default: bf16 where native: CUDA, or a CPU with AVX512-BF16 / AMX).")
+@precision_option
 @click.option("--workers", type=int, help="Local Dask worker processes (1 = threads in this process).")
 @click.option("--scheduler", metavar="tcp://HOST:PORT", help="Run on an existing Dask cluster.")
 @click.option("--cluster", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
@@ -23,7 +22,7 @@ from wsi_ircr.cli.options import resolve_segment_config, slide_options
 @click.option("--cluster-config", type=click.Path(path_type=Path),
               help="SLURM settings (default: configs/cluster/slurm.yaml).")
 def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, halo_px, no_tissue_mask, model,
-            overwrite, quiet, device, tta, bf16, workers, scheduler, cluster, cluster_config):
+            overwrite, quiet, device, tta, precision, workers, scheduler, cluster, cluster_config):
     """Segment every nucleus of SLIDES (files, or folders of slides OpenSlide reads) into
     OUT/<stem>/, as one task graph over all slides.
 
@@ -51,7 +50,7 @@ def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, h
 
     config = resolve_segment_config(
         config_path, overrides, mpp=mpp, core_px=core_px, halo_px=halo_px, model=model, device=device, workers=workers,
-        tissue_mask=False if no_tissue_mask else None, tta=None if tta is None else int(tta), bf16=bf16,
+        tissue_mask=False if no_tissue_mask else None, tta=None if tta is None else int(tta), precision=precision,
     )
     paths = collect_slides(slides, list_file)
     if scheduler is None and cluster == "local":  # remote workers may have the GPU this machine lacks

@@ -9,6 +9,7 @@ from torch.nn import functional as F
 from wsi_ircr.errors import UserError
 from wsi_ircr.model.checkpoint import Checkpoint
 from wsi_ircr.model.postprocess import PostProcessConfig, instances_from_maps
+from wsi_ircr.model.precision import native_bf16, resolve_engine, resolve_precision  # noqa: F401 - native_bf16 re-exported
 
 _ALIGN = 16
 
@@ -22,19 +23,6 @@ def resolve_device(device: str) -> torch.device:
     if device != "cpu" and not device.startswith("cuda"):
         raise UserError(f"--device {device}: expected auto, cpu or cuda")
     return torch.device(device)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """True where bf16 matrix arithmetic is native and fast: CUDA, or a CPU with AVX512-BF16 or
-    AMX (about 2x fp32 for these networks on an AMD EPYC Zen 4, benchmarks/precision.md);
-    elsewhere bf16 on the CPU is emulated and slower than fp32."""
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    cpu = torch.cpu
-    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def output_maps(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,12 +87,13 @@ class Predictor:
     ``predict_maps`` / ``segment_tiles`` take uint8 (N, H, W, 3) RGB at ``self.mpp``;
     ``segment_image`` takes an image at any mpp. ``tta``: average the maps over this many
     of the 8 flips / transposes (1 = none; cost grows in proportion). ``postprocess_backend``:
-    see ``choose_backend`` (used by ``predict_batch``). ``bf16``: run the network under bf16
-    autocast (None = where it is native, ``native_bf16``).
+    see ``choose_backend`` (used by ``predict_batch``). ``precision``: ``fp32``, ``bf16``
+    (autocast), ``int8`` or ``auto`` (``precision.resolve_precision``); ``self.precision`` and
+    ``self.engine`` say what runs.
     """
 
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", batch_size: int = 8, tta: int = 1,
-                 postprocess_backend: str = "auto", bf16: bool | None = None):
+                 postprocess_backend: str = "auto", precision: str = "auto"):
         if tta not in TTA_VIEWS:
             raise UserError(f"--tta {tta}: expected one of {', '.join(map(str, TTA_VIEWS))} (views averaged)")
         self.checkpoint = checkpoint
@@ -116,7 +105,10 @@ class Predictor:
         self.model_hash = checkpoint.model_hash
         self.net = checkpoint.build().to(self.device).to(memory_format=torch.channels_last)
         self.postprocess_backend = choose_backend(self.device, postprocess_backend)
-        self.bf16 = native_bf16(self.device) if bf16 is None else bf16
+        self.precision = resolve_precision(precision, self.device, checkpoint)
+        self.engine = resolve_engine(self.precision, self.device)
+        if self.engine != "torch":
+            raise UserError(f"--precision {self.precision}: the {self.engine} engine is not wired in yet; use --precision fp32")
 
     @classmethod
     def from_network(cls, net: torch.nn.Module, mpp: float, postprocess: PostProcessConfig, device: torch.device) -> Predictor:
@@ -127,8 +119,13 @@ class Predictor:
         self.checkpoint = Checkpoint(arch="", model_state={}, mpp=mpp, postprocess=postprocess)
         self.device, self.batch_size, self.tta = device, 1, 1
         self.mpp, self.postprocess, self.model_hash, self.net = mpp, postprocess, "", net
-        self.postprocess_backend, self.bf16 = "skimage", False
+        self.postprocess_backend, self.precision, self.engine = "skimage", "fp32", "torch"
         return self
+
+    @property
+    def bf16(self) -> bool:
+        """Whether the network runs under bf16 autocast."""
+        return self.precision == "bf16"
 
     def _maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Maps of float (N, 3, H, W), averaged over ``self.tta`` views."""

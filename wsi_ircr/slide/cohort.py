@@ -222,7 +222,7 @@ class _Cohort:
             results.reused = len(store.tiles) - len(pending)
             job = SlideJob(str(slide), self.config.mpp, plan.fingerprint, str(folder.store_path),
                            str(folder.work_dir), self.model.path, self.model.hash, self.config.device, self.config.tta,
-                           self.config.batch_tiles, self.post_threads, self.config.postprocess, self.config.bf16)
+                           self.config.batch_tiles, self.post_threads, self.config.postprocess, self.config.precision)
         except Exception as e:  # noqa: BLE001 - any slide may fail alone
             if reader is not None:
                 reader.close()

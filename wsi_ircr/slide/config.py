@@ -30,9 +30,10 @@ class SegmentConfig:
     postprocess: the watershed: "torch" (batched, on the network's device), "skimage"
         (the reference, on the CPU) or "auto" (torch on CUDA, skimage on the CPU, where
         it is the faster: benchmarks/postprocess.md).
-    bf16: run the network under bf16 autocast (weights stay fp32): null = where bf16 is
-        native (CUDA, or a CPU with AVX512-BF16 / AMX, where it is about 2x fp32 and moves
-        AJI by under 0.001: benchmarks/precision.md); false forces fp32.
+    precision: the network's arithmetic: fp32, bf16 (autocast, weights fp32), int8 (CPU,
+        the ``cpu-fast`` extra) or auto: the fastest one the checkpoint proves accurate on
+        the device (``wsi_ircr.model.precision.resolve_precision``; a checkpoint that records
+        nothing: bf16 where native, CUDA or a CPU with AVX512-BF16 / AMX, else fp32).
     tasks_in_flight: tile tasks submitted at once over all slides of a command, so memory
         stays flat however large the cohort (0 = twice the cluster's worker threads).
     workers / threads_per_worker: the local Dask cluster (0 = from the CPU count).
@@ -54,7 +55,7 @@ class SegmentConfig:
     task_tiles: int = 0
     post_threads: int = 0
     postprocess: Literal["auto", "skimage", "torch"] = "auto"
-    bf16: bool | None = None
+    precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
     tasks_in_flight: int = 0
     workers: int = 1
     threads_per_worker: int = 0

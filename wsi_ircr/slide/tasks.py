@@ -69,7 +69,7 @@ def _require_on_worker(path: str | None) -> None:
 
 
 def get_predictor(model_path: str | None, model_hash: str, device: str, tta: int = 1, postprocess: str = "auto",
-                  bf16: bool | None = None):
+                  precision: str = "auto"):
     """The worker's Predictor for this model file, device and test-time views, loaded once per process.
 
     Keyed by the file hash the driver saw, so a model file replaced at the same path is
@@ -81,7 +81,7 @@ def get_predictor(model_path: str | None, model_hash: str, device: str, tta: int
     from wsi_ircr.model.checkpoint import load_checkpoint
     from wsi_ircr.model.inference import Predictor
 
-    key = (model_path, model_hash, device, tta, postprocess, bf16)
+    key = (model_path, model_hash, device, tta, postprocess, precision)
     with _CACHE_LOCK:
         if key in _PREDICTORS:
             return _with_cpu_threads(_PREDICTORS[key])
@@ -93,8 +93,8 @@ def get_predictor(model_path: str | None, model_hash: str, device: str, tta: int
                 f"{model_hash}; the file changed during the run or differs between machines: keep one copy on a "
                 "shared filesystem"
             )
-        predictor = Predictor(checkpoint, device=device, tta=tta, postprocess_backend=postprocess, bf16=bf16)
-        for old in [k for k in _PREDICTORS if k[0] == model_path and k[2:] == (device, tta, postprocess, bf16)]:
+        predictor = Predictor(checkpoint, device=device, tta=tta, postprocess_backend=postprocess, precision=precision)
+        for old in [k for k in _PREDICTORS if k[0] == model_path and k[2:] == (device, tta, postprocess, precision)]:
             del _PREDICTORS[old]
         _PREDICTORS[key] = predictor
         return _with_cpu_threads(predictor)
@@ -147,7 +147,7 @@ class SlideJob:
     batch_tiles: tiles per forward batch (a task streams its tiles batch by batch).
     post_threads: threads post-processing a task's tiles on the CPU.
     postprocess: the post-processing backend (``inference.choose_backend``).
-    bf16: the network under bf16 autocast (None: where native on the worker, ``inference.native_bf16``).
+    precision: the network's precision (``auto``: resolved on the worker, ``precision.resolve_precision``).
     """
 
     slide_path: str
@@ -162,7 +162,7 @@ class SlideJob:
     batch_tiles: int = 2
     post_threads: int = 1
     postprocess: str = "auto"
-    bf16: bool | None = None
+    precision: str = "auto"
 
 
 @dataclass
@@ -216,7 +216,7 @@ def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop")
     from wsi_ircr.slide.stream import Stage, stream
 
     store = TileStore.open(job.store_path)
-    predictor = get_predictor(job.model_path, job.model_hash, job.device, job.tta, job.postprocess, job.bf16)
+    predictor = get_predictor(job.model_path, job.model_hash, job.device, job.tta, job.postprocess, job.precision)
     report = BatchReport(seconds={"read_decode": 0.0, "tile_load": 0.0, "inference": 0.0, "postprocess": 0.0})
 
     def load(batch: list[int]):
