@@ -21,7 +21,7 @@ def test_slurm_job_script_carries_the_config(tmp_path):
     path.write_text("queue: gpu\naccount: lab\ncores: 16\nmemory: 64GB\ngpus: 2\nwalltime: '02:00:00'\n"
                     "setup: ['module load cuda/12.4', 'source /opt/wsi/.venv/bin/activate']\n"
                     "extra_directives: ['--constraint=a100']\n")
-    cluster = slurm_cluster(load_slurm_config(path), SegmentConfig(device="cuda"))
+    cluster = slurm_cluster(load_slurm_config(path))
     try:
         script = cluster.job_script()
     finally:

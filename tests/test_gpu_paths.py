@@ -80,14 +80,6 @@ def test_predict_batch_with_the_torch_backend_returns_instances(he_tiles):
         assert aji(reference.instances(prob[k], hv[k]), labels_t[k]) >= 0.99
 
 
-def test_streaming_knobs():
-    assert SegmentConfig().streaming(cuda=False) == (2, 1)
-    assert SegmentConfig().streaming(cuda=True) == (16, 4)
-    assert SegmentConfig(task_tiles=5, post_threads=3, batch_tiles=1).streaming(cuda=True) == (5, 3)
-    with pytest.raises(ValueError, match="task_tiles"):
-        SegmentConfig(task_tiles=-1)
-
-
 @pytest.fixture(scope="module")
 def slide_and_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu-paths")

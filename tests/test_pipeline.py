@@ -220,6 +220,8 @@ def test_blank_slide_is_not_an_error(client, random_model, tmp_path):
 def test_interrupted_run_resumes_to_the_same_result(runs, slides, random_model, client, tmp_path, monkeypatch):
     """A run stopped after the tile store and half of the tiles (simulated by running those
     stages alone) resumes with other execution settings and writes the reference GeoJSON."""
+    from wsi_ircr.slide.cluster import client_size
+    from wsi_ircr.slide.plan import resolve_plan
     from wsi_ircr.slide.tasks import SlideJob, segment_batch
 
     config = small_config(model=str(random_model))
@@ -228,7 +230,7 @@ def test_interrupted_run_resumes_to_the_same_result(runs, slides, random_model, 
     store = TileStore.open(folder.store_path)
     half = list(range(store.n_tiles // 2))
     job = SlideJob(str(slides["svs"]), None, plan.fingerprint, str(store.path), str(folder.work_dir), info.path,
-                   info.hash, "cpu")
+                   info.hash, resolve_plan(config, client_size(client)))
     folder.work_dir.mkdir()
     segment_batch(job, half)
     # the task's saved result is segment_tile's, called directly
@@ -317,6 +319,14 @@ def _meet_on_the_gpu(_: int) -> bool:
 def test_local_gpu_tasks_do_not_queue_behind_one_another():
     """With ``device: cuda`` the local worker's threads all run GPU tasks at once (one
     thread's post-processing overlaps another's inference): two GPU tasks meet at a barrier."""
-    with local_client(small_config(device="cuda", threads_per_worker=2)) as gpu_client:
+    import dataclasses
+
+    from wsi_ircr.slide.cluster import LocalBackend
+    from wsi_ircr.slide.plan import resolve_plan
+
+    config = small_config(device="cuda", threads_per_worker=2)
+    backend = LocalBackend(config)
+    plan = resolve_plan(config, dataclasses.replace(backend.size(), gpu=True))  # the resources, not a GPU, are tested
+    with backend.start(plan) as gpu_client:
         futures = [gpu_client.submit(_meet_on_the_gpu, i, resources={"GPU": 1}, pure=False) for i in range(2)]
         assert gpu_client.gather(futures) == [True, True]

@@ -17,8 +17,9 @@ from wsi_ircr.cli.options import precision_option, resolve_segment_config, slide
 @precision_option
 @click.option("--workers", type=int, help="Local Dask worker processes (1 = threads in this process).")
 @click.option("--scheduler", metavar="tcp://HOST:PORT", help="Run on an existing Dask cluster.")
-@click.option("--cluster", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
-              help="Start the cluster here, or as SLURM jobs (dask-jobqueue, pip install \"wsi-ircr[cluster]\").")
+@click.option("--cluster", metavar="NAME", default="local", show_default=True,
+              help="Where workers start: local (this machine) or slurm (SLURM jobs through dask-jobqueue, "
+                   "pip install \"wsi-ircr[cluster]\"); the backends of wsi_ircr.slide.cluster.BACKENDS.")
 @click.option("--cluster-config", type=click.Path(path_type=Path),
               help="SLURM settings (default: configs/cluster/slurm.yaml).")
 def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, halo_px, no_tissue_mask, model,
@@ -40,7 +41,7 @@ def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, h
       wsi-ircr segment slides/ -o out/ --cluster slurm --cluster-config my_slurm.yaml
     """
     from wsi_ircr.progress import CohortProgress, note
-    from wsi_ircr.slide.cluster import connect, load_slurm_config
+    from wsi_ircr.slide.cluster import backend_for, open_cluster
     from wsi_ircr.slide.cohort import segment_slides
     from wsi_ircr.slide.inputs import collect_slides
     from wsi_ircr.slide.memory import limit_malloc_arenas
@@ -53,10 +54,7 @@ def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, h
         tissue_mask=False if no_tissue_mask else None, tta=None if tta is None else int(tta), precision=precision,
     )
     paths = collect_slides(slides, list_file)
-    if scheduler is None and cluster == "local":  # remote workers may have the GPU this machine lacks
-        from wsi_ircr.model.inference import resolve_device
-
-        resolve_device(config.device)
+    backend = backend_for(config, scheduler, cluster, cluster_config)
     info = model_info(config)
     check_settings(config, info)
 
@@ -68,14 +66,10 @@ def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, h
         else:
             click.echo(line, err=True)
 
-    min_in_flight = 4
-    if cluster == "slurm" and not scheduler:  # enough waiting tasks for the adaptive cluster to start every job
-        slurm = load_slurm_config(cluster_config)
-        min_in_flight = 2 * slurm.maximum_jobs * slurm.cores
-    with connect(config, scheduler, cluster, cluster_config) as client:
+    with open_cluster(config, backend, info) as (client, plan):
         with CohortProgress(len(paths), enabled=not quiet and sys.stderr.isatty()) as progress:
             report = segment_slides(paths, out_root, config, client, info, overwrite=overwrite, progress=progress,
-                                    echo=echo, min_in_flight=min_in_flight)
+                                    echo=echo, plan=plan)
     click.echo(report.line)
     if report.failed:
         sys.exit(1)

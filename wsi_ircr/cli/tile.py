@@ -17,7 +17,7 @@ def tile(slides, list_file, out_root, config_path, overrides, mpp, core_px, halo
     """Write OUT/<stem>/tissue.png and OUT/<stem>/tiles.zarr for SLIDES (files or folders);
     a later ``wsi-ircr segment`` with the same options reuses the tile store. A slide that
     fails is reported and the others go on (exit status 1)."""
-    from wsi_ircr.slide.cluster import connect
+    from wsi_ircr.slide.cluster import backend_for, open_cluster
     from wsi_ircr.slide.cohort import error_text
     from wsi_ircr.slide.inputs import collect_slides
     from wsi_ircr.slide.pipeline import check_settings, model_info, tile_slide
@@ -28,7 +28,7 @@ def tile(slides, list_file, out_root, config_path, overrides, mpp, core_px, halo
     info = model_info(config)
     check_settings(config, info)
     failed = 0
-    with connect(config, scheduler) as client:
+    with open_cluster(config, backend_for(config, scheduler), info) as (client, _plan):
         for slide in paths:
             try:
                 folder, plan = tile_slide(slide, out_root, config, client, info, overwrite=overwrite)

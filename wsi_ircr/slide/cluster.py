@@ -1,8 +1,15 @@
-"""Where tile tasks run: a local Dask cluster, an existing scheduler, or SLURM jobs.
+"""Where tile tasks run: one registry of cluster backends (``BACKENDS``: name -> class).
 
-Every cluster gets the ``WorkerSetup`` plugin, which fixes once per worker process how
-many torch threads a task uses (the process's cores / its concurrent tasks) and, on GPU
-nodes with several worker processes, which GPU each process sees.
+A backend says what it gives before it starts (``size() -> plan.ClusterSize``) and starts
+workers for a resolved ``plan.ExecutionPlan`` (``start(plan)``, a context manager giving a
+Dask client). ``open_cluster`` is the only caller: it resolves the plan from the size and
+registers the ``WorkerSetup`` plugin, which fixes once per worker process how many torch
+threads a task uses and, on GPU nodes with several worker processes, which GPU each sees.
+
+Backends: ``local`` (a Dask cluster on this machine), ``scheduler`` (an existing cluster,
+``--scheduler tcp://HOST:PORT``), ``slurm`` (dask-jobqueue jobs; its settings are the one
+dataclass ``SlurmConfig``, from ``--cluster-config``). A new backend is a class with the
+same three members (``__init__(config, option)``, ``size``, ``start``) added to ``BACKENDS``.
 """
 
 from __future__ import annotations
@@ -18,9 +25,9 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from wsi_ircr.errors import UserError
 from wsi_ircr.slide.config import SegmentConfig
+from wsi_ircr.slide.plan import ClusterSize, ExecutionPlan, resolve_plan
 
 SLURM_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cluster" / "slurm.yaml"
-CLUSTERS = ("local", "slurm")
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,10 @@ class WorkerSetup(WorkerPlugin):
         self.gpu_per_process = gpu_per_process
         self.torch_threads = torch_threads
 
+    @classmethod
+    def for_plan(cls, plan: ExecutionPlan) -> WorkerSetup:
+        return cls(plan.cores_per_worker or None, plan.gpu_per_process, plan.torch_threads)
+
     def setup(self, worker) -> None:
         from wsi_ircr.slide import tasks
         from wsi_ircr.slide.memory import limit_malloc_arenas
@@ -112,33 +123,41 @@ class WorkerSetup(WorkerPlugin):
                 os.environ["CUDA_VISIBLE_DEVICES"] = visible[int(suffix) % len(visible)]
 
 
-def _register(client, plugin: WorkerSetup) -> None:
-    client.register_plugin(plugin, name=WorkerSetup.name)
+class LocalBackend:
+    """A new Dask cluster on this machine (no dashboard): ``workers`` processes (0 = one
+    per 4 cores; 1 = threads inside this process) of ``threads_per_worker`` threads (0 = all
+    cores / workers); on CUDA each worker declares ``resources={"GPU": threads}`` (tasks ask
+    for 1), so one thread's post-processing overlaps another's inference."""
 
+    name = "local"
 
-@contextmanager
-def local_client(config: SegmentConfig):
-    """A client of a new local cluster (no dashboard).
+    def __init__(self, config: SegmentConfig, option: str | Path | None = None):
+        if option is not None:
+            raise UserError("--cluster-config is for --cluster slurm; drop it or add --cluster slurm")
+        self.config = config
 
-    ``workers`` processes (0 = one per 4 cores; 1 = threads inside this process) of
-    ``threads_per_worker`` threads (0 = all cores / workers); with ``device: cuda`` each
-    worker declares ``resources={"GPU": threads}`` (tasks ask for 1), so one thread's
-    post-processing overlaps another's inference.
-    """
-    from distributed import Client, LocalCluster
+    def size(self) -> ClusterSize:
+        import torch
 
-    cores = len(os.sched_getaffinity(0))
-    workers = config.workers or max(1, cores // 4)
-    threads = config.threads_per_worker or max(1, cores // workers)
-    resources = {"GPU": threads} if config.device == "cuda" else None
-    with warnings.catch_warnings():
-        # the scheduler's HTTP server moves off a busy port 8787 with a warning on stderr
-        warnings.filterwarnings("ignore", message="Port .* is already in use")
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=workers > 1,
-                               dashboard_address=None, resources=resources, silence_logs=logging.CRITICAL)
-    with cluster, Client(cluster) as client:
-        _register(client, WorkerSetup(cores_per_process=max(1, cores // workers), torch_threads=config.torch_threads))
-        yield client
+        cores = len(os.sched_getaffinity(0))
+        workers = self.config.workers or max(1, cores // 4)
+        threads = self.config.threads_per_worker or max(1, cores // workers)
+        return ClusterSize(self.name, workers, threads, max(1, cores // workers), torch.cuda.is_available(), local=True,
+                           no_gpu="no CUDA GPU is visible to torch; use --device cpu or auto")
+
+    @contextmanager
+    def start(self, plan: ExecutionPlan):
+        from distributed import Client, LocalCluster
+
+        resources = {"GPU": plan.threads_per_worker} if plan.device == "cuda" else None
+        with warnings.catch_warnings():
+            # the scheduler's HTTP server moves off a busy port 8787 with a warning on stderr
+            warnings.filterwarnings("ignore", message="Port .* is already in use")
+            cluster = LocalCluster(n_workers=plan.workers, threads_per_worker=plan.threads_per_worker,
+                                   processes=plan.workers > 1, dashboard_address=None, resources=resources,
+                                   silence_logs=logging.CRITICAL)
+        with cluster, Client(cluster) as client:
+            yield client
 
 
 def check_address(address: str) -> None:
@@ -153,10 +172,27 @@ def check_address(address: str) -> None:
                         "e.g. tcp://head:8786") from None
 
 
+def _workers(client) -> dict:
+    return client.scheduler_info(n_workers=-1).get("workers", {})
+
+
+def client_size(client, backend: str = "scheduler") -> ClusterSize:
+    """What the workers of a running cluster give now (GPU: whether one declares ``GPU``;
+    None while no worker has joined)."""
+    workers = _workers(client)
+    threads = [int(w.get("nthreads", 1)) for w in workers.values()]
+    gpu = any(w.get("resources", {}).get("GPU") for w in workers.values()) if workers else None
+    return ClusterSize(backend, len(workers), max(threads, default=1), None, gpu, local=False,
+                       no_gpu="start GPU workers with 'dask worker ... --resources GPU=1'")
+
+
 @contextmanager
-def scheduler_client(address: str, config: SegmentConfig):
-    """A client of the existing Dask scheduler at ``address`` (a malformed or silent address: UserError)."""
+def scheduler_client(address: str, device: str = "auto"):
+    """A client of the existing Dask scheduler at ``address`` (a malformed or silent address:
+    UserError; so is ``device: cuda`` when none of its workers declares a GPU)."""
     from distributed import Client
+
+    from wsi_ircr.progress import note
 
     check_address(address)
     try:
@@ -165,14 +201,46 @@ def scheduler_client(address: str, config: SegmentConfig):
         raise UserError(f"--scheduler {address}: cannot reach a Dask scheduler there ({type(e).__name__}); "
                         "start one with 'dask scheduler' or drop --scheduler") from None
     try:
-        _check_workers(client, address, config)
-        _register(client, WorkerSetup(torch_threads=config.torch_threads))
+        size = client_size(client)
+        if size.gpu is None:
+            note(f"--scheduler {address}: no workers yet; tasks wait until some join")
+        elif device == "cuda" and not size.gpu:
+            raise UserError(f"--scheduler {address}: --device cuda, but none of its {size.processes} workers declares "
+                            "a GPU; start GPU workers with 'dask worker ... --resources GPU=1'")
         yield client
     finally:
         client.close()
 
 
-def slurm_cluster(slurm: SlurmConfig, config: SegmentConfig):
+class SchedulerBackend:
+    """An existing Dask cluster at ``option`` (``tcp://HOST:PORT``): sized by the workers that
+    have joined when this command connects."""
+
+    name = "scheduler"
+
+    def __init__(self, config: SegmentConfig, option: str):
+        self.config, self.address = config, option
+        self._client = self._session = None
+
+    def size(self) -> ClusterSize:
+        self._session = scheduler_client(self.address, self.config.device)
+        self._client = self._session.__enter__()
+        return client_size(self._client)
+
+    @contextmanager
+    def start(self, plan: ExecutionPlan):
+        try:
+            yield self._client
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.__exit__(None, None, None)
+            self._session = self._client = None
+
+
+def slurm_cluster(slurm: SlurmConfig):
     """A dask-jobqueue ``SLURMCluster`` (not scaled yet) for ``slurm``; GPU jobs run one
     worker process per GPU, each declaring ``resources={"GPU": its threads}``."""
     try:
@@ -192,51 +260,72 @@ def slurm_cluster(slurm: SlurmConfig, config: SegmentConfig):
                         silence_logs="error")
 
 
-@contextmanager
-def slurm_client(slurm: SlurmConfig, config: SegmentConfig):
-    """A client of SLURM worker jobs that scale between ``minimum_jobs`` and ``maximum_jobs``."""
-    from distributed import Client
+class SlurmBackend:
+    """SLURM worker jobs through dask-jobqueue, scaling between ``minimum_jobs`` and
+    ``maximum_jobs``; its settings: ``SlurmConfig`` at ``option`` (default: the packaged
+    ``configs/cluster/slurm.yaml``)."""
 
-    if config.device == "cuda" and not slurm.gpus:
-        raise UserError("--device cuda on SLURM needs GPU jobs: set gpus: 1 (or more) in the SLURM config")
-    cluster = slurm_cluster(slurm, config)
-    try:
-        cluster.adapt(minimum_jobs=slurm.minimum_jobs, maximum_jobs=slurm.maximum_jobs)
-        with Client(cluster) as client:
-            _register(client, WorkerSetup(cores_per_process=max(1, slurm.cores // slurm.worker_processes),
-                                          gpu_per_process=slurm.gpus > 0, torch_threads=config.torch_threads))
-            yield client
-    finally:
-        cluster.close()
+    name = "slurm"
+
+    def __init__(self, config: SegmentConfig, option: str | Path | None = None):
+        self.slurm = load_slurm_config(option)
+
+    def size(self) -> ClusterSize:
+        slurm = self.slurm
+        processes = slurm.worker_processes
+        threads = max(1, slurm.cores // processes)
+        return ClusterSize(self.name, slurm.maximum_jobs * processes, threads, threads, slurm.gpus > 0, local=False,
+                           gpu_per_process=slurm.gpus > 0,
+                           no_gpu="set gpus: 1 (or more) in the SLURM config (--cluster-config)")
+
+    @contextmanager
+    def start(self, plan: ExecutionPlan):
+        from distributed import Client
+
+        cluster = slurm_cluster(self.slurm)
+        try:
+            cluster.adapt(minimum_jobs=self.slurm.minimum_jobs, maximum_jobs=self.slurm.maximum_jobs)
+            with Client(cluster) as client:
+                yield client
+        finally:
+            cluster.close()
 
 
-def _check_workers(client, scheduler: str, config: SegmentConfig) -> None:
-    """Refuse ``device: cuda`` on a cluster whose workers declare no GPU (its tasks would
-    wait forever); say so when no worker has joined yet."""
-    from wsi_ircr.progress import note
-
-    workers = client.scheduler_info(n_workers=-1).get("workers", {})
-    if not workers:
-        note(f"--scheduler {scheduler}: no workers yet; tasks wait until some join")
-    elif config.device == "cuda" and not any(w.get("resources", {}).get("GPU") for w in workers.values()):
-        raise UserError(f"--scheduler {scheduler}: --device cuda, but none of its {len(workers)} workers declares "
-                        "a GPU; start GPU workers with 'dask worker ... --resources GPU=1'")
+BACKENDS = {"local": LocalBackend, "scheduler": SchedulerBackend, "slurm": SlurmBackend}
+CLUSTERS = tuple(name for name in BACKENDS if name != "scheduler")  # what --cluster starts
 
 
-def connect(config: SegmentConfig, scheduler: str | None = None, cluster: str = "local",
-            cluster_config: str | Path | None = None):
-    """The context manager giving the client of the cluster a command asked for."""
+def backend_for(config: SegmentConfig, scheduler: str | None = None, cluster: str = "local",
+                cluster_config: str | Path | None = None):
+    """The backend a command asked for: ``--scheduler ADDRESS`` or ``--cluster NAME [--cluster-config FILE]``."""
     if scheduler and cluster != "local":
         raise UserError(f"--scheduler and --cluster {cluster}: pass one of them")
     if scheduler:
-        return scheduler_client(scheduler, config)
-    if cluster == "slurm":
-        return slurm_client(load_slurm_config(cluster_config), config)
-    if cluster_config is not None:
-        raise UserError("--cluster-config is for --cluster slurm; drop it or add --cluster slurm")
-    return local_client(config)
+        return SchedulerBackend(config, scheduler)
+    if cluster not in CLUSTERS:
+        raise UserError(f"--cluster {cluster}: expected one of {', '.join(CLUSTERS)}")
+    return BACKENDS[cluster](config, cluster_config)
 
 
-def total_threads(client) -> int:
-    """Worker threads the cluster has now (0 while no worker has joined)."""
-    return int(sum(client.nthreads().values()))
+@contextmanager
+def open_cluster(config: SegmentConfig, backend=None, checkpoint=None):
+    """``(client, plan)``: the plan resolved from ``config`` and what ``backend`` (default: a
+    local cluster) gives, then its workers started with the ``WorkerSetup`` plugin.
+    ``checkpoint``: the loaded model (its metadata may decide the precision)."""
+    backend = backend or LocalBackend(config)
+    size = backend.size()
+    try:
+        plan = resolve_plan(config, size, checkpoint)
+    except BaseException:
+        getattr(backend, "close", lambda: None)()  # a backend that connected in size()
+        raise
+    with backend.start(plan) as client:
+        client.register_plugin(WorkerSetup.for_plan(plan), name=WorkerSetup.name)
+        yield client, plan
+
+
+@contextmanager
+def local_client(config: SegmentConfig):
+    """A client of a new local cluster for ``config`` (``LocalBackend``)."""
+    with open_cluster(config) as (client, _):
+        yield client

@@ -24,6 +24,7 @@ from wsi_ircr.errors import UserError
 from wsi_ircr.io.atomic import atomic_open
 from wsi_ircr.slide.config import SegmentConfig
 from wsi_ircr.slide.pipeline import ModelInfo, SlidePlan, TileResults, driver_rss_mb, finish_slide, plan_slide
+from wsi_ircr.slide.plan import ExecutionPlan
 from wsi_ircr.slide.run_folder import RunFolder, run_key, run_stem
 
 TABLE = "cohort.csv"
@@ -142,15 +143,6 @@ class _Planned:
     error: BaseException | None = None
 
 
-def _uses_cuda(device: str) -> bool:
-    """Whether tile tasks will run on CUDA (``auto``: when this machine has a GPU)."""
-    if device == "auto":
-        import torch
-
-        return torch.cuda.is_available()
-    return device.startswith("cuda")
-
-
 def _batches(items: list[int], size: int) -> deque:
     return deque(items[i:i + size] for i in range(0, len(items), size))
 
@@ -159,7 +151,7 @@ class _Cohort:
     """The driver loop of ``segment_slides`` (one instance per call)."""
 
     def __init__(self, slides, out_root, config: SegmentConfig, client, model: ModelInfo, overwrite: bool,
-                 progress, echo: Callable[[str, bool], None], min_in_flight: int):
+                 progress, echo: Callable[[str, bool], None], plan: ExecutionPlan):
         self.slides = deque(Path(s) for s in slides)
         self.out_root = Path(out_root).absolute()
         if self.out_root.exists() and not self.out_root.is_dir():
@@ -168,14 +160,13 @@ class _Cohort:
         self.progress, self.echo = progress, echo
         self.table = CohortTable(self.out_root)
         self.report = CohortReport(table=self.table.path)
-        self.min_in_flight = min_in_flight
+        self.execution = plan
         self.events: queue.Queue = queue.Queue()
         self.active: list[SlideRun] = []
         self.planning: deque = deque()  # futures of _Planned, in slide order
         self.futures: dict = {}
         self.exports = 0
         self.token = uuid.uuid4().hex[:8]
-        self.task_tiles, self.post_threads = config.streaming(cuda=_uses_cuda(config.device))
 
     # -- slides -------------------------------------------------------------------------
 
@@ -221,13 +212,12 @@ class _Cohort:
                     pending.append(i)
             results.reused = len(store.tiles) - len(pending)
             job = SlideJob(str(slide), self.config.mpp, plan.fingerprint, str(folder.store_path),
-                           str(folder.work_dir), self.model.path, self.model.hash, self.config.device, self.config.tta,
-                           self.config.batch_tiles, self.post_threads, self.config.postprocess, self.config.precision)
+                           str(folder.work_dir), self.model.path, self.model.hash, self.execution)
         except Exception as e:  # noqa: BLE001 - any slide may fail alone
             if reader is not None:
                 reader.close()
             return _Planned(slide, t_start, error=e)
-        run = SlideRun(slide, folder, reader, plan, job, resumed, stored, _batches(pending, self.task_tiles),
+        run = SlideRun(slide, folder, reader, plan, job, resumed, stored, _batches(pending, self.execution.task_tiles),
                        results, seconds, t_start, driver_rss_mb())
         return _Planned(slide, t_start, run=run)
 
@@ -270,7 +260,7 @@ class _Cohort:
         run.seconds["tiles_wall"] = time.perf_counter() - (run.t_tiles or time.perf_counter())
         self.exports += 1
         future = self.pool.submit(finish_slide, run.reader, run.plan, run.folder, self.model, self.config,
-                                  run.results, run.seconds, run.resumed, run.stored, run.t_start, run.rss_mb)
+                                  self.execution, run.results, run.seconds, run.resumed, run.stored, run.t_start, run.rss_mb)
         future.add_done_callback(lambda f, run=run: self.events.put(("export", run, f)))
 
     def _exported(self, run: SlideRun, future) -> None:
@@ -298,9 +288,8 @@ class _Cohort:
         from wsi_ircr.slide.tasks import segment_batch
 
         batch = run.batches.popleft()
-        resources = {"GPU": 1} if self.config.device == "cuda" else None
         future = self.client.submit(segment_batch, run.job, batch, key=f"segment-{self.token}-{run.folder.stem}-{batch[0]}",
-                                    resources=resources, pure=False)
+                                    resources=self.execution.task_resources, pure=False)
         self.futures[future] = (run, batch)
         run.in_flight += 1
         run.t_tiles = run.t_tiles or time.perf_counter()
@@ -337,15 +326,8 @@ class _Cohort:
 
     # -- loop ---------------------------------------------------------------------------
 
-    def _limit(self) -> int:
-        """Tile tasks to keep submitted: ``tasks_in_flight``, else twice the worker threads
-        the cluster has now (it may grow), at least ``min_in_flight``."""
-        from wsi_ircr.slide.cluster import total_threads
-
-        return self.config.tasks_in_flight or max(self.min_in_flight, 2 * total_threads(self.client))
-
     def _feed(self) -> None:
-        limit = self._limit()
+        limit = self.execution.tasks_in_flight
         while len(self.futures) < limit:
             run = next((r for r in self.active if r.batches), None)
             if run is not None:
@@ -381,7 +363,7 @@ class _Cohort:
 
 def segment_slides(slides, out_root: str | Path, config: SegmentConfig, client, model: ModelInfo, *,
                    overwrite: bool = False, progress=None, echo: Callable[[str, bool], None] | None = None,
-                   min_in_flight: int = 4) -> CohortReport:
+                   plan: ExecutionPlan | None = None) -> CohortReport:
     """Segment ``slides`` into ``out_root/<stem>/`` on the cluster of ``client``.
 
     Args:
@@ -390,13 +372,16 @@ def segment_slides(slides, out_root: str | Path, config: SegmentConfig, client, 
         overwrite: redo finished and mismatching runs (a matching tile store is reused).
         progress: a ``wsi_ircr.progress.CohortProgress`` (None: silent).
         echo: ``echo(line, is_error)`` receives one line per slide as it ends.
-        min_in_flight: tile tasks kept submitted even while few workers have joined (an
-            adaptive cluster grows only when tasks wait).
+        plan: the execution plan ``cluster.open_cluster`` resolved for ``client`` (None:
+            resolved here from the workers ``client`` has now).
 
     Returns:
         The report; every slide also has its row in ``out_root/cohort.csv``.
     """
     from wsi_ircr.progress import CohortProgress
+    from wsi_ircr.slide.cluster import client_size
+    from wsi_ircr.slide.plan import resolve_plan
 
+    plan = plan or resolve_plan(config, client_size(client, "client"), model)
     return _Cohort(slides, out_root, config, client, model, overwrite, progress or CohortProgress(0, enabled=False),
-                   echo or (lambda line, is_error: None), min_in_flight).run()
+                   echo or (lambda line, is_error: None), plan).run()

@@ -40,6 +40,8 @@ class SegmentConfig:
     torch_threads: CPU threads of torch per tile task (0 = the worker process's cores / its
         concurrent tasks); results are reproducible across clusters for a fixed value.
     gzip: write ``<stem>.geojson.gz`` (QuPath opens it by drag and drop) or plain.
+
+    The ``auto`` / ``0`` rules are applied in one place, ``wsi_ircr.slide.plan.resolve_plan``.
     """
 
     model: str | None = None
@@ -76,8 +78,3 @@ class SegmentConfig:
                                        self.tasks_in_flight, self.task_tiles, self.post_threads) < 0:
             raise ValueError("batch_tiles must be >= 1; workers, threads_per_worker, torch_threads, tasks_in_flight, "
                              "task_tiles, post_threads, overlay_crops >= 0")
-
-    def streaming(self, cuda: bool) -> tuple[int, int]:
-        """(tiles per task, post-processing threads per task) with the 0 = automatic rules above."""
-        task = self.task_tiles or self.batch_tiles * (8 if cuda else 1)
-        return task, self.post_threads or (4 if cuda else 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from wsi_ircr.config import to_dict
 from wsi_ircr.errors import UserError
 from wsi_ircr.slide.config import SegmentConfig
 from wsi_ircr.slide.grid import Tile, TileGrid
+from wsi_ircr.slide.plan import ExecutionPlan
 from wsi_ircr.slide.reader import SlideReader, require_mpp
 from wsi_ircr.slide.run_folder import STORE_DIR, RunFolder
 from wsi_ircr.slide.tissue import TissueMask, detect_tissue, full_mask
@@ -40,6 +41,7 @@ class ModelInfo:
     hash: str
     mpp: float
     description: dict
+    meta: dict = field(default_factory=dict, repr=False, compare=False)  # the checkpoint's metadata
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ def model_info(config: SegmentConfig) -> ModelInfo:
 
     ckpt = load_checkpoint(config.model)
     path = str(ckpt.path.absolute()) if config.model else None
-    return ModelInfo(path, ckpt.model_hash, ckpt.mpp, ckpt.describe())
+    return ModelInfo(path, ckpt.model_hash, ckpt.mpp, ckpt.describe(), ckpt.meta)
 
 
 def check_settings(config: SegmentConfig, model: ModelInfo) -> None:
@@ -180,7 +182,8 @@ class TileResults:
 
     counts / dropped: instances kept / dropped at the halo per tile; seconds: task seconds
     per stage; worker_rss_mb: largest worker resident memory at the end of one of its tasks;
-    reused: tiles whose result an earlier, interrupted run had saved.
+    reused: tiles whose result an earlier, interrupted run had saved; ran: the (device,
+    precision, torch threads) tasks reported running with.
     """
 
     counts: dict[Tile, int]
@@ -188,6 +191,7 @@ class TileResults:
     seconds: dict[str, float]
     worker_rss_mb: float = 0.0
     reused: int = 0
+    ran: set = field(default_factory=set)
 
     def add(self, report) -> None:
         """Fold in one task's ``BatchReport``."""
@@ -196,9 +200,12 @@ class TileResults:
         for k, v in report.seconds.items():
             self.seconds[k] = self.seconds.get(k, 0.0) + v
         self.worker_rss_mb = max(self.worker_rss_mb, report.rss_mb)
+        if report.ran:
+            self.ran.add(tuple(report.ran))
 
 
-def summarise(plan: SlidePlan, folder: RunFolder, model: ModelInfo, config: SegmentConfig, results: TileResults,
+def summarise(plan: SlidePlan, folder: RunFolder, model: ModelInfo, config: SegmentConfig, execution: ExecutionPlan,
+              results: TileResults,
               n_nuclei: int, seconds: dict[str, float], driver_rss_mb: float, resumed: bool, stored: int,
               geojson_name: str) -> dict:
     """The slide's ``summary.json``."""
@@ -228,13 +235,15 @@ def summarise(plan: SlidePlan, folder: RunFolder, model: ModelInfo, config: Segm
         "outputs": {"geojson": geojson_name, "table": "nuclei.csv", "overlay": "overlay.png",
                     "tissue": "tissue.png", "tile_store": STORE_DIR},
         "model": model.description,
+        "execution": {**asdict(execution), "ran": [dict(zip(("device", "precision", "torch_threads"), r))
+                                                   for r in sorted(results.ran)]},
         "config": to_dict(config),
         "versions": versions(),
     }
 
 
 def finish_slide(reader: SlideReader, plan: SlidePlan, folder: RunFolder, model: ModelInfo, config: SegmentConfig,
-                 results: TileResults, seconds: dict[str, float], resumed: bool, stored: int, t_start: float,
+                 execution: ExecutionPlan, results: TileResults, seconds: dict[str, float], resumed: bool, stored: int, t_start: float,
                  rss_mb: float = 0.0) -> dict:
     """Stages after the tile tasks: export, previews, then ``summary.json`` (the run is
     finished from that moment) and returns the summary.
@@ -258,7 +267,7 @@ def finish_slide(reader: SlideReader, plan: SlidePlan, folder: RunFolder, model:
     seconds["overlay"] += time.perf_counter() - t
     rss = max(rss, driver_rss_mb())
     seconds["total"] = time.perf_counter() - t_start
-    summary = summarise(plan, folder, model, config, results, n, seconds, rss, resumed, stored, geojson_name)
+    summary = summarise(plan, folder, model, config, execution, results, n, seconds, rss, resumed, stored, geojson_name)
     folder.finish(summary)
     return summary
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from wsi_ircr.errors import UserError
 from wsi_ircr.slide.grid import Tile
+from wsi_ircr.slide.plan import ExecutionPlan
 
 _PREDICTORS: dict[tuple, object] = {}
 _READERS: dict[tuple, object] = {}
@@ -142,12 +143,8 @@ class SlideJob:
     slide_path / mpp / fingerprint: the slide, its mpp override (None: metadata) and the
         driver's ``reader.fingerprint()``.
     store_path / results_dir: the run's tile store and per-tile results folder.
-    model_path / model_hash / device: the checkpoint (None: bundled) and where it runs.
-    tta: views of test-time augmentation averaged by the network (1 = none).
-    batch_tiles: tiles per forward batch (a task streams its tiles batch by batch).
-    post_threads: threads post-processing a task's tiles on the CPU.
-    postprocess: the post-processing backend (``inference.choose_backend``).
-    precision: the network's precision (``auto``: resolved on the worker, ``precision.resolve_precision``).
+    model_path / model_hash: the checkpoint (None: bundled) and the file hash the driver saw.
+    plan: the execution plan (device, precision, batch, post-processing threads, ...).
     """
 
     slide_path: str
@@ -157,24 +154,20 @@ class SlideJob:
     results_dir: str
     model_path: str | None
     model_hash: str
-    device: str
-    tta: int = 1
-    batch_tiles: int = 2
-    post_threads: int = 1
-    postprocess: str = "auto"
-    precision: str = "auto"
+    plan: ExecutionPlan
 
 
 @dataclass
 class BatchReport:
     """What a task did: instances and dropped nuclei per tile, seconds per stage (summed
-    over its tiles) and the worker process's resident memory (MiB), the larger of after the
-    network and at the end."""
+    over its tiles), the worker process's resident memory (MiB), the larger of after the
+    network and at the end, and what the network ran with."""
 
     counts: dict[Tile, int] = field(default_factory=dict)
     dropped: dict[Tile, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     rss_mb: float = 0.0
+    ran: tuple = ()  # (device, precision, torch CPU threads) the task's network ran with
 
 
 def _rss_mb() -> float:
@@ -199,7 +192,7 @@ def write_tiles(store_path: str, indices: list[int], slide_path: str, mpp: float
 
 
 def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop") -> BatchReport:
-    """Tiles ``indices`` of the job's store, streamed in forward batches of ``job.batch_tiles``.
+    """Tiles ``indices`` of the job's store, streamed in forward batches of ``job.plan.batch_tiles``.
 
     Stages (``wsi_ircr.slide.stream``, overlapping, bounded queues): load each tile (from the
     store, or read from the slide and stored once: a rerun reuses it) -> the network (and,
@@ -216,7 +209,8 @@ def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop")
     from wsi_ircr.slide.stream import Stage, stream
 
     store = TileStore.open(job.store_path)
-    predictor = get_predictor(job.model_path, job.model_hash, job.device, job.tta, job.postprocess, job.precision)
+    plan = job.plan
+    predictor = get_predictor(job.model_path, job.model_hash, plan.device, plan.tta, plan.postprocess, plan.precision)
     report = BatchReport(seconds={"read_decode": 0.0, "tile_load": 0.0, "inference": 0.0, "postprocess": 0.0})
 
     def load(batch: list[int]):
@@ -250,13 +244,15 @@ def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop")
             done.append((tile, instances.count, instances.dropped))
         return done
 
-    batches = [indices[k:k + job.batch_tiles] for k in range(0, len(indices), job.batch_tiles)]
+    batches = [indices[k:k + plan.batch_tiles] for k in range(0, len(indices), plan.batch_tiles)]
     busy: dict[str, float] = {}
-    stages = [Stage("load", load), Stage("inference", infer), Stage("postprocess", post, job.post_threads)]
+    stages = [Stage("load", load), Stage("inference", infer), Stage("postprocess", post, plan.post_threads)]
     for done in stream(batches, stages, depth=2, seconds=busy):
         for tile, count, dropped in done:
             report.counts[tile] = count
             report.dropped[tile] = dropped
     report.seconds.update(inference=busy["inference"], postprocess=busy["postprocess"])
     report.rss_mb = max(report.rss_mb, _rss_mb())
+    report.ran = (predictor.device.type, predictor.precision,
+                  cpu_threads() if predictor.device.type == "cpu" else 0)
     return report

@@ -83,9 +83,8 @@ def train_on_cluster(address: str, cfg: TrainConfig, out_dir: Path, base_dir: Pa
     An address that does not answer, or ``device: cuda`` with no GPU worker: UserError.
     """
     from wsi_ircr.slide.cluster import scheduler_client
-    from wsi_ircr.slide.config import SegmentConfig
 
-    with scheduler_client(address, SegmentConfig(device=cfg.device)) as client:
+    with scheduler_client(address, cfg.device) as client:
         workers = client.scheduler_info(n_workers=-1).get("workers", {})
         resources = task_resources(cfg.device, workers)
         key = f"wsi-ircr-train-{uuid.uuid4().hex[:12]}"
