@@ -13,6 +13,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -150,8 +151,34 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], where: s
     return out
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; bad files are ``UserError``s naming the file."""
+def _merged(base: dict, top: dict) -> dict:
+    """``top`` over ``base``: nested mappings merge key by key, anything else is replaced."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML mapping; bad files are ``UserError``s naming the file.
+
+    A ``base: FILE`` key (relative to this file's folder) reads FILE first and lays this
+    file's keys over it (nested sections merge key by key); bases may have bases.
+    """
+    data = _read_one_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    path = Path(path)
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{path}: base must be the name of another YAML file, found {base!r}")
+    base_path = path.parent / base
+    if base_path.resolve() in _seen + (path.resolve(),):
+        raise UserError(f"{path}: base {base!r} leads back to itself; break the cycle")
+    return _merged(read_yaml(base_path, _seen + (path.resolve(),)), data)
+
+
+def _read_one_yaml(path: str | Path) -> dict:
     import yaml
 
     path = Path(path)
@@ -181,14 +208,19 @@ def _set_path(data: dict, key: str, value: Any, where: str) -> None:
     node[parts[-1]] = value
 
 
-def resolve_config(cls: type[T], path: str | Path | None = None, overrides=(), explicit: dict | None = None) -> T:
+def resolve_config(cls: type[T], path: str | Path | None = None, overrides=(), explicit: dict | None = None,
+                   complete: Callable[[dict], dict] | None = None) -> T:
     """``cls`` from defaults < YAML ``path`` < ``overrides`` (``key=value`` strings, values
-    parsed as YAML) < ``explicit`` (dotted key -> value, taken as is; None = not given)."""
+    parsed as YAML) < ``explicit`` (dotted key -> value, taken as is; None = not given).
+    ``complete`` fills in the merged mapping before it is validated (e.g. what a starting
+    checkpoint decides, ``train.config.complete_from_init``)."""
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides), where="--set")
     for key, value in (explicit or {}).items():
         if value is not None:
             _set_path(data, key, value, f"option {key}")
+    if complete is not None:
+        data = complete(data)
     return from_dict(cls, data, str(path) if path is not None else "config")
 
 

@@ -16,6 +16,7 @@ COMMANDS = {
     "info": "wsi_ircr.cli.info:info",
     "tile": "wsi_ircr.cli.tile:tile",
     "train": "wsi_ircr.cli.train:train",
+    "adapt": "wsi_ircr.cli.adapt:adapt",
     "evaluate": "wsi_ircr.cli.evaluate:evaluate",
 }
 

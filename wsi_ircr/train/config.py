@@ -29,14 +29,24 @@ each validation, every ``val_every`` steps): a killed run loses at most the step
 is native, CUDA or a CPU with AVX512-BF16 / AMX, about 2x fp32 there; benchmarks/precision.md).
 ``mpp`` is the network's operating resolution (null: the tiles' ``data.mpp``); the checkpoint
 carries it, and post-processing thresholds are physical (um, um^2) so they hold at any mpp.
+``init``: start student and teacher from this checkpoint (a path, or ``bundled`` for the model
+shipped in the package) instead of random weights; it decides ``arch``, ``mpp`` and
+``postprocess`` (a config that sets one of them differently is refused) and, when no labelled
+instance tiles are given, gives PIAC its morphology priors (``complete_from_init``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
+from wsi_ircr.errors import UserError
 from wsi_ircr.model.postprocess import PostProcessConfig
+
+BUNDLED_INIT = "bundled"  # ``init`` value naming the model shipped in the package
+ADAPT_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "adapt"  # <method>.yaml of ``wsi-ircr adapt``
 
 TUNE_MARKER_RADII = (0.2, 0.3)  # marker radii tried by ``train.tune`` unless a config says otherwise (study.md: chosen on MoNuSeg validation tiles)
 
@@ -76,8 +86,9 @@ class DataConfig:
     unlabelled: optional folder of extra RGB tiles (no labels).
     include: if not empty, only these stems of ``images`` are used (e.g. a training pool).
     val: stems held out for checkpoint selection (never trained on).
-    labelled: how many of the remaining stems keep their labels (``null`` = all); the
-        rest join the unlabelled pool. Chosen with ``label_seed``.
+    labelled: how many of the remaining stems keep their labels (``null`` = all, 0 = none:
+        only with ``init``); the rest join the unlabelled pool. Chosen with ``label_seed``.
+        Without ``images`` and ``labels`` there are no labelled or validation tiles at all.
     labelled_fraction: the same as a fraction of the pool (rounded, at least 1 tile);
         set at most one of ``labelled`` and ``labelled_fraction``.
     mpp: resolution of the tiles (microns per pixel); training tiles are resampled to the
@@ -114,8 +125,8 @@ class DataConfig:
         if self.slide_tiles < 1 or self.slide_tile_px < 16 or self.slide_tile_px % 16:
             raise ValueError(f"slide_tiles must be >= 1 and slide_tile_px a multiple of 16 >= 16, got "
                              f"{self.slide_tiles} and {self.slide_tile_px}")
-        if self.labelled is not None and self.labelled < 1:
-            raise ValueError(f"labelled must be >= 1 or null, got {self.labelled}")
+        if self.labelled is not None and self.labelled < 0:
+            raise ValueError(f"labelled must be >= 0 or null, got {self.labelled}")
         if self.labelled_fraction is not None and not 0.0 < self.labelled_fraction <= 1.0:
             raise ValueError(f"labelled_fraction must be in (0, 1], got {self.labelled_fraction}")
         if self.labelled is not None and self.labelled_fraction is not None:
@@ -129,6 +140,7 @@ class TrainConfig:
     """All knobs of ``wsi-ircr train`` (see configs/train/*.yaml)."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    init: str | None = None
     mpp: float | None = None
     arch: str = "lite-s"
     steps: int = 2000
@@ -212,3 +224,42 @@ class TrainConfig:
     def semi_supervised(self) -> bool:
         """True when any teacher-student term uses unlabelled data."""
         return self.unlabelled_batch_size > 0 and (self.mt_weight > 0 or self.miac_weight > 0 or self.piac_weight > 0)
+
+
+def init_checkpoint_path(init: str, base_dir: Path) -> Path | None:
+    """The file ``init`` names (relative paths against ``base_dir``); None for the bundled model."""
+    if init == BUNDLED_INIT:
+        return None
+    path = Path(init).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def complete_from_init(data: dict, base_dir: Path) -> dict:
+    """A merged config mapping with ``arch``, ``mpp`` and ``postprocess`` taken from its
+    ``init`` checkpoint (unchanged without ``init``); a value the mapping sets differently is
+    a ``UserError``. Used as ``resolve_config(..., complete=...)``."""
+    from wsi_ircr.model.checkpoint import load_checkpoint
+
+    init = data.get("init")
+    if init is None:
+        return data
+    if not isinstance(init, str) or not init:
+        raise UserError(f"init: expected a checkpoint path or {BUNDLED_INIT!r}, found {init!r}")
+    ckpt = load_checkpoint(init_checkpoint_path(init, base_dir))
+    out = dict(data)
+    postprocess = dataclasses.asdict(ckpt.postprocess)
+    given = {**{k: (k, v) for k, v in (("arch", ckpt.arch), ("mpp", ckpt.mpp))},
+             **{f"postprocess.{k}": (k, v) for k, v in postprocess.items()}}
+    mine = {**{k: out.get(k) for k in ("arch", "mpp")},
+            **{f"postprocess.{k}": v for k, v in (out.get("postprocess") or {}).items()}}
+    for key, value in mine.items():
+        if value is not None and key in given and value != given[key][1]:
+            raise UserError(f"init {init}: the checkpoint's {key} is {given[key][1]!r} but the config sets {value!r}; "
+                            f"drop {key} from the config (the starting checkpoint decides it) or start from another model")
+    out.update(arch=ckpt.arch, mpp=ckpt.mpp, postprocess={**(out.get("postprocess") or {}), **postprocess})
+    return out
+
+
+def adapt_config_path(method: str) -> Path:
+    """The packaged config of ``wsi-ircr adapt --method METHOD`` (``configs/adapt/<method>.yaml``)."""
+    return ADAPT_CONFIGS / f"{method}.yaml"

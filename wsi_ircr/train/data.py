@@ -109,19 +109,20 @@ def load_train_data(cfg: DataConfig, base_dir: Path = Path("."), model_mpp: floa
 
     Labelled and unlabelled training tiles are resampled from ``cfg.mpp`` to ``model_mpp``
     (None: no resampling); validation tiles stay at ``cfg.mpp``, where their labels are.
+    Without ``images`` and ``labels`` only ``unlabelled`` (and ``extra``) tiles are read.
     """
     from wsi_ircr.io.images import check_pair, list_images, pair_folders, read_image, read_label
 
-    if not cfg.images or not cfg.labels:
-        raise UserError("training data: set data.images and data.labels (folders of tiles and instance maps), e.g. --images DIR --labels DIR")
-    pairs = pair_folders(_resolve(base_dir, cfg.images), _resolve(base_dir, cfg.labels))
+    if bool(cfg.images) != bool(cfg.labels):
+        raise UserError("training data: set both data.images and data.labels (folders of tiles and instance maps), e.g. --images DIR --labels DIR")
+    pairs = pair_folders(_resolve(base_dir, cfg.images), _resolve(base_dir, cfg.labels)) if cfg.images else []
     by_stem = {stem: (img, lab) for stem, img, lab in pairs}
     for name, stems in (("include", cfg.include), ("val", cfg.val)):
         missing = [s for s in stems if s not in by_stem]
         if missing:
             raise UserError(f"data.{name}: {len(missing)} stem(s) not found in {cfg.images}, e.g. {missing[0]!r}; fix the list or the folder")
     pool = [s for s in (cfg.include or sorted(by_stem)) if s not in set(cfg.val)]
-    if not pool:
+    if not pool and cfg.images and cfg.labelled != 0:
         raise UserError(f"{cfg.images}: no labelled tiles left for training after removing the validation stems")
     rng = np.random.default_rng(cfg.label_seed)
     n_lab = len(pool) if cfg.labelled is None else cfg.labelled

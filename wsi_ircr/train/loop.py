@@ -25,7 +25,7 @@ from wsi_ircr.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoi
 from wsi_ircr.model.inference import Predictor, native_bf16, output_maps, resolve_device
 from wsi_ircr.model.net import build_model
 from wsi_ircr.model.postprocess import instances_from_maps
-from wsi_ircr.train.config import TrainConfig
+from wsi_ircr.train.config import BUNDLED_INIT, TrainConfig, init_checkpoint_path
 from wsi_ircr.train.data import CropSampler, TrainData, load_train_data
 from wsi_ircr.versions import versions
 
@@ -96,19 +96,25 @@ def validate(net: torch.nn.Module, val, cfg: TrainConfig, device: torch.device) 
 class Trainer:
     """Owns the student, teacher, optimiser and data of one run in ``out_dir``."""
 
-    def __init__(self, cfg: TrainConfig, out_dir: Path, data: TrainData, priors: dict | None):
-        self.cfg, self.out_dir, self.data, self.priors = cfg, out_dir, data, priors
+    def __init__(self, cfg: TrainConfig, out_dir: Path, data: TrainData, priors: dict | None, start: Checkpoint | None = None,
+                 lineage: dict | None = None):
+        """``start``: the checkpoint student and teacher start from (``cfg.init``; None: random
+        weights); ``lineage``: what the run started from, saved in every checkpoint's meta."""
+        self.cfg, self.out_dir, self.data, self.priors, self.lineage = cfg, out_dir, data, priors, lineage
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        self.student = build_model(cfg.arch).to(self.device).to(memory_format=torch.channels_last)  # faster convolutions
+        self.student = build_model(cfg.arch)
+        if start is not None:
+            self.student = start.build()
+        self.student = self.student.to(self.device).to(memory_format=torch.channels_last)  # faster convolutions
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: lr_factor(step, cfg.steps))
-        self.labelled = CropSampler(data.labelled, cfg.crop_px, self.rng, scale_jitter=cfg.scale_jitter)
+        self.labelled = CropSampler(data.labelled, cfg.crop_px, self.rng, scale_jitter=cfg.scale_jitter) if len(data.labelled) else None
         self.unlabelled = (CropSampler(data.unlabelled, cfg.crop_px, self.rng, scale_jitter=cfg.scale_jitter)
                            if len(data.unlabelled) and cfg.semi_supervised else None)
         self.step = 0
@@ -151,7 +157,8 @@ class Trainer:
             mpp=self.cfg.model_mpp,
             postprocess=self.cfg.postprocess,
             priors=self.priors,
-            meta={"config": to_dict(self.cfg), "data": self.data.describe(), "metrics": metrics, "versions": versions()},
+            meta={"config": to_dict(self.cfg), "data": self.data.describe(), "metrics": metrics, "versions": versions(),
+                  **({"lineage": self.lineage} if self.lineage else {})},
             train_state=self.state() if with_state else None,
         )
 
@@ -250,7 +257,8 @@ class Trainer:
         self.student.train()
         self.teacher.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            sup = self.supervised_loss(self.labelled.sample(cfg.batch_size))
+            sup = (self.supervised_loss(self.labelled.sample(cfg.batch_size)) if self.labelled is not None
+                   else torch.zeros((), device=self.device))
             record = {"sup": float(sup.detach())}
             weights = self.unsup_weights() if self.unlabelled is not None else {}
             terms = self.unsupervised_loss(self.unlabelled.sample(cfg.unlabelled_batch_size), set(weights)) if weights else {}
@@ -263,9 +271,10 @@ class Trainer:
         for name, term in terms.items():
             loss = loss + weights[name] * term
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 5.0)
-        self.opt.step()
+        if loss.requires_grad:  # False only without labelled tiles before the unsupervised terms start
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), 5.0)
+            self.opt.step()
         self.sched.step()
         ema_update(self.teacher, self.student, cfg.ema_alpha)
         self.step += 1
@@ -328,6 +337,79 @@ def fit_priors(data: TrainData) -> dict:
     tiles = data.labelled
     keep = [i for i in range(len(tiles)) if not (tiles.binary and tiles.binary[i])]
     return MorphologyPriors.fit([tiles.labels[i] for i in keep], [tiles.images[i] for i in keep]).to_dict()
+
+
+def start_priors(data: TrainData, start: Checkpoint | None, cfg: TrainConfig) -> dict | None:
+    """PIAC's priors: fitted on the labelled instance tiles when there are any, else the
+    starting checkpoint's (UserError when PIAC is on and neither has them)."""
+    tiles = data.labelled
+    if any(not (tiles.binary and tiles.binary[i]) for i in range(len(tiles))):
+        return fit_priors(data)
+    priors = start.priors if start is not None else None
+    if priors is None and cfg.piac_weight > 0:
+        where = f"{cfg.init}: this checkpoint carries" if start is not None else "there are"
+        raise UserError(f"PIAC (piac_weight > 0) needs morphology priors: {where} none and no labelled instance tiles are given; "
+                        "add labelled tiles (--images/--labels) or set piac_weight=0")
+    return priors
+
+
+def portable_path(value: str, base_dir: Path) -> str:
+    """``value`` unchanged when relative, else relative to the working folder or ``base_dir``
+    when inside one of them, else its last component."""
+    import os
+
+    path = Path(value)
+    if not path.is_absolute():
+        return value
+    for root in (Path.cwd(), base_dir):
+        root = root.resolve()
+        if path.resolve().is_relative_to(root):
+            return os.path.relpath(path.resolve(), root)
+    return path.name
+
+
+def portable_config(config: dict, base_dir: Path) -> dict:
+    """A saved config (``to_dict`` of a TrainConfig) with every data path and ``init`` made
+    portable (``portable_path``): what a shipped model.pt carries."""
+    out = copy.deepcopy(config)
+    data = out.get("data", {})
+    for key in ("images", "labels", "unlabelled"):
+        if data.get(key):
+            data[key] = portable_path(data[key], base_dir)
+    data["unlabelled_slides"] = [portable_path(p, base_dir) for p in data.get("unlabelled_slides", [])]
+    for source in data.get("extra", []):
+        for key in ("images", "labels", "ignore"):
+            if source.get(key):
+                source[key] = portable_path(source[key], base_dir)
+    if out.get("init") and out["init"] != BUNDLED_INIT:
+        out["init"] = portable_path(out["init"], base_dir)
+    return out
+
+
+def method_name(cfg: TrainConfig) -> str:
+    """The method a config runs: supervised, mean_teacher, mt_piac, mt_miac, ircr (or the
+    terms that are on, joined by +)."""
+    if not cfg.semi_supervised:
+        return "supervised"
+    on = tuple(name for name, w in (("mt", cfg.mt_weight), ("miac", cfg.miac_weight), ("piac", cfg.piac_weight)) if w > 0)
+    return {("mt",): "mean_teacher", ("mt", "piac"): "mt_piac", ("mt", "miac"): "mt_miac",
+            ("mt", "miac", "piac"): "ircr"}.get(on, "+".join(on))
+
+
+def run_lineage(cfg: TrainConfig, start: Checkpoint, data: TrainData, base_dir: Path) -> dict:
+    """What an adapted model came from: the starting model (``bundled:<file>`` or a portable
+    path, and its hash), the data (counts, slide names, mpp), the steps and the method."""
+    from wsi_ircr.model.checkpoint import BUNDLED_NAME
+
+    name = f"{BUNDLED_INIT}:{BUNDLED_NAME}" if cfg.init == BUNDLED_INIT else portable_path(str(cfg.init), base_dir)
+    slides = sorted({stem.split("@")[0] for stem in data.unlabelled.stems if "@" in stem})
+    return {
+        "init": {"name": name, "hash": start.model_hash},
+        "data": {"labelled_tiles": len(data.labelled), "unlabelled_tiles": len(data.unlabelled), "val_tiles": len(data.val),
+                 "unlabelled_slides": slides, "tiles_mpp": cfg.data.mpp, "slide_mpp": cfg.data.slide_mpp},
+        "steps": cfg.steps,
+        "method": method_name(cfg),
+    }
 
 
 def add_slide_tiles(data: TrainData, cfg: TrainConfig, out_dir: Path, base_dir: Path) -> None:
@@ -394,18 +476,23 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
             say(f"{out_dir}: stopped before its first checkpoint; starting at step 0")
         resume = False
     resolve_device(cfg.device)  # fail before reading the data
-    out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    start = load_checkpoint(init_checkpoint_path(cfg.init, base_dir)) if cfg.init else None
     data = load_train_data(cfg.data, base_dir, cfg.model_mpp)
+    out_dir.mkdir(parents=True, exist_ok=True)  # after the tiles are read: bad tile folders leave nothing behind
     if cfg.data.unlabelled_slides:
         add_slide_tiles(data, cfg, out_dir, base_dir)
     if cfg.semi_supervised and not len(data.unlabelled):
         raise UserError("semi-supervised terms are on but there are no unlabelled tiles; set data.unlabelled or data.labelled below the pool size")
+    if not len(data.labelled) and not (start is not None and cfg.semi_supervised):
+        raise UserError("training data: no labelled tiles; set data.images and data.labels (e.g. --images DIR --labels DIR), "
+                        "or start from a model (init) with a semi-supervised config and unlabelled tiles")
     if progress:
         say(f"data: {len(data.labelled)} labelled, {len(data.unlabelled)} unlabelled, {len(data.val)} validation tiles")
-    priors = fit_priors(data)
-    trainer = Trainer(cfg, out_dir, data, priors)
+    priors = start_priors(data, start, cfg)
+    lineage = run_lineage(cfg, start, data, base_dir) if start is not None else None
+    trainer = Trainer(cfg, out_dir, data, priors, start, lineage)
     trainer.say = say
     if resume:
         ckpt = load_checkpoint(last)
@@ -431,6 +518,7 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
         best["aji_tuned_postprocess"] = tuned
         if progress:
             say(f"post-processing tuned on validation: AJI {tuned:.4f} with {final.postprocess}")
+    final.meta["config"] = portable_config(final.meta["config"], base_dir)
     save_checkpoint(out_dir / "model.pt", final)
     summary = {"best": best, "train_seconds": seconds, "steps": cfg.steps, "device": str(trainer.device),
                "history": trainer.history, "data": data.describe()}

@@ -1,0 +1,27 @@
+"""``base:`` in config files: a file laid over another, nested sections merged key by key."""
+
+from __future__ import annotations
+
+import pytest
+
+from wsi_ircr.config import read_yaml, resolve_config
+from wsi_ircr.errors import UserError
+from wsi_ircr.train.config import TrainConfig
+
+
+def test_a_file_overrides_its_base_key_by_key(tmp_path):
+    (tmp_path / "common.yaml").write_text("steps: 100\nlr: 0.001\ndata:\n  mpp: 0.5\n  val: [a]\n")
+    (tmp_path / "base.yaml").write_text("base: common.yaml\nsteps: 200\n")
+    (tmp_path / "top.yaml").write_text("base: base.yaml\nlr: 0.002\ndata:\n  val: [b, c]\n")
+    assert read_yaml(tmp_path / "top.yaml") == {"steps": 200, "lr": 0.002, "data": {"mpp": 0.5, "val": ["b", "c"]}}
+    cfg = resolve_config(TrainConfig, tmp_path / "top.yaml", ["steps=7"])
+    assert (cfg.steps, cfg.lr, cfg.data.mpp, cfg.data.val) == (7, 0.002, 0.5, ("b", "c"))
+
+
+@pytest.mark.parametrize("text, words", [("base: top.yaml\n", "leads back to itself"), ("base: 3\n", "base must be"),
+                                         ("base: missing.yaml\n", "config file not found")])
+def test_bad_bases_are_one_line_errors(tmp_path, text, words):
+    (tmp_path / "top.yaml").write_text(text)
+    with pytest.raises(UserError) as e:
+        read_yaml(tmp_path / "top.yaml")
+    assert words in str(e.value) and "\n" not in str(e.value)
