@@ -21,7 +21,7 @@ import torch
 
 from wsi_ircr.config import to_dict
 from wsi_ircr.errors import UserError
-from wsi_ircr.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from wsi_ircr.model.checkpoint import Checkpoint, load_checkpoint, portable_meta, save_checkpoint
 from wsi_ircr.model.inference import Predictor, native_bf16, output_maps, resolve_device
 from wsi_ircr.model.net import build_model
 from wsi_ircr.model.postprocess import instances_from_maps
@@ -353,39 +353,6 @@ def start_priors(data: TrainData, start: Checkpoint | None, cfg: TrainConfig) ->
     return priors
 
 
-def portable_path(value: str, base_dir: Path) -> str:
-    """``value`` unchanged when relative, else relative to the working folder or ``base_dir``
-    when inside one of them, else its last component."""
-    import os
-
-    path = Path(value)
-    if not path.is_absolute():
-        return value
-    for root in (Path.cwd(), base_dir):
-        root = root.resolve()
-        if path.resolve().is_relative_to(root):
-            return os.path.relpath(path.resolve(), root)
-    return path.name
-
-
-def portable_config(config: dict, base_dir: Path) -> dict:
-    """A saved config (``to_dict`` of a TrainConfig) with every data path and ``init`` made
-    portable (``portable_path``): what a shipped model.pt carries."""
-    out = copy.deepcopy(config)
-    data = out.get("data", {})
-    for key in ("images", "labels", "unlabelled"):
-        if data.get(key):
-            data[key] = portable_path(data[key], base_dir)
-    data["unlabelled_slides"] = [portable_path(p, base_dir) for p in data.get("unlabelled_slides", [])]
-    for source in data.get("extra", []):
-        for key in ("images", "labels", "ignore"):
-            if source.get(key):
-                source[key] = portable_path(source[key], base_dir)
-    if out.get("init") and out["init"] != BUNDLED_INIT:
-        out["init"] = portable_path(out["init"], base_dir)
-    return out
-
-
 def method_name(cfg: TrainConfig) -> str:
     """The method a config runs: supervised, mean_teacher, mt_piac, mt_miac, ircr (or the
     terms that are on, joined by +)."""
@@ -399,9 +366,9 @@ def method_name(cfg: TrainConfig) -> str:
 def run_lineage(cfg: TrainConfig, start: Checkpoint, data: TrainData, base_dir: Path) -> dict:
     """What an adapted model came from: the starting model (``bundled:<file>`` or a portable
     path, and its hash), the data (counts, slide names, mpp), the steps and the method."""
-    from wsi_ircr.model.checkpoint import BUNDLED_NAME
+    from wsi_ircr.model.checkpoint import BUNDLED_NAME, portable_name
 
-    name = f"{BUNDLED_INIT}:{BUNDLED_NAME}" if cfg.init == BUNDLED_INIT else portable_path(str(cfg.init), base_dir)
+    name = f"{BUNDLED_INIT}:{BUNDLED_NAME}" if cfg.init == BUNDLED_INIT else portable_name(init_checkpoint_path(cfg.init, base_dir))
     slides = sorted({stem.split("@")[0] for stem in data.unlabelled.stems if "@" in stem})
     return {
         "init": {"name": name, "hash": start.model_hash},
@@ -518,7 +485,7 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
         best["aji_tuned_postprocess"] = tuned
         if progress:
             say(f"post-processing tuned on validation: AJI {tuned:.4f} with {final.postprocess}")
-    final.meta["config"] = portable_config(final.meta["config"], base_dir)
+    final.meta["config"] = portable_meta(final.meta["config"])  # model.pt is shipped: no absolute paths
     save_checkpoint(out_dir / "model.pt", final)
     summary = {"best": best, "train_seconds": seconds, "steps": cfg.steps, "device": str(trainer.device),
                "history": trainer.history, "data": data.describe()}
