@@ -29,7 +29,8 @@ from wsi_ircr.slide.run_folder import RunFolder, run_key, run_stem
 
 TABLE = "cohort.csv"
 PLAN_AHEAD = 1  # slides planned in the background while the current ones' tiles run
-COLUMNS = ("slide", "status", "nuclei", "tissue_mm2", "nuclei_per_mm2", "seconds", "error")
+COLUMNS = ("slide", "status", "nuclei", "tissue_mm2", "nuclei_per_mm2", "seconds", "unreadable_regions",
+           "unreadable_mm2", "error")
 
 
 class CohortTable:
@@ -76,9 +77,11 @@ class CohortTable:
 
 
 def _done_row(summary: dict) -> dict:
+    unreadable = summary.get("unreadable", {"regions": 0, "area_mm2": 0.0})  # summaries of earlier versions lack it
     return {"slide": summary["slide"], "status": "done", "nuclei": summary["nuclei"],
             "tissue_mm2": f"{summary['tissue_area_mm2']:.4f}", "nuclei_per_mm2": f"{summary['nuclei_per_mm2']:.1f}",
-            "seconds": summary["seconds"]["total"], "error": ""}
+            "seconds": summary["seconds"]["total"], "unreadable_regions": unreadable["regions"],
+            "unreadable_mm2": f"{unreadable['area_mm2']:.4f}", "error": ""}
 
 
 def error_text(slide: Path, error: BaseException) -> str:
@@ -280,6 +283,11 @@ class _Cohort:
         if summary["nuclei_dropped_at_halo"]:
             self.echo(f"warning: {run.slide}: {summary['nuclei_dropped_at_halo']} nuclei larger than the halo were "
                       f"dropped (halo {run.plan.grid.halo_px} px); raise --halo above the largest nucleus", True)
+        unreadable = summary["unreadable"]
+        if unreadable["regions"]:
+            self.echo(f"warning: {run.slide}: {unreadable['regions']} broken tiles could not be read "
+                      f"({unreadable['area_mm2']:.4f} mm^2, {100 * unreadable['tissue_fraction']:.2f} % of the tissue); "
+                      "segmented around them, their boxes are in summary.json (unreadable)", True)
         self.progress.slide_done()
 
     # -- tile tasks ---------------------------------------------------------------------

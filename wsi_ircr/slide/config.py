@@ -39,6 +39,8 @@ class SegmentConfig:
     workers / threads_per_worker: the local Dask cluster (0 = from the CPU count).
     torch_threads: CPU threads of torch per tile task (0 = the worker process's cores / its
         concurrent tasks); results are reproducible across clusters for a fixed value.
+    max_unreadable_fraction: a slide with broken tiles is segmented around them; it fails
+        when the unreadable area exceeds this fraction of its tissue area.
     gzip: write ``<stem>.geojson.gz`` (QuPath opens it by drag and drop) or plain.
 
     The ``auto`` / ``0`` rules are applied in one place, ``wsi_ircr.slide.plan.resolve_plan``.
@@ -62,6 +64,7 @@ class SegmentConfig:
     workers: int = 1
     threads_per_worker: int = 0
     torch_threads: int = 0
+    max_unreadable_fraction: float = 0.05
     gzip: bool = True
     overlay_crops: int = 3
 
@@ -72,6 +75,8 @@ class SegmentConfig:
             raise ValueError(f"halo_px must be a multiple of 16 and >= 0, got {self.halo_px}")
         if self.mpp is not None and self.mpp <= 0:
             raise ValueError(f"mpp must be > 0, got {self.mpp}")
+        if not 0 <= self.max_unreadable_fraction <= 1:
+            raise ValueError(f"max_unreadable_fraction must be within 0..1, got {self.max_unreadable_fraction}")
         if self.tissue_mpp <= 0 or self.max_nucleus_um <= 0:
             raise ValueError("tissue_mpp and max_nucleus_um must be > 0")
         if self.batch_tiles < 1 or min(self.workers, self.threads_per_worker, self.torch_threads, self.overlay_crops,

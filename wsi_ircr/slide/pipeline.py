@@ -20,7 +20,7 @@ from wsi_ircr.errors import UserError
 from wsi_ircr.slide.config import SegmentConfig
 from wsi_ircr.slide.grid import Tile, TileGrid
 from wsi_ircr.slide.plan import ExecutionPlan
-from wsi_ircr.slide.reader import SlideReader, require_mpp
+from wsi_ircr.slide.reader import SlideReader, require_mpp, unreadable_boxes
 from wsi_ircr.slide.run_folder import STORE_DIR, RunFolder
 from wsi_ircr.slide.tissue import TissueMask, detect_tissue, full_mask
 
@@ -56,6 +56,7 @@ class SlidePlan:
     tissue: TissueMask
     tiles: list[Tile]
     bounds_offset_xy: tuple[int, int] = (0, 0)  # where the slide's (0, 0) lies in OpenSlide's level 0
+    unreadable_xywh: frozenset = frozenset()  # level-0 boxes the tissue detection could not read
 
 
 def model_info(config: SegmentConfig) -> ModelInfo:
@@ -86,7 +87,34 @@ def plan_slide(reader: SlideReader, config: SegmentConfig, model_mpp: float) -> 
         )
     tissue = detect_tissue(reader, config.tissue_mpp) if config.tissue_mask else full_mask(reader, config.tissue_mpp)
     return SlidePlan(Path(reader.path), reader.fingerprint(), slide_mpp, reader.mpp_source, grid, tissue,
-                     grid.tissue_tiles(tissue), reader.bounds_offset_xy)
+                     grid.tissue_tiles(tissue), reader.bounds_offset_xy, frozenset(unreadable_boxes(reader)))
+
+
+def unreadable_report(boxes_xywh, tissue_area_mm2: float, slide_mpp: float) -> dict:
+    """``summary.json``'s ``unreadable``: the level-0 boxes of broken slide tiles, how many, their
+    area (union, mm^2) and that area as a fraction of the tissue area (at most 1)."""
+    from shapely.geometry import box
+    from shapely.ops import unary_union
+
+    boxes = sorted(tuple(int(v) for v in b) for b in boxes_xywh)
+    if not boxes:
+        return {"regions": 0, "area_mm2": 0.0, "tissue_fraction": 0.0, "boxes_xywh": []}
+    area_mm2 = unary_union([box(x, y, x + w, y + h) for x, y, w, h in boxes]).area * (slide_mpp / 1000) ** 2
+    return {"regions": len(boxes), "area_mm2": area_mm2, "tissue_fraction": area_mm2 / max(tissue_area_mm2, area_mm2),
+            "boxes_xywh": [list(b) for b in boxes]}
+
+
+def check_unreadable(plan: SlidePlan, unreadable: dict, max_fraction: float) -> None:
+    """UserError when the slide's unreadable area exceeds ``max_fraction`` of its tissue."""
+    if unreadable["tissue_fraction"] <= max_fraction:
+        return
+    x, y = unreadable["boxes_xywh"][0][:2]
+    raise UserError(
+        f"{plan.slide_path}: {100 * unreadable['tissue_fraction']:.1f} % of the tissue could not be read "
+        f"({unreadable['regions']} broken tiles, {unreadable['area_mm2']:.4f} mm^2, the first at level-0 ({x}, {y})), "
+        f"more than max_unreadable_fraction {max_fraction:g}; re-copy or re-scan the slide, or pass "
+        "--set max_unreadable_fraction=1 to keep what could be read"
+    )
 
 
 def export_nuclei(plan: SlidePlan, counts: dict[Tile, int], work_dir: Path, geojson_path: Path, table_path: Path,
@@ -207,7 +235,7 @@ class TileResults:
 def summarise(plan: SlidePlan, folder: RunFolder, model: ModelInfo, config: SegmentConfig, execution: ExecutionPlan,
               results: TileResults,
               n_nuclei: int, seconds: dict[str, float], driver_rss_mb: float, resumed: bool, stored: int,
-              geojson_name: str) -> dict:
+              geojson_name: str, unreadable: dict | None = None) -> dict:
     """The slide's ``summary.json``."""
     from wsi_ircr.versions import versions
 
@@ -228,6 +256,7 @@ def summarise(plan: SlidePlan, folder: RunFolder, model: ModelInfo, config: Segm
         "nuclei": n_nuclei,
         "nuclei_per_mm2": n_nuclei / area if area > 0 else 0.0,
         "nuclei_dropped_at_halo": int(sum(results.dropped.values())),
+        "unreadable": unreadable or unreadable_report((), area, plan.slide_mpp),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "task_seconds": {k: round(v, 3) for k, v in results.seconds.items()},
         "peak_rss_mb": {"driver": round(driver_rss_mb, 1), "workers": round(results.worker_rss_mb, 1)},
@@ -250,6 +279,13 @@ def finish_slide(reader: SlideReader, plan: SlidePlan, folder: RunFolder, model:
 
     ``seconds`` holds the stages timed so far, ``t_start`` is ``time.perf_counter()`` when
     the slide started and ``rss_mb`` the driver's largest resident memory seen so far for it."""
+    from wsi_ircr.slide.store import stored_unreadable
+
+    def unreadable() -> dict:
+        boxes = plan.unreadable_xywh | stored_unreadable(folder.store_path) | unreadable_boxes(reader)
+        return unreadable_report(boxes, plan.tissue.area_mm2, plan.slide_mpp)
+
+    check_unreadable(plan, unreadable(), config.max_unreadable_fraction)
     t = time.perf_counter()
     canvas, draw_tile = start_overlay(reader, plan)
     seconds["overlay"] = time.perf_counter() - t
@@ -267,7 +303,8 @@ def finish_slide(reader: SlideReader, plan: SlidePlan, folder: RunFolder, model:
     seconds["overlay"] += time.perf_counter() - t
     rss = max(rss, driver_rss_mb())
     seconds["total"] = time.perf_counter() - t_start
-    summary = summarise(plan, folder, model, config, execution, results, n, seconds, rss, resumed, stored, geojson_name)
+    summary = summarise(plan, folder, model, config, execution, results, n, seconds, rss, resumed, stored, geojson_name,
+                        unreadable())
     folder.finish(summary)
     return summary
 

@@ -12,6 +12,11 @@ Slides whose OpenSlide properties give a bounding box (``openslide.bounds-x/-y/-
 -height``: MIRAX, Leica, Ventana, ...) are read as QuPath reads them: level-0 ``(0, 0)`` is
 OpenSlide's ``(bounds-x, bounds-y)`` and the size is the box's, so exported coordinates
 land on the same pixels in QuPath (``bounds_offset_xy`` records the shift).
+
+Broken tiles. A slide may hold a few tiles that cannot be decoded (a damaged copy, a scanner
+fault). A read of OpenSlide that fails is read again piece by piece along the level's tile
+grid; the pieces that still fail are left white (background) and their level-0 boxes are
+recorded in ``reader.unreadable_xywh`` (``unreadable_boxes``), so callers can leave them out.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import json
 import logging
 import math
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -38,6 +44,7 @@ BOUNDS_KEYS = ("openslide.bounds-x", "openslide.bounds-y", "openslide.bounds-wid
 # Largest level window (pixels per side) read at once by read_scaled; bigger reads are split.
 MAX_READ_PX = 4096
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+DEFAULT_TILE_PX = 256  # the read grid of levels whose tile size OpenSlide does not report
 
 
 @runtime_checkable
@@ -194,6 +201,8 @@ class OpenSlideReader:
         import openslide
 
         fmt = openslide.OpenSlide.detect_format(str(self.path))
+        self._lock = threading.Lock()
+        self.unreadable_xywh: set[tuple[int, int, int, int]] = set()
         try:
             self._slide = openslide.OpenSlide(str(self.path))
         except (openslide.OpenSlideError, OSError) as e:
@@ -239,14 +248,90 @@ class OpenSlideReader:
         if w <= 0 or h <= 0:
             raise ValueError(f"size_xy must be positive, got {size_xy}")
         x, y = int(location_xy[0]) + self.bounds_offset_xy[0], int(location_xy[1]) + self.bounds_offset_xy[1]
+        handle = self._slide
         try:
-            rgba = np.asarray(self._slide.read_region((x, y), level, (w, h)))
-        except openslide.OpenSlideError as e:
-            raise UserError(
-                f"{self.path}: cannot decode level {level} at ({x}, {y}) size {w}x{h} ({e}); "
-                "the file is corrupt or truncated: re-copy or re-export it"
-            ) from None
+            rgba = np.asarray(handle.read_region((x, y), level, (w, h)))
+        except openslide.OpenSlideError:
+            self._replace_handle(handle)
+            rgba = self._read_around((x, y), level, (w, h))
         return _composite_on_white(rgba)
+
+    def _replace_handle(self, failed) -> None:
+        """Reopen the shared OpenSlide handle after a failed read (OpenSlide leaves a handle in
+        an error state after one), unless another thread already did. The failed handle is
+        not closed here: other threads may still be reading it; it closes once unreferenced."""
+        with self._lock:
+            if self._slide is failed:
+                self._slide = self._open_handle()
+
+    def _open_handle(self):
+        """A new OpenSlide handle of the file; a UserError when it cannot be opened any more."""
+        import openslide
+
+        try:
+            return openslide.OpenSlide(str(self.path))
+        except (openslide.OpenSlideError, OSError) as e:
+            raise UserError(f"{self.path}: cannot reopen the slide after a failed read ({e}); "
+                            "the file is corrupt or was removed: re-copy or re-export it") from None
+
+    def _tile_px(self, level: int) -> tuple[int, int]:
+        """The (width, height) of the stored tiles of ``level`` (``DEFAULT_TILE_PX`` when unknown)."""
+        try:
+            return (int(self.properties[f"openslide.level[{level}].tile-width"]),
+                    int(self.properties[f"openslide.level[{level}].tile-height"]))
+        except (KeyError, ValueError):
+            return DEFAULT_TILE_PX, DEFAULT_TILE_PX
+
+    def _read_around(self, location_xy: tuple[int, int], level: int, size_xy: tuple[int, int]) -> np.ndarray:
+        """uint8 (h, w, 4) RGBA of a region whose read failed, read again on a private handle:
+        a region that fails is split at the level's tile grid line nearest its middle, down to
+        single tiles; those stay transparent (white) and are added to ``unreadable_xywh``.
+        ``location_xy`` is in OpenSlide's level-0 coordinates (bounds offset included)."""
+        import openslide
+
+        d = self.level_downsamples[level]
+        tile_w, tile_h = self._tile_px(level)
+        x0, y0 = location_xy[0] / d, location_xy[1] / d  # the region's corner in level pixels
+        w, h = size_xy
+        out = np.zeros((h, w, 4), np.uint8)
+        handle = self._open_handle()
+        pending = [(0, 0, w, h)]  # pieces (c, r, w, h) of the region, in its pixels
+        try:
+            while pending:
+                c, r, pw, ph = pending.pop()
+                try:
+                    loc = (round((x0 + c) * d), round((y0 + r) * d))
+                    out[r:r + ph, c:c + pw] = np.asarray(handle.read_region(loc, level, (pw, ph)))
+                    continue
+                except openslide.OpenSlideError:
+                    handle.close()
+                    handle = self._open_handle()
+                cut_x = _grid_cut(x0 + c, pw, tile_w)
+                cut_y = _grid_cut(y0 + r, ph, tile_h)
+                if cut_x is None and cut_y is None:
+                    self._record_unreadable(level, math.floor(x0 + c) // tile_w, math.floor(y0 + r) // tile_h)
+                elif cut_x is not None and (cut_y is None or pw >= ph):
+                    k = int(round(cut_x - (x0 + c)))
+                    pending += [(c, r, k, ph), (c + k, r, pw - k, ph)]
+                else:
+                    k = int(round(cut_y - (y0 + r)))
+                    pending += [(c, r, pw, k), (c, r + k, pw, ph - k)]
+        finally:
+            handle.close()
+        return out
+
+    def _record_unreadable(self, level: int, col: int, row: int) -> None:
+        """Add stored tile (``col``, ``row``) of ``level`` to ``unreadable_xywh`` as a level-0 box
+        of this reader's coordinates (within the bounds), clipped to the slide."""
+        d = self.level_downsamples[level]
+        tile_w, tile_h = self._tile_px(level)
+        x0 = max(0, math.floor(col * tile_w * d) - self.bounds_offset_xy[0])
+        y0 = max(0, math.floor(row * tile_h * d) - self.bounds_offset_xy[1])
+        x1 = min(self.dimensions_xy[0], math.ceil((col + 1) * tile_w * d) - self.bounds_offset_xy[0])
+        y1 = min(self.dimensions_xy[1], math.ceil((row + 1) * tile_h * d) - self.bounds_offset_xy[1])
+        if x1 > x0 and y1 > y0:
+            with self._lock:
+                self.unreadable_xywh.add((x0, y0, x1 - x0, y1 - y0))
 
     def thumbnail(self, max_size_px: int) -> np.ndarray:
         """uint8 (h, w, 3) RGB of the whole slide with longer side ``max_size_px`` (area-averaged)."""
@@ -280,6 +365,42 @@ class OpenSlideReader:
 
     def __repr__(self) -> str:
         return f"OpenSlideReader({str(self.path)!r}, mpp={self.mpp})"
+
+
+def _grid_cut(start: float, size: int, tile: int) -> float | None:
+    """The tile grid line (a multiple of ``tile``, level pixels) at least one pixel inside
+    ``(start, start + size)`` nearest its middle; None when the span lies within one tile."""
+    lines = [k * tile for k in range(math.floor(start / tile) + 1, math.ceil((start + size) / tile))
+             if 1 <= k * tile - start <= size - 1]
+    if not lines:
+        return None
+    return min(lines, key=lambda v: abs(v - (start + size / 2)))
+
+
+def unreadable_boxes(reader) -> set[tuple[int, int, int, int]]:
+    """Level-0 ``(x, y, width, height)`` boxes of ``reader`` found unreadable so far (empty for
+    readers that cannot fail)."""
+    return set(getattr(reader, "unreadable_xywh", ()))
+
+
+def unreadable_mask(boxes_xywh, origin_xy: tuple[float, float], size_rc: tuple[int, int], scale: float,
+                    margin_px: int = 2) -> np.ndarray | None:
+    """bool (h, w) of the output pixels of a read (``read_scaled``'s ``origin_xy``, ``size_rc``,
+    ``scale``) within ``margin_px`` of an unreadable box (resampling blends a pixel or two of
+    white into its neighbours); None when no box touches the read."""
+    h, w = size_rc
+    mask = None
+    for bx, by, bw, bh in boxes_xywh:
+        c0 = math.floor((bx - origin_xy[0]) / scale) - margin_px
+        r0 = math.floor((by - origin_xy[1]) / scale) - margin_px
+        c1 = math.ceil((bx + bw - origin_xy[0]) / scale) + margin_px
+        r1 = math.ceil((by + bh - origin_xy[1]) / scale) + margin_px
+        if c1 <= 0 or r1 <= 0 or c0 >= w or r0 >= h:
+            continue
+        if mask is None:
+            mask = np.zeros((h, w), bool)
+        mask[max(r0, 0):r1, max(c0, 0):c1] = True
+    return mask
 
 
 def open_slide(path: str | os.PathLike, mpp: float | None = None) -> SlideReader:

@@ -22,8 +22,18 @@ if TYPE_CHECKING:
 Maps = tuple[np.ndarray, np.ndarray | None]
 
 
+def drop_touching(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``labels`` (int (h, w)) without the instances on or next to ``mask`` (bool (h, w)):
+    nuclei cut by an unreadable part of the slide are left out, not kept in half."""
+    from scipy.ndimage import binary_dilation
+
+    touching = np.unique(labels[binary_dilation(mask)])
+    return np.where(np.isin(labels, touching[touching > 0]), 0, labels)
+
+
 def _owned(image: np.ndarray, predictor: Predictor, grid: TileGrid, tile: Tile, maps: Maps | None,
-           on_truncated: Literal["raise", "drop"], labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+           on_truncated: Literal["raise", "drop"], labels: np.ndarray | None = None,
+           unreadable: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """(owned int32 (tile_px, tile_px), probability float32 (tile_px, tile_px), dropped count)."""
     if image.shape != (grid.tile_px, grid.tile_px, 3) or image.dtype != np.uint8:
         raise ValueError(f"tile {tuple(tile)}: expected uint8 ({grid.tile_px}, {grid.tile_px}, 3), "
@@ -34,12 +44,15 @@ def _owned(image: np.ndarray, predictor: Predictor, grid: TileGrid, tile: Tile, 
     prob, hv = maps
     if labels is None:
         labels = predictor.instances(prob, hv)
+    if unreadable is not None:
+        labels = drop_touching(labels, unreadable)
     owned, dropped = owned_instances(labels, grid, tile, on_truncated=on_truncated)
     return owned, prob, dropped
 
 
 def segment_tile(image: np.ndarray, predictor: Predictor, grid: TileGrid, tile: Tile, *, maps: Maps | None = None,
-                 labels: np.ndarray | None = None, on_truncated: Literal["raise", "drop"] = "drop") -> TileInstances:
+                 labels: np.ndarray | None = None, on_truncated: Literal["raise", "drop"] = "drop",
+                 unreadable: np.ndarray | None = None) -> TileInstances:
     """Segment one tile of ``grid`` into the nuclei it owns.
 
     Args:
@@ -54,11 +67,13 @@ def segment_tile(image: np.ndarray, predictor: Predictor, grid: TileGrid, tile: 
             post-processing of ``maps`` runs here.
         on_truncated: a nucleus cut by the window (halo too small): "drop" it (counted in
             ``TileInstances.dropped``) or "raise" a UserError.
+        unreadable: bool (tile_px, tile_px), pixels where the slide could not be read (left
+            white); nuclei on or next to them are left out. None = all read.
 
     Returns:
         The owned nuclei in target-image coordinates (centroids, boxes, features, outlines).
     """
-    owned, prob, dropped = _owned(image, predictor, grid, tile, maps, on_truncated, labels)
+    owned, prob, dropped = _owned(image, predictor, grid, tile, maps, on_truncated, labels, unreadable)
     instances = tile_instances(owned, grid, tile, image=image, np_prob=prob)
     instances.dropped = dropped
     return instances

@@ -7,6 +7,9 @@ Layout of the store folder (a zarr v3 group):
 - ``done``: uint8 (n_tiles,), one chunk per flag, set to 1 only after tile ``i``'s chunk was
   written (zarr writes each chunk file atomically), so an interrupted run never leaves a tile
   that looks complete, and concurrent writers never share a chunk.
+- ``unreadable/<i>.json``: only for a tile whose read met broken slide tiles: the level-0
+  ``[x, y, width, height]`` boxes that could not be decoded (left white in the tile), written
+  before the tile's ``done`` flag.
 - attributes: ``format``, ``format_version``, ``grid`` (``TileGrid.to_dict()``), ``mpp``,
   ``slide_name``, ``slide_fingerprint``, ``tiles`` (list of [row, col], in store order).
 
@@ -27,15 +30,16 @@ from pathlib import Path
 import numpy as np
 
 from wsi_ircr.errors import UserError
-from wsi_ircr.io.atomic import atomic_path
+from wsi_ircr.io.atomic import atomic_open, atomic_path
 from wsi_ircr.slide.grid import Tile, TileGrid
-from wsi_ircr.slide.reader import SlideReader, read_at_mpp
+from wsi_ircr.slide.reader import SlideReader, read_at_mpp, unreadable_boxes, unreadable_mask
 
 log = logging.getLogger(__name__)
 
 FORMAT = "wsi-ircr-tiles"
 FORMAT_VERSION = 1
 _ZSTD_LEVEL = 1
+UNREADABLE_DIR = "unreadable"
 
 
 def _metadata_path(path: Path) -> Path:
@@ -142,11 +146,35 @@ class TileStore:
             )
         return np.asarray(self._tiles[i])
 
+    def unreadable(self, i: int) -> list[list[int]]:
+        """Level-0 ``[x, y, width, height]`` boxes of the slide that tile ``i``'s read could not decode."""
+        try:
+            return json.loads((self.path / UNREADABLE_DIR / f"{int(i)}.json").read_text())
+        except FileNotFoundError:
+            return []
+
+    def unreadable_mask(self, i: int) -> np.ndarray | None:
+        """bool (tile_px, tile_px): pixels of tile ``i`` left white where the slide was unreadable
+        (None: all read)."""
+        boxes = self.unreadable(i)
+        if not boxes:
+            return None
+        return unreadable_mask(boxes, self.grid.origin_xy(self.tiles[i]), (self.tile_px, self.tile_px), self.grid.scale)
+
     def write(self, i: int, reader: SlideReader) -> np.ndarray:
         """Read tile ``i`` from ``reader`` at the grid's mpp, write its chunk, then its done flag;
-        returns the uint8 (tile_px, tile_px, 3) pixels written."""
+        returns the uint8 (tile_px, tile_px, 3) pixels written. Pixels near unreadable slide
+        tiles are white; their boxes go to ``unreadable/<i>.json`` first."""
         tile = self.tiles[i]
-        pixels = read_at_mpp(reader, self.grid.origin_xy(tile), (self.tile_px, self.tile_px), self.grid.mpp)
+        origin, size_rc = self.grid.origin_xy(tile), (self.tile_px, self.tile_px)
+        pixels = read_at_mpp(reader, origin, size_rc, self.grid.mpp)
+        boxes = [b for b in sorted(unreadable_boxes(reader))
+                 if unreadable_mask([b], origin, size_rc, self.grid.scale) is not None]
+        if boxes:
+            pixels[unreadable_mask(boxes, origin, size_rc, self.grid.scale)] = 255
+            (self.path / UNREADABLE_DIR).mkdir(exist_ok=True)
+            with atomic_open(self.path / UNREADABLE_DIR / f"{int(i)}.json") as f:
+                json.dump([list(b) for b in boxes], f)
         self._tiles[i] = pixels
         self._done[i] = 1
         return pixels
@@ -225,6 +253,14 @@ def create_tile_store(
         group.attrs.update(expected)
     log.info("%s: new tile store, %d tiles of %d px at %g mpp", path, n, tp, grid.mpp)
     return TileStore(path)
+
+
+def stored_unreadable(store_path: str | os.PathLike) -> set[tuple[int, int, int, int]]:
+    """Every level-0 box the tile reads of the store at ``store_path`` found unreadable."""
+    folder = Path(store_path) / UNREADABLE_DIR
+    if not folder.is_dir():
+        return set()
+    return {tuple(b) for p in folder.glob("*.json") for b in json.loads(p.read_text())}
 
 
 @functools.lru_cache(maxsize=8)

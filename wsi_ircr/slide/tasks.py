@@ -214,7 +214,7 @@ def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop")
     report = BatchReport(seconds={"read_decode": 0.0, "tile_load": 0.0, "inference": 0.0, "postprocess": 0.0})
 
     def load(batch: list[int]):
-        images = []
+        images, unreadable = [], []
         for i in batch:
             t0 = time.perf_counter()
             if store.is_done(i):
@@ -223,22 +223,24 @@ def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop")
             else:
                 images.append(write_tile(job.store_path, i, get_reader(job.slide_path, job.mpp, job.fingerprint)))
                 report.seconds["read_decode"] += time.perf_counter() - t0
-        return batch, np.stack(images)
+            unreadable.append(store.unreadable_mask(i))
+        return batch, np.stack(images), unreadable
 
     def infer(item):
-        batch, images = item
+        batch, images, unreadable = item
         _with_cpu_threads(predictor)  # torch's CPU threads are set per calling thread
         prob, hv, labels = predictor.predict_batch(images)
         report.rss_mb = max(report.rss_mb, _rss_mb())  # images and maps of a batch or two are held here
-        return batch, images, prob, hv, labels
+        return batch, images, unreadable, prob, hv, labels
 
     def post(item):
-        batch, images, prob, hv, labels = item
+        batch, images, unreadable, prob, hv, labels = item
         done = []
         for k, i in enumerate(batch):
             tile = store.tiles[i]
             instances = segment_tile(images[k], predictor, store.grid, tile, maps=(prob[k], None if hv is None else hv[k]),
-                                     labels=None if labels is None else labels[k], on_truncated=on_truncated)
+                                     labels=None if labels is None else labels[k], on_truncated=on_truncated,
+                                     unreadable=unreadable[k])
             with atomic_open(result_path(job.results_dir, tile), "wb") as f:
                 pickle.dump(instances, f, protocol=pickle.HIGHEST_PROTOCOL)
             done.append((tile, instances.count, instances.dropped))

@@ -1,0 +1,134 @@
+"""A slide with a broken tile: read around it, segment everything else, say where it could not read."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from broken_slides import intact_and_broken
+from model_fixtures import synthetic_signal_model
+from synthetic_slides import synthetic_he
+
+from wsi_ircr.slide.cluster import local_client
+from wsi_ircr.slide.cohort import segment_slides
+from wsi_ircr.slide.config import SegmentConfig
+from wsi_ircr.slide.pipeline import model_info
+from wsi_ircr.slide.reader import open_slide, read_scaled, unreadable_mask
+
+pytestmark = pytest.mark.openslide
+BOX = (256, 256, 256, 256)  # level-0 tile (1, 1) of 256 px tiles
+SMALL = {"core_px": 256, "halo_px": 32, "max_nucleus_um": 8.0, "threads_per_worker": 1, "batch_tiles": 1,
+         "tissue_mask": False}
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return synthetic_he((1280, 1280), n_nuclei=260, seed=11, radius_px=(4, 6), tissue_fraction=0.9)[0]
+
+
+@pytest.fixture(scope="module", params=[1, 3], ids=["single-level", "pyramidal"])
+def slides(request, image, tmp_path_factory) -> tuple[Path, Path]:
+    """(intact, broken) JPEG-tiled TIFFs at 0.25 um/px; the broken one's level-0 tile (1, 1) cannot be decoded."""
+    return intact_and_broken(tmp_path_factory.mktemp("broken"), image, 0.25, request.param, (1, 1))
+
+
+def test_a_broken_tile_is_read_around_white_and_recorded(slides):
+    intact, broken = slides
+    with open_slide(intact) as a, open_slide(broken) as b:
+        whole = b.read_region((0, 0), 0, (1280, 1280))
+        expected = a.read_region((0, 0), 0, (1280, 1280))
+        assert b.unreadable_xywh == {BOX}
+        x, y, w, h = BOX
+        assert (whole[y:y + h, x:x + w] == 255).all()
+        whole[y:y + h, x:x + w] = expected[y:y + h, x:x + w]
+        np.testing.assert_array_equal(whole, expected)  # every other pixel as decoded from the intact file
+        # the handle works after the failure (OpenSlide leaves a failed handle in an error state)
+        np.testing.assert_array_equal(b.read_region((600, 700), 0, (300, 200)), a.read_region((600, 700), 0, (300, 200)))
+
+
+def test_concurrent_reads_blame_only_the_broken_tile(slides):
+    intact, broken = slides
+    rng = np.random.default_rng(0)
+    corners = [(int(x), int(y)) for x, y in rng.integers(0, 1280 - 200, (24, 2))]
+    with open_slide(intact) as a, open_slide(broken) as b, ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda xy: b.read_region(xy, 0, (200, 200)), corners))
+        assert b.unreadable_xywh <= {BOX}
+        for (x, y), tile in zip(corners, got):
+            mask = unreadable_mask(b.unreadable_xywh, (x, y), (200, 200), 1.0, margin_px=0)
+            expected = a.read_region((x, y), 0, (200, 200))
+            if mask is not None:
+                expected[mask] = 255
+            np.testing.assert_array_equal(tile, expected)
+
+
+def test_the_thumbnail_reads_the_level_it_needs(slides):
+    _, broken = slides
+    with open_slide(broken) as reader:
+        thumb = read_scaled(reader, (0.0, 0.0), (160, 160), 8.0)
+        levels = len(reader.level_dimensions_xy)
+        assert thumb.shape == (160, 160, 3)
+        # a pyramid's coarse level is intact; a single-level slide's thumbnail reads level 0 around the tile
+        assert reader.unreadable_xywh == (set() if levels > 1 else {BOX})
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return synthetic_signal_model(tmp_path_factory.mktemp("model") / "random.pt")
+
+
+@pytest.fixture(scope="module")
+def client():
+    with local_client(SegmentConfig(**SMALL)) as c:
+        yield c
+
+
+def _nuclei(out: Path, stem: str) -> tuple[set[tuple[float, float]], list[np.ndarray]]:
+    """(centroids (x, y) of nuclei.csv, outlines (n, 2) level-0 x, y of the GeoJSON)."""
+    with open(out / stem / "nuclei.csv", newline="") as f:
+        centroids = {(float(r["centroid_x"]), float(r["centroid_y"])) for r in csv.DictReader(f)}
+    features = json.loads(gzip.decompress((out / stem / f"{stem}.geojson.gz").read_bytes()))["features"]
+    return centroids, [np.asarray(feat["geometry"]["coordinates"][0]) for feat in features]
+
+
+def test_segment_leaves_out_the_broken_tile_and_says_where(slides, model, client, tmp_path):
+    intact, broken = slides
+    config = SegmentConfig(**SMALL, model=str(model))
+    lines = []
+    report = segment_slides([intact, broken], tmp_path, config, client, model_info(config),
+                            echo=lambda line, err: lines.append(line))
+    assert sorted(report.done) == sorted([intact, broken])
+    summary = json.loads((tmp_path / broken.stem / "summary.json").read_text())
+    assert summary["unreadable"]["regions"] == 1 and summary["unreadable"]["boxes_xywh"] == [list(BOX)]
+    assert summary["unreadable"]["area_mm2"] == pytest.approx(256 * 256 * 0.25**2 / 1e6)
+    assert json.loads((tmp_path / intact.stem / "summary.json").read_text())["unreadable"]["regions"] == 0
+    warnings = [line for line in lines if line.startswith("warning:") and "could not be read" in line]
+    assert len(warnings) == 1 and str(broken) in warnings[0] and "1 broken tiles could not be read" in warnings[0]
+    with open(tmp_path / "cohort.csv", newline="") as f:
+        rows = {Path(r["slide"]).name: r for r in csv.DictReader(f)}
+    assert rows[broken.name]["unreadable_regions"] == "1" and rows[intact.name]["unreadable_regions"] == "0"
+
+    full, _ = _nuclei(tmp_path, intact.stem)
+    kept, outlines = _nuclei(tmp_path, broken.stem)
+    far = lambda xy: xy[0] >= 768 or xy[1] >= 768  # noqa: E731 - owned by tiles whose windows miss the box
+    assert {c for c in kept if far(c)} == {c for c in full if far(c)}
+    assert len(kept) > 0.8 * len(full)
+    x, y, w, h = BOX
+    for xy in outlines:  # no nucleus reaches into the unreadable tile (no half nuclei)
+        assert not ((xy[:, 0] > x) & (xy[:, 0] < x + w) & (xy[:, 1] > y) & (xy[:, 1] < y + h)).any()
+
+
+def test_a_slide_past_the_unreadable_threshold_fails_in_one_line(slides, model, client, tmp_path):
+    _, broken = slides
+    config = SegmentConfig(**SMALL, model=str(model), max_unreadable_fraction=0.01)
+    report = segment_slides([broken], tmp_path, config, client, model_info(config))
+    message = report.failed[broken]
+    assert "of the tissue could not be read (1 broken tiles" in message and "max_unreadable_fraction 0.01" in message
+    assert "\n" not in message
+    with open(tmp_path / "cohort.csv", newline="") as f:
+        (row,) = csv.DictReader(f)
+    assert row["status"] == "failed" and "could not be read" in row["error"]
