@@ -20,9 +20,9 @@ from wsi_ircr.slide.table import (
     MEASUREMENTS,
     TABLE_COLUMNS,
     NucleiTableWriter,
-    export_tile,
     nucleus_measurements,
 )
+from wsi_ircr.slide.writers import tile_nuclei
 
 
 def owned_instances(*args, **kwargs) -> np.ndarray:
@@ -234,8 +234,11 @@ def _tile_instances(scale):
 def test_export_tile_writes_matching_geojson_and_table(tmp_path, scale):
     grid, instances = _tile_instances(scale)
     assert instances.count == 2
+    nuclei = tile_nuclei(instances, grid, offset=7, namespace="slide-1")
     with GeoJSONWriter(tmp_path / "n.geojson.gz") as geo, NucleiTableWriter(tmp_path / "n.csv") as table:
-        ids = export_tile(instances, grid, offset=7, geojson=geo, table=table, namespace="slide-1")
+        geo.write(nuclei)
+        table.write(nuclei)
+    ids = nuclei.ids
     assert ids == [feature_uuid("slide-1", 8), feature_uuid("slide-1", 9)]
     assert validate_qupath_geojson(tmp_path / "n.geojson.gz") == 2
     features = _load(tmp_path / "n.geojson.gz")["features"]
@@ -257,7 +260,8 @@ def test_export_tile_writes_matching_geojson_and_table(tmp_path, scale):
 def test_export_tile_without_namespace_or_table(tmp_path):
     grid, instances = _tile_instances(1.0)
     with GeoJSONWriter(tmp_path / "n.geojson") as geo:
-        ids = export_tile(instances, grid, offset=0, geojson=geo)
+        geo.write(tile_nuclei(instances, grid, offset=0))
+    ids = [f["id"] for f in _load(tmp_path / "n.geojson")["features"]]
     assert len(set(ids)) == 2 and all(uuid.UUID(i).version == 4 for i in ids)
 
 

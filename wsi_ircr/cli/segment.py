@@ -22,14 +22,20 @@ from wsi_ircr.cli.options import precision_option, resolve_segment_config, slide
                    "pip install \"wsi-ircr[cluster]\"); the backends of wsi_ircr.slide.cluster.BACKENDS.")
 @click.option("--cluster-config", type=click.Path(path_type=Path),
               help="SLURM settings (default: configs/cluster/slurm.yaml).")
+@click.option("--outputs", metavar="FORMATS",
+              help="Nuclei files, comma-separated: geojson (QuPath), csv (nuclei.csv), parquet (GeoParquet "
+                   "nuclei.parquet; pip install \"wsi-ircr[parquet]\"). Default: geojson,csv.")
+@click.option("--min-area-um2", type=float, help="Leave out nuclei smaller than this (um^2; default 0 = keep all).")
+@click.option("--min-score", type=float, help="Leave out nuclei whose score (mean nucleus probability) is lower.")
 def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, halo_px, no_tissue_mask, model,
-            overwrite, quiet, device, tta, precision, workers, scheduler, cluster, cluster_config):
+            overwrite, quiet, device, tta, precision, workers, scheduler, cluster, cluster_config, outputs, min_area_um2,
+            min_score):
     """Segment every nucleus of SLIDES (files, or folders of slides OpenSlide reads) into
     OUT/<stem>/, as one task graph over all slides.
 
     \b
-    Writes <stem>.geojson.gz (QuPath detections; drag it onto the slide in QuPath),
-    nuclei.csv, overlay.png, tissue.png, summary.json and tiles.zarr per slide, and
+    Writes <stem>.geojson.gz (QuPath detections; drag it onto the slide in QuPath) and
+    nuclei.csv (--outputs: also nuclei.parquet, GeoParquet), overlay.png, tissue.png, summary.json and tiles.zarr per slide, and
     OUT/cohort.csv (one row per slide ever run into OUT). A slide that fails is recorded
     and the others go on; exit status 0 when every slide is done, 1 when one failed. The
     same command again skips finished slides and resumes unfinished ones.
@@ -52,6 +58,8 @@ def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, h
     config = resolve_segment_config(
         config_path, overrides, mpp=mpp, core_px=core_px, halo_px=halo_px, model=model, device=device, workers=workers,
         tissue_mask=False if no_tissue_mask else None, tta=None if tta is None else int(tta), precision=precision,
+        outputs=None if outputs is None else tuple(filter(None, (o.strip() for o in outputs.split(",")))),
+        min_area_um2=min_area_um2, min_score=min_score,
     )
     paths = collect_slides(slides, list_file)
     backend = backend_for(config, scheduler, cluster, cluster_config)

@@ -43,3 +43,75 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
             yield f
             f.flush()
             os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_binary(path: str | os.PathLike, gzip: bool, compresslevel: int = 6) -> Iterator[IO[bytes]]:
+    """A binary file (gzip stream if ``gzip``) that appears at ``path``, fsynced, only when
+    the block ends without an exception; otherwise nothing is left behind."""
+    import gzip as gzip_module
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
+        if gzip:
+            with gzip_module.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=compresslevel, mtime=0) as out:
+                yield out
+        else:
+            yield raw
+        raw.flush()
+        os.fsync(raw.fileno())
+
+
+class StreamWriter:
+    """Base of the streaming output writers: a context manager whose file is written as a
+    stream and appears under ``path`` only when the block ends without an exception.
+
+    Subclasses implement ``_begin(out)`` (``out``: the open binary stream, gzip when
+    ``self.gzip``) and ``_end()`` (write what closes the format); ``count`` counts what they wrote.
+    """
+
+    gzip = False
+    compresslevel = 6
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._output: contextlib.AbstractContextManager | None = None
+        self.count = 0
+
+    def _begin(self, out: IO[bytes]) -> None:
+        raise NotImplementedError
+
+    def _end(self) -> None:
+        raise NotImplementedError
+
+    def _discard(self) -> None:
+        """Drop what the format holds after an error (the file is not kept)."""
+
+    def _require_open(self) -> None:
+        if self._output is None:
+            raise RuntimeError(f"{self.path}: use {type(self).__name__} as a context manager ('with')")
+
+    def __enter__(self):
+        if self._output is not None:
+            raise RuntimeError(f"{self.path}: writer already open")
+        self._output = atomic_binary(self.path, self.gzip, self.compresslevel)
+        out = self._output.__enter__()
+        self.count = 0
+        try:
+            self._begin(out)
+        except BaseException as error:
+            self.__exit__(type(error), error, error.__traceback__)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        output = self._output
+        self._output = None
+        if exc_type is None:
+            try:
+                self._end()
+            except BaseException as error:
+                output.__exit__(type(error), error, error.__traceback__)
+                raise
+        else:
+            self._discard()
+        return bool(output.__exit__(exc_type, exc, tb))

@@ -42,6 +42,11 @@ class SegmentConfig:
     max_unreadable_fraction: a slide with broken tiles is segmented around them; it fails
         when the unreadable area exceeds this fraction of its tissue area.
     gzip: write ``<stem>.geojson.gz`` (QuPath opens it by drag and drop) or plain.
+    outputs: the nuclei files written (``wsi_ircr.slide.writers.FORMATS``): "geojson"
+        (QuPath), "csv" (``nuclei.csv``), "parquet" (GeoParquet ``nuclei.parquet``, the
+        ``parquet`` extra).
+    min_area_um2 / min_score: nuclei smaller than this area or with a lower score are left
+        out of every output (0 = keep all; README: what each trades).
 
     The ``auto`` / ``0`` rules are applied in one place, ``wsi_ircr.slide.plan.resolve_plan``.
     """
@@ -67,6 +72,9 @@ class SegmentConfig:
     max_unreadable_fraction: float = 0.05
     gzip: bool = True
     overlay_crops: int = 3
+    outputs: tuple[str, ...] = ("geojson", "csv")
+    min_area_um2: float = 0.0
+    min_score: float = 0.0
 
     def __post_init__(self):
         if self.core_px < 64 or self.core_px % 16:
@@ -77,6 +85,8 @@ class SegmentConfig:
             raise ValueError(f"mpp must be > 0, got {self.mpp}")
         if not 0 <= self.max_unreadable_fraction <= 1:
             raise ValueError(f"max_unreadable_fraction must be within 0..1, got {self.max_unreadable_fraction}")
+        if self.min_area_um2 < 0 or not 0 <= self.min_score <= 1:
+            raise ValueError(f"min_area_um2 must be >= 0 and min_score in [0, 1], got {self.min_area_um2}, {self.min_score}")
         if self.tissue_mpp <= 0 or self.max_nucleus_um <= 0:
             raise ValueError("tissue_mpp and max_nucleus_um must be > 0")
         if self.batch_tiles < 1 or min(self.workers, self.threads_per_worker, self.torch_threads, self.overlay_crops,

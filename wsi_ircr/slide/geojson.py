@@ -16,20 +16,17 @@ with (x, y) in level-0 slide pixels rounded to 0.01 px.
 
 from __future__ import annotations
 
-import contextlib
-import gzip as gzip_module
 import json
 import math
 import os
 import uuid as uuid_module
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import IO
 
 import shapely
 from shapely.geometry import Polygon
 
-from wsi_ircr.io.atomic import atomic_path
+from wsi_ircr.io.atomic import StreamWriter
 
 NUCLEUS_CLASS = "Nucleus"
 NUCLEUS_COLOR = (230, 160, 0)
@@ -59,21 +56,7 @@ def _rings(polygon: Polygon) -> list[list[list[float]]]:
     return [shapely.get_coordinates(ring).round(COORD_DECIMALS).tolist() for ring in rings]
 
 
-@contextlib.contextmanager
-def atomic_binary(path: str | os.PathLike, gzip: bool, compresslevel: int = 6) -> Iterator[IO[bytes]]:
-    """A binary file (gzip stream if ``gzip``) that appears at ``path``, fsynced, only when
-    the block ends without an exception; otherwise nothing is left behind."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
-        if gzip:
-            with gzip_module.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=compresslevel, mtime=0) as out:
-                yield out
-        else:
-            yield raw
-        raw.flush()
-        os.fsync(raw.fileno())
-
-
-class GeoJSONWriter:
+class GeoJSONWriter(StreamWriter):
     """Context manager that streams QuPath detection features into ``path``.
 
     Args:
@@ -91,40 +74,22 @@ class GeoJSONWriter:
 
     def __init__(self, path: str | os.PathLike, gzip: bool | None = None, class_name: str = NUCLEUS_CLASS,
                  class_color: tuple[int, int, int] = NUCLEUS_COLOR, compresslevel: int = 6):
-        self.path = Path(path)
+        super().__init__(path)
         self.gzip = self.path.suffix == ".gz" if gzip is None else bool(gzip)
         color = [int(v) for v in class_color]
         if len(color) != 3 or not all(0 <= v <= 255 for v in color):
             raise ValueError(f"class_color must be three integers 0-255, got {class_color!r}")
         self._classification = {"name": str(class_name), "color": color}
-        self._compresslevel = int(compresslevel)
-        self._output: contextlib.AbstractContextManager | None = None
+        self.compresslevel = int(compresslevel)
         self._out: IO[bytes] | None = None
-        self.count = 0
 
-    def __enter__(self) -> GeoJSONWriter:
-        if self._output is not None:
-            raise RuntimeError(f"{self.path}: writer already open")
-        self._output = atomic_binary(self.path, self.gzip, self._compresslevel)
-        self._out = self._output.__enter__()
-        self.count = 0
-        try:
-            self._out.write(_HEADER)
-        except BaseException as error:
-            self.__exit__(type(error), error, error.__traceback__)
-            raise
-        return self
+    def _begin(self, out: IO[bytes]) -> None:
+        self._out = out
+        out.write(_HEADER)
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        output, out = self._output, self._out
-        self._output = self._out = None
-        if exc_type is None:
-            try:
-                out.write(_FOOTER)
-            except BaseException as error:
-                output.__exit__(type(error), error, error.__traceback__)
-                raise
-        return bool(output.__exit__(exc_type, exc, tb))
+    def _end(self) -> None:
+        out, self._out = self._out, None
+        out.write(_FOOTER)
 
     def write_feature(self, polygon_xy: Polygon, measurements: Mapping[str, float], uuid: str | None = None) -> str:
         """Append one detection.
@@ -137,8 +102,7 @@ class GeoJSONWriter:
         Returns:
             The feature id (write it to the nuclei table too).
         """
-        if self._out is None:
-            raise RuntimeError(f"{self.path}: use GeoJSONWriter as a context manager ('with')")
+        self._require_open()
         if not isinstance(polygon_xy, Polygon) or polygon_xy.is_empty:
             raise ValueError(f"expected a non-empty shapely Polygon, got {polygon_xy!r:.80}")
         feature_id = str(uuid_module.uuid4()) if uuid is None else str(uuid_module.UUID(str(uuid)))
@@ -152,7 +116,35 @@ class GeoJSONWriter:
                 "measurements": _finite_measurements(measurements),
             },
         }
+        return self._append(feature)
+
+    def write_cell(self, cell_xy: Polygon, nucleus_xy: Polygon, measurements: Mapping[str, float], uuid: str) -> str:
+        """Append one QuPath cell: ``cell_xy`` as its geometry, ``nucleus_xy`` as its
+        ``nucleusGeometry`` (both valid Polygons in level-0 (x, y) pixels)."""
+        self._require_open()
+        feature = {
+            "type": "Feature",
+            "id": str(uuid_module.UUID(str(uuid))),
+            "geometry": {"type": "Polygon", "coordinates": _rings(cell_xy)},
+            "properties": {
+                "objectType": "cell",
+                "classification": self._classification,
+                "nucleusGeometry": {"type": "Polygon", "coordinates": _rings(nucleus_xy)},
+                "measurements": _finite_measurements(measurements),
+            },
+        }
+        return self._append(feature)
+
+    def _append(self, feature: dict) -> str:
         text = json.dumps(feature, allow_nan=False, separators=(",", ":"))
         self._out.write(((",\n" if self.count else "") + text).encode())
         self.count += 1
-        return feature_id
+        return feature["id"]
+
+    def write(self, nuclei) -> None:
+        """Write a tile's ``writers.TileNuclei``: detections, or cells when it has cells."""
+        for i, polygon in enumerate(nuclei.polygons_xy):
+            if nuclei.cells_xy is None:
+                self.write_feature(polygon, nuclei.row(i), uuid=nuclei.ids[i])
+            else:
+                self.write_cell(nuclei.cells_xy[i], polygon, nuclei.row(i), uuid=nuclei.ids[i])

@@ -70,7 +70,10 @@ def model_info(config: SegmentConfig) -> ModelInfo:
 
 def check_settings(config: SegmentConfig, model: ModelInfo) -> None:
     """UserError, before any slide is opened, when the halo is below the largest nucleus at
-    the model's mpp (every slide would fail the same way)."""
+    the model's mpp or an output cannot be written (every slide would fail the same way)."""
+    from wsi_ircr.slide.writers import check_outputs
+
+    check_outputs(config.outputs)
     TileGrid((1, 1), model.mpp, model.mpp, config.core_px, config.halo_px).check_halo(config.max_nucleus_um / model.mpp)
 
 
@@ -117,45 +120,60 @@ def check_unreadable(plan: SlidePlan, unreadable: dict, max_fraction: float) -> 
     )
 
 
-def export_nuclei(plan: SlidePlan, counts: dict[Tile, int], work_dir: Path, geojson_path: Path, table_path: Path,
-                  namespace: str, on_tile=None) -> tuple[int, np.ndarray]:
-    """Stage: global ids by prefix sum, then stream every tile's nuclei (row-major) to the
-    GeoJSON and CSV, one tile in memory at a time, each tile's result read once.
+def select_nuclei(nuclei, config: SegmentConfig):
+    """The nuclei that pass the filters ``min_area_um2`` and ``min_score`` (0 = off)."""
+    from wsi_ircr.slide.table import AREA_UM, SCORE
 
-    ``on_tile(instances)``, if given, also receives every non-empty tile's ``TileInstances``
-    (e.g. to draw the overlay in the same pass).
+    keep = np.ones(len(nuclei), bool)
+    if config.min_area_um2 > 0:
+        keep &= nuclei.measurements[AREA_UM] >= config.min_area_um2
+    if config.min_score > 0:
+        keep &= ~(nuclei.measurements[SCORE] < config.min_score)  # a nucleus without a score is kept
+    return nuclei if keep.all() else nuclei.subset(keep)
+
+
+def export_nuclei(plan: SlidePlan, counts: dict[Tile, int], work_dir: Path, out_dir: Path, stem: str,
+                  config: SegmentConfig, namespace: str, on_tile=None) -> tuple[dict[str, str], int, np.ndarray]:
+    """Stage: global ids by prefix sum, then stream every tile's nuclei (row-major) that pass
+    the filters to the writers of ``config.outputs``, one tile in memory at a time, each
+    tile's result read once.
+
+    ``on_tile(nuclei)``, if given, also receives every non-empty tile's ``TileNuclei``
+    (level-0 outlines; e.g. to draw the overlay in the same pass).
 
     Returns:
-        The number of nuclei written, and float64 (<= CROP_SAMPLE, 2) level-0 (x, y)
-        centroids of every k-th nucleus (all of them when there are few), enough to find
-        where nuclei are densest without holding them all.
+        Format name -> file name written, the number of nuclei written, and float64
+        (<= CROP_SAMPLE, 2) level-0 (x, y) centroids of every k-th nucleus (all of them
+        when there are few), enough to find where nuclei are densest without holding them all.
     """
-    from wsi_ircr.slide.geojson import GeoJSONWriter
     from wsi_ircr.slide.stitch import assign_global_ids
-    from wsi_ircr.slide.table import NucleiTableWriter, export_tile
     from wsi_ircr.slide.tasks import load_result
+    from wsi_ircr.slide.writers import open_writers, output_names, tile_nuclei
 
     offsets = assign_global_ids(counts)
     stride = max(1, -(-sum(counts.values()) // CROP_SAMPLE))
     sample = [np.zeros((0, 2))]
-    with GeoJSONWriter(geojson_path) as geojson, NucleiTableWriter(table_path) as table:
+    n = 0
+    with open_writers(config.outputs, out_dir, stem, config.gzip) as writers:
         for tile in sorted(counts):
             if not counts[tile]:
                 continue
-            instances = load_result(work_dir, tile)
-            export_tile(instances, plan.grid, offsets[tile], geojson, table, namespace=namespace)
-            global_ids = offsets[tile] + 1 + np.arange(instances.count)
-            sample.append(plan.grid.target_to_level0_xy(instances.centroid_rc[global_ids % stride == 0]))
-            if on_tile is not None:
-                on_tile(instances)
-    return geojson.count, np.concatenate(sample)
+            nuclei = select_nuclei(tile_nuclei(load_result(work_dir, tile), plan.grid, offsets[tile], namespace), config)
+            for writer in writers.values():
+                writer.write(nuclei)
+            sample.append(nuclei.centroids_xy[(n + np.arange(len(nuclei))) % stride == 0])
+            n += len(nuclei)
+            if on_tile is not None and len(nuclei):
+                on_tile(nuclei)
+    return output_names(config.outputs, stem, config.gzip), n, np.concatenate(sample)
 
 
-def _window_polygons(plan: SlidePlan, counts: dict[Tile, int], work_dir: Path, window_xy: tuple[int, int, int, int]):
-    """The nucleus polygons (level-0 x, y) of the tiles whose read window meets the level-0
-    window (x0, y0, x1, y1), one tile in memory at a time."""
-    from wsi_ircr.slide.polygons import to_level0
+def _window_polygons(plan: SlidePlan, counts: dict[Tile, int], work_dir: Path, config: SegmentConfig,
+                     window_xy: tuple[int, int, int, int]):
+    """The polygons (level-0 x, y) of the exported nuclei of the tiles whose read window
+    meets the level-0 window (x0, y0, x1, y1), one tile in memory at a time."""
     from wsi_ircr.slide.tasks import load_result
+    from wsi_ircr.slide.writers import tile_nuclei
 
     side = plan.grid.tile_px * plan.grid.scale
     for tile in sorted(counts):
@@ -164,23 +182,21 @@ def _window_polygons(plan: SlidePlan, counts: dict[Tile, int], work_dir: Path, w
         x, y = plan.grid.origin_xy(tile)
         if x >= window_xy[2] or y >= window_xy[3] or x + side <= window_xy[0] or y + side <= window_xy[1]:
             continue
-        for polygon in load_result(work_dir, tile).polygons:
-            yield to_level0(polygon, plan.grid)
+        yield from select_nuclei(tile_nuclei(load_result(work_dir, tile), plan.grid, 0), config).polygons_xy
 
 
 def start_overlay(reader: SlideReader, plan: SlidePlan):
     """The overlay canvas (slide thumbnail with the tissue outline) that ``export_nuclei``
     draws the nuclei on, tile by tile; ``(canvas, on_tile)``."""
     from wsi_ircr.slide.overlay import OverlayCanvas
-    from wsi_ircr.slide.polygons import to_level0
 
     thumb = reader.thumbnail(2048)
     canvas = OverlayCanvas(thumb, plan.tissue.mask, thumb.shape[1] / reader.dimensions_xy[0])
-    return canvas, lambda instances: canvas.draw_nuclei(to_level0(p, plan.grid) for p in instances.polygons)
+    return canvas, lambda nuclei: canvas.draw_nuclei(nuclei.polygons_xy)
 
 
 def render_previews(reader: SlideReader, plan: SlidePlan, counts: dict[Tile, int], work_dir: Path, canvas,
-                    centroids_xy: np.ndarray, out_dir: Path, n_crops: int) -> None:
+                    centroids_xy: np.ndarray, out_dir: Path, config: SegmentConfig) -> None:
     """Stage: ``tissue.png`` and ``overlay.png`` (the ``canvas`` with every nucleus drawn,
     plus full-resolution crops where the level-0 (x, y) ``centroids_xy`` are densest; only
     the tiles under the crops are read again)."""
@@ -188,11 +204,11 @@ def render_previews(reader: SlideReader, plan: SlidePlan, counts: dict[Tile, int
 
     render_mask_png(plan.tissue.mask, out_dir / "tissue.png")
     crop_px = max(64, int(round(384 * 0.5 / plan.slide_mpp)))
-    windows = pick_crop_windows(centroids_xy, crop_px, n_crops, reader.dimensions_xy)
+    windows = pick_crop_windows(centroids_xy, crop_px, config.overlay_crops, reader.dimensions_xy)
     crops = []
     for x0, y0, x1, y1 in windows:
         image = reader.read_region((x0, y0), 0, (x1 - x0, y1 - y0))
-        polygons = _window_polygons(plan, counts, work_dir, (x0, y0, x1, y1))
+        polygons = _window_polygons(plan, counts, work_dir, config, (x0, y0, x1, y1))
         crops.append((image, polygons_in_window(polygons, (x0, y0, x1, y1))))
     save_png(canvas.finish(crops, windows), out_dir / "overlay.png")
 
@@ -235,7 +251,7 @@ class TileResults:
 def summarise(plan: SlidePlan, folder: RunFolder, model: ModelInfo, config: SegmentConfig, execution: ExecutionPlan,
               results: TileResults,
               n_nuclei: int, seconds: dict[str, float], driver_rss_mb: float, resumed: bool, stored: int,
-              geojson_name: str, unreadable: dict | None = None) -> dict:
+              files: dict[str, str], unreadable: dict | None = None) -> dict:
     """The slide's ``summary.json``."""
     from wsi_ircr.versions import versions
 
@@ -261,8 +277,7 @@ def summarise(plan: SlidePlan, folder: RunFolder, model: ModelInfo, config: Segm
         "task_seconds": {k: round(v, 3) for k, v in results.seconds.items()},
         "peak_rss_mb": {"driver": round(driver_rss_mb, 1), "workers": round(results.worker_rss_mb, 1)},
         "resumed": resumed,
-        "outputs": {"geojson": geojson_name, "table": "nuclei.csv", "overlay": "overlay.png",
-                    "tissue": "tissue.png", "tile_store": STORE_DIR},
+        "outputs": {**files, "overlay": "overlay.png", "tissue": "tissue.png", "tile_store": STORE_DIR},
         "model": model.description,
         "execution": {**asdict(execution), "ran": [dict(zip(("device", "precision", "torch_threads"), r))
                                                    for r in sorted(results.ran)]},
@@ -290,20 +305,17 @@ def finish_slide(reader: SlideReader, plan: SlidePlan, folder: RunFolder, model:
     canvas, draw_tile = start_overlay(reader, plan)
     seconds["overlay"] = time.perf_counter() - t
     t = time.perf_counter()
-    suffix = ".geojson.gz" if config.gzip else ".geojson"
-    geojson_name = f"{folder.stem}{suffix}"
-    n, centroids_xy = export_nuclei(plan, results.counts, folder.work_dir, folder.path / geojson_name,
-                                    folder.path / "nuclei.csv", namespace=f"{plan.fingerprint}:{model.hash}",
-                                    on_tile=draw_tile)
+    files, n, centroids_xy = export_nuclei(plan, results.counts, folder.work_dir, folder.path, folder.stem, config,
+                                           namespace=f"{plan.fingerprint}:{model.hash}", on_tile=draw_tile)
     seconds["stitch_export"] = time.perf_counter() - t  # the overlay's nuclei are drawn in this pass
     rss = max(rss_mb, driver_rss_mb())
     t = time.perf_counter()
     render_previews(reader, plan, results.counts, folder.work_dir, canvas, centroids_xy, folder.path,
-                    config.overlay_crops)
+                    config)
     seconds["overlay"] += time.perf_counter() - t
     rss = max(rss, driver_rss_mb())
     seconds["total"] = time.perf_counter() - t_start
-    summary = summarise(plan, folder, model, config, execution, results, n, seconds, rss, resumed, stored, geojson_name,
+    summary = summarise(plan, folder, model, config, execution, results, n, seconds, rss, resumed, stored, files,
                         unreadable())
     folder.finish(summary)
     return summary

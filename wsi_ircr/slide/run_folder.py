@@ -24,7 +24,7 @@ WORK_DIR = "work"
 # Config keys left out of the run key: how a run is carried out (the model is in it by
 # hash) and how the final export looks; they change neither the tile store nor the
 # per-tile results that a resumed run reuses.
-NOT_IN_RUN_KEY = ("model", "device", "batch_tiles", "task_tiles", "post_threads", "workers", "threads_per_worker",
+NOT_IN_RUN_KEY = ("model", "device", "outputs", "batch_tiles", "task_tiles", "post_threads", "workers", "threads_per_worker",
                   "torch_threads", "tasks_in_flight", "gzip", "overlay_crops", "max_unreadable_fraction")
 
 

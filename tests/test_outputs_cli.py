@@ -1,0 +1,72 @@
+"""``wsi-ircr segment`` outputs through the command line: ``--outputs`` formats, nucleus
+filters, and the files summary.json names (a small synthetic SVS, an untrained model)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from model_fixtures import synthetic_signal_model
+from synthetic_slides import synthetic_he, write_aperio_svs
+
+from wsi_ircr.cli import main
+
+pytestmark = pytest.mark.openslide
+SMALL = ["--core-px", "256", "--halo", "32", "--set", "max_nucleus_um=8", "--set", "threads_per_worker=1", "--quiet",
+         "--fp32"]
+
+
+def run(*args, capfd) -> tuple[int, list[str]]:
+    capfd.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = 0 if e.code is None else e.code
+    return code, capfd.readouterr().err.splitlines()
+
+
+@pytest.fixture(scope="module")
+def slide_and_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("outputs")
+    image, _ = synthetic_he((260, 300), n_nuclei=40, seed=3, radius_px=(4, 6))
+    return write_aperio_svs(root / "he.svs", image, mpp=0.5), synthetic_signal_model(root / "m.pt")
+
+
+def segment(slide_and_model, out: Path, *extra, capfd) -> dict:
+    slide, model = slide_and_model
+    code, lines = run("segment", slide, "-o", out, "--model", model, *SMALL, *extra, capfd=capfd)
+    assert code == 0, lines
+    return json.loads((out / "he" / "summary.json").read_text())
+
+
+def test_outputs_choose_the_files_and_filters_apply_to_all(slide_and_model, tmp_path, capfd):
+    pq = pytest.importorskip("pyarrow.parquet")
+    full = segment(slide_and_model, tmp_path / "all", "--outputs", "geojson,csv,parquet", capfd=capfd)
+    folder = tmp_path / "all" / "he"
+    assert full["outputs"]["parquet"] == "nuclei.parquet" and full["outputs"]["csv"] == "nuclei.csv"
+    table = pq.read_table(folder / "nuclei.parquet")
+    with open(folder / "nuclei.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert table.num_rows == len(rows) == full["nuclei"] > 5
+    assert table.column("id").to_pylist() == [r["id"] for r in rows]
+    areas = table.column("area_um2").to_numpy()
+    cut = float(np.median(areas))
+
+    filtered = segment(slide_and_model, tmp_path / "few", "--outputs", "parquet", "--min-area-um2", cut, capfd=capfd)
+    few = tmp_path / "few" / "he"
+    assert sorted(filtered["outputs"]) == ["overlay", "parquet", "tile_store", "tissue"]
+    assert not (few / "nuclei.csv").exists() and not list(few.glob("*.geojson*"))
+    kept = pq.read_table(few / "nuclei.parquet").column("area_um2").to_numpy()
+    assert filtered["nuclei"] == len(kept) == int((areas >= cut).sum()) and kept.min() >= cut
+
+
+def test_unknown_output_is_a_command_error(slide_and_model, tmp_path, capfd):
+    slide, model = slide_and_model
+    code, lines = run("segment", slide, "-o", tmp_path / "o", "--model", model, *SMALL, "--outputs", "geojson,shp",
+                      capfd=capfd)
+    assert code == 2 and len(lines) == 1 and "outputs geojson,shp: expected one or more of" in lines[0]
+    assert not (tmp_path / "o").exists()
