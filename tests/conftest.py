@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from slurm_cluster import slurm_cluster  # noqa: F401 - the session fixture of a real one-node SLURM cluster
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("WSI_IRCR_SHARED", REPO.parent / "shared"))

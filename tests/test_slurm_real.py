@@ -1,0 +1,84 @@
+"""``--cluster slurm`` against a real one-node SLURM cluster on 127.0.0.1 (``slurm_cluster``):
+worker jobs submitted by dask-jobqueue, run by slurmd, released at the end; the nuclei equal
+a local run's. Skipped, saying why, where SLURM cannot be installed or started."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from broken_slides import intact_and_broken
+from model_fixtures import signal_checkpoint
+from synthetic_slides import synthetic_he, write_aperio_svs
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.openslide]
+TILES = ["--core-px", "256", "--halo", "32", "--set", "max_nucleus_um=8", "--set", "torch_threads=1", "--quiet",
+         "--set", "max_unreadable_fraction=0.5"]  # c.tiff: one broken tile of 9 is 11 % of its tissue
+LIVE = "PENDING,RUNNING,CONFIGURING,COMPLETING"
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> tuple[Path, Path]:
+    """(folder of a.svs, b.svs and c.tiff with one broken tile, model path)."""
+    root = tmp_path_factory.mktemp("slurm-cohort")
+    slides = root / "slides"
+    image, _ = synthetic_he((260, 300), n_nuclei=40, seed=3, radius_px=(4, 6))
+    slides.mkdir()
+    write_aperio_svs(slides / "a.svs", image, mpp=0.5)
+    write_aperio_svs(slides / "b.svs", image[:, ::-1].copy(), mpp=0.5)
+    big, _ = synthetic_he((768, 768), n_nuclei=120, seed=5, radius_px=(4, 6), tissue_fraction=0.9)
+    _, broken = intact_and_broken(root / "c", big, 0.25, 1, (1, 1))
+    broken.rename(slides / "c.tiff")
+    return slides, signal_checkpoint(root / "m.pt", image[:256, :256])
+
+
+def segment(slides: Path, model: Path, out: Path, *extra: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "wsi_ircr", "segment", str(slides), "-o", str(out), "--model",
+                           str(model), *TILES, *extra], capture_output=True, text=True, timeout=timeout_s)
+
+
+def slurm_config(path: Path, **settings) -> Path:
+    """A ``--cluster-config`` for this machine: 1-core jobs, every socket on 127.0.0.1 (``interface: lo``)."""
+    values = {"queue": "debug", "cores": 1, "memory": "2GB", "minimum_jobs": 0, "maximum_jobs": 2,
+              "walltime": "'00:10:00'", "interface": "lo", "log_directory": str(path.parent / "logs"), **settings}
+    path.write_text("".join(f"{k}: {v}\n" for k, v in values.items()))
+    return path
+
+
+def rows(out: Path) -> dict[str, dict]:
+    with open(out / "cohort.csv", newline="") as f:
+        return {Path(r["slide"]).name: r for r in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def local_run(cohort, tmp_path_factory) -> Path:
+    slides, model = cohort
+    out = tmp_path_factory.mktemp("local") / "out"
+    done = segment(slides, model, out, "--set", "threads_per_worker=1")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_a_cohort_on_real_slurm_jobs_equals_a_local_run(slurm_cluster, cohort, local_run, tmp_path):
+    slides, model = cohort
+    before = set(slurm_cluster.queue())
+    out = tmp_path / "out"
+    done = segment(slides, model, out, "--cluster", "slurm", "--cluster-config", str(slurm_config(tmp_path / "slurm.yaml")))
+    assert done.returncode == 0, (done.stdout, done.stderr, slurm_cluster.logs())
+    assert done.stdout.startswith("3 of 3 slides done"), done.stdout
+    assert "c.tiff: 1 broken tiles could not be read" in done.stderr
+    table = rows(out)
+    assert [table[s]["status"] for s in ("a.svs", "b.svs", "c.tiff")] == ["done"] * 3
+    assert table["c.tiff"]["unreadable_regions"] == "1"
+    for stem in ("a", "b", "c"):
+        assert (out / stem / "nuclei.csv").read_bytes() == (local_run / stem / "nuclei.csv").read_bytes(), stem
+    jobs = {j: v for j, v in slurm_cluster.queue().items() if j not in before}
+    assert jobs and {name for _, name in jobs.values()} == {"dask-worker"}, jobs
+    assert len(jobs) <= 2  # maximum_jobs
+    assert not slurm_cluster.queue(LIVE), "worker jobs left running after the command ended"
+    assert {state for j, state in slurm_cluster.finished().items() if j in jobs} <= {"CANCELLED", "COMPLETED"}
+    scripts = sorted((tmp_path / "logs").glob("*.err"))
+    assert scripts, "no job log"
