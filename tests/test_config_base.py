@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from wsi_ircr.config import read_yaml, resolve_config
@@ -25,3 +27,32 @@ def test_bad_bases_are_one_line_errors(tmp_path, text, words):
     with pytest.raises(UserError) as e:
         read_yaml(tmp_path / "top.yaml")
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+TRAIN_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
+METHOD_FILES = ("supervised", "mean_teacher", "mt_piac", "mt_miac", "mt_miac_balanced", "ircr", "custom")
+
+
+@pytest.mark.parametrize("name", METHOD_FILES)
+def test_method_configs_lay_their_keys_over_one_base(name):
+    assert read_yaml_one_level(TRAIN_CONFIGS / f"{name}.yaml").get("base") == "base.yaml"
+    cfg = resolve_config(TrainConfig, TRAIN_CONFIGS / f"{name}.yaml")
+    assert cfg.semi_supervised == (name != "supervised")
+    if cfg.semi_supervised:
+        assert cfg.mt_weight == 10.0  # the consistency weight of benchmarks/study.md
+
+
+def test_bundled_config_still_describes_the_bundled_model():
+    from wsi_ircr.config import to_dict
+    from wsi_ircr.model.checkpoint import load_checkpoint
+
+    trained = load_checkpoint().meta["config"]
+    config = to_dict(resolve_config(TrainConfig, TRAIN_CONFIGS / "bundled.yaml"))
+    differ = {k for k in config if trained.get(k) != config[k]}
+    assert differ == {"bf16"} and trained.get("bf16") is None and config["bf16"] is False  # trained before bf16 existed: fp32
+
+
+def read_yaml_one_level(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
