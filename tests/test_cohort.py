@@ -186,8 +186,8 @@ def test_cohort_table_keeps_rows_of_older_tables_and_refuses_foreign_files(tmp_p
     table = CohortTable(tmp_path)
     table.record({"slide": "/d/new.svs", "status": "failed", "error": "bad"})
     assert rows(tmp_path)["old.svs"] == {"slide": "/d/old.svs", "status": "done", "nuclei": "12", "tissue_mm2": "",
-                                         "nuclei_per_mm2": "", "seconds": "3.5", "unreadable_regions": "",
-                                         "unreadable_mm2": "", "error": ""}
+                                         "nuclei_per_mm2": "", "slide_seconds_concurrent": "3.5", "run_wall_seconds": "",
+                                         "unreadable_regions": "", "unreadable_mm2": "", "roi": "", "error": ""}
     assert rows(tmp_path)["new.svs"]["error"] == "bad"
     other = CohortTable(tmp_path)  # another command into the same OUT, opened before this one wrote
     table.record({"slide": "/d/third.svs", "status": "done"})

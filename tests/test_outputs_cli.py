@@ -70,3 +70,60 @@ def test_unknown_output_is_a_command_error(slide_and_model, tmp_path, capfd):
                       capfd=capfd)
     assert code == 2 and len(lines) == 1 and "outputs geojson,shp: expected one or more of" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def _roi(path: Path, x1: float, y1: float, name: str = "left") -> Path:
+    feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [x1, 0], [x1, y1], [0, y1], [0, 0]]]},
+               "properties": {"objectType": "annotation", "name": name}}
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    return path
+
+
+def test_roi_restricts_the_nuclei_and_reports_each_region(slide_and_model, tmp_path, capfd):
+    full = segment(slide_and_model, tmp_path / "all", capfd=capfd)
+    roi = _roi(tmp_path / "left.geojson", 150, 260)  # the slide is 300 x 260 level-0 px
+    part = segment(slide_and_model, tmp_path / "roi", "--roi", roi, capfd=capfd)
+    with open(tmp_path / "roi" / "he" / "nuclei.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(tmp_path / "all" / "he" / "nuclei.csv", newline="") as f:
+        every = list(csv.DictReader(f))
+    assert rows and all(float(r["centroid_x"]) <= 150 for r in rows)
+    assert len(rows) == part["nuclei"] < full["nuclei"]
+    assert len(rows) == sum(float(r["centroid_x"]) <= 150 for r in every)  # the same nuclei, by centroid
+    [region] = part["regions"]
+    assert region["name"] == "left" and region["nuclei"] == len(rows)
+    assert region["area_mm2"] == pytest.approx(150 * 260 * (0.5e-3) ** 2)
+    with open(tmp_path / "roi" / "cohort.csv", newline="") as f:
+        [row] = list(csv.DictReader(f))
+    assert row["roi"].startswith(f"left: {len(rows)} nuclei in ")
+
+
+def test_roi_errors(slide_and_model, tmp_path, capfd):
+    slide, model = slide_and_model
+    line = tmp_path / "line.geojson"
+    line.write_text(json.dumps({"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[0, 0], [5, 5]]},
+                                "properties": {}}))
+    code, lines = run("segment", slide, "-o", tmp_path / "a", "--model", model, *SMALL, "--roi", line, capfd=capfd)
+    assert code == 2 and len(lines) == 1 and "is a LineString, not a polygon" in lines[0]
+    assert not (tmp_path / "a").exists()
+    far = _roi(tmp_path / "far.geojson", 5000, 5000, "big")
+    code, lines = run("segment", slide, "-o", tmp_path / "b", "--model", model, *SMALL, "--roi", far, capfd=capfd)
+    assert code == 1 and len(lines) == 1 and "region 'big' (x 0..5000, y 0..5000) lies outside the slide" in lines[0]
+    other = tmp_path / "other.svs"
+    other.write_bytes(slide.read_bytes())
+    code, lines = run("segment", slide, other, "-o", tmp_path / "c", "--model", model, *SMALL, "--roi", far, capfd=capfd)
+    assert code == 2 and "regions belong to one slide" in lines[0]
+
+
+def test_cohort_csv_says_which_seconds_are_wall_and_which_concurrent(slide_and_model, tmp_path, capfd):
+    slide, model = slide_and_model
+    other = tmp_path / "copy.svs"
+    other.write_bytes(slide.read_bytes())
+    code, lines = run("segment", slide, other, "-o", tmp_path / "o", "--model", model, *SMALL, capfd=capfd)
+    assert code == 0, lines
+    with open(tmp_path / "o" / "cohort.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    slide_seconds = [float(r["slide_seconds_concurrent"]) for r in rows]
+    wall = [float(r["run_wall_seconds"]) for r in rows]
+    assert len(rows) == 2 and min(slide_seconds) > 0
+    assert max(wall) >= max(slide_seconds)  # the run's wall clock covers every slide's span

@@ -25,11 +25,13 @@ from wsi_ircr.cli.options import precision_option, resolve_segment_config, slide
 @click.option("--outputs", metavar="FORMATS",
               help="Nuclei files, comma-separated: geojson (QuPath), csv (nuclei.csv), parquet (GeoParquet "
                    "nuclei.parquet; pip install \"wsi-ircr[parquet]\"). Default: geojson,csv.")
+@click.option("--roi", type=click.Path(path_type=Path), metavar="GEOJSON",
+              help="Segment only inside these regions: annotations exported from QuPath as GeoJSON (one slide).")
 @click.option("--min-area-um2", type=float, help="Leave out nuclei smaller than this (um^2; default 0 = keep all).")
 @click.option("--min-score", type=float, help="Leave out nuclei whose score (mean nucleus probability) is lower.")
 def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, halo_px, no_tissue_mask, model,
-            overwrite, quiet, device, tta, precision, workers, scheduler, cluster, cluster_config, outputs, min_area_um2,
-            min_score):
+            overwrite, quiet, device, tta, precision, workers, scheduler, cluster, cluster_config, outputs, roi,
+            min_area_um2, min_score):
     """Segment every nucleus of SLIDES (files, or folders of slides OpenSlide reads) into
     OUT/<stem>/, as one task graph over all slides.
 
@@ -46,6 +48,7 @@ def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, h
       wsi-ircr segment slides/ --list more.txt -o out/ --scheduler tcp://head:8786 --device cuda
       wsi-ircr segment slides/ -o out/ --cluster slurm --cluster-config my_slurm.yaml
     """
+    from wsi_ircr.errors import UserError
     from wsi_ircr.progress import CohortProgress, note
     from wsi_ircr.slide.cluster import backend_for, open_cluster
     from wsi_ircr.slide.cohort import segment_slides
@@ -59,9 +62,12 @@ def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, h
         config_path, overrides, mpp=mpp, core_px=core_px, halo_px=halo_px, model=model, device=device, workers=workers,
         tissue_mask=False if no_tissue_mask else None, tta=None if tta is None else int(tta), precision=precision,
         outputs=None if outputs is None else tuple(filter(None, (o.strip() for o in outputs.split(",")))),
-        min_area_um2=min_area_um2, min_score=min_score,
+        min_area_um2=min_area_um2, min_score=min_score, roi=None if roi is None else str(roi),
     )
     paths = collect_slides(slides, list_file)
+    if config.roi and len(paths) > 1:
+        raise UserError(f"--roi {config.roi}: regions belong to one slide, but {len(paths)} slides were given; "
+                        "run one command per slide")
     backend = backend_for(config, scheduler, cluster, cluster_config)
     info = model_info(config)
     check_settings(config, info)

@@ -29,8 +29,12 @@ from wsi_ircr.slide.run_folder import RunFolder, run_key, run_stem
 
 TABLE = "cohort.csv"
 PLAN_AHEAD = 1  # slides planned in the background while the current ones' tiles run
-COLUMNS = ("slide", "status", "nuclei", "tissue_mm2", "nuclei_per_mm2", "seconds", "unreadable_regions",
-           "unreadable_mm2", "error")
+# slide_seconds_concurrent: the slide from its planning to its summary, while other slides of the
+# command ran too (they overlap: do not add them up); run_wall_seconds: the command's wall clock
+# from its start to this slide's end (the last row of a run: the whole run).
+COLUMNS = ("slide", "status", "nuclei", "tissue_mm2", "nuclei_per_mm2", "slide_seconds_concurrent", "run_wall_seconds",
+           "unreadable_regions", "unreadable_mm2", "roi", "error")
+RENAMED = {"seconds": "slide_seconds_concurrent"}  # columns of earlier versions
 
 
 class CohortTable:
@@ -54,7 +58,8 @@ class CohortTable:
                 reader = csv.DictReader(f)
                 if not {"slide", "status"} <= set(reader.fieldnames or ()):
                     raise ValueError("no slide and status columns")
-                for row in reader:  # tables of earlier versions may lack columns
+                for row in reader:  # tables of earlier versions may lack columns or name them otherwise
+                    row = {RENAMED.get(k, k): v for k, v in row.items()}
                     rows[run_stem(row["slide"])] = {k: row.get(k) or "" for k in COLUMNS}
         except (OSError, ValueError, UnicodeDecodeError, csv.Error) as e:
             raise UserError(f"{self.path}: not a cohort table of wsi-ircr ({e}); move it away or choose "
@@ -80,8 +85,14 @@ def _done_row(summary: dict) -> dict:
     unreadable = summary.get("unreadable", {"regions": 0, "area_mm2": 0.0})  # summaries of earlier versions lack it
     return {"slide": summary["slide"], "status": "done", "nuclei": summary["nuclei"],
             "tissue_mm2": f"{summary['tissue_area_mm2']:.4f}", "nuclei_per_mm2": f"{summary['nuclei_per_mm2']:.1f}",
-            "seconds": summary["seconds"]["total"], "unreadable_regions": unreadable["regions"],
-            "unreadable_mm2": f"{unreadable['area_mm2']:.4f}", "error": ""}
+            "slide_seconds_concurrent": summary["seconds"]["total"], "unreadable_regions": unreadable["regions"],
+            "unreadable_mm2": f"{unreadable['area_mm2']:.4f}", "roi": roi_text(summary.get("regions")), "error": ""}
+
+
+def roi_text(regions: list[dict] | None) -> str:
+    """cohort.csv's ``roi``: "name: N nuclei in A mm^2 (D/mm^2)" per ``--roi`` region, "; "-separated."""
+    return "; ".join(f"{r['name']}: {r['nuclei']} nuclei in {r['area_mm2']:.4f} mm^2 ({r['nuclei_per_mm2']:.1f}/mm^2)"
+                     for r in regions or [])
 
 
 def error_text(slide: Path, error: BaseException) -> str:
@@ -162,6 +173,7 @@ class _Cohort:
         self.config, self.client, self.model, self.overwrite = config, client, model, overwrite
         self.progress, self.echo = progress, echo
         self.table = CohortTable(self.out_root)
+        self.t_command = time.perf_counter()
         self.report = CohortReport(table=self.table.path)
         self.execution = plan
         self.events: queue.Queue = queue.Queue()
@@ -173,11 +185,16 @@ class _Cohort:
 
     # -- slides -------------------------------------------------------------------------
 
+    def _wall(self) -> float:
+        """Seconds since this command started its slides."""
+        return round(time.perf_counter() - self.t_command, 3)
+
     def _fail(self, slide: Path, error: BaseException, t_start: float) -> None:
         """Record ``slide`` as failed (its row, one error line); the others go on."""
         text = error_text(slide, error)
         self.report.failed[slide] = text
-        self.table.record({"slide": str(slide), "status": "failed", "seconds": round(time.perf_counter() - t_start, 3),
+        self.table.record({"slide": str(slide), "status": "failed", "run_wall_seconds": self._wall(),
+                           "slide_seconds_concurrent": round(time.perf_counter() - t_start, 3),
                            "error": text})
         self.echo(f"error: {text}", True)
         self.progress.slide_done()
@@ -233,7 +250,8 @@ class _Cohort:
             folder, summary = planned.skipped
             self.report.skipped.append(slide)
             self.report.summaries[slide] = summary
-            self.table.record(_done_row(summary) | {"slide": str(slide)})
+            earlier = self.table.rows.get(run_stem(slide), {}).get("run_wall_seconds", "")
+            self.table.record(_done_row(summary) | {"slide": str(slide), "run_wall_seconds": earlier})
             self.echo(f"{slide}: already done ({summary.get('nuclei')} nuclei) -> {folder.path}/", False)
             self.progress.slide_done()
         else:
@@ -276,7 +294,7 @@ class _Cohort:
             return
         self.report.done.append(run.slide)
         self.report.summaries[run.slide] = summary
-        self.table.record(_done_row(summary))
+        self.table.record(_done_row(summary) | {"run_wall_seconds": self._wall()})
         self.echo(f"{run.slide}: {summary['nuclei']} nuclei ({summary['nuclei_per_mm2']:.0f}/mm^2 of "
                   f"{summary['tissue_area_mm2']:.2f} mm^2 tissue) in {summary['seconds']['total']:.1f} s "
                   f"-> {run.folder.path}/", False)

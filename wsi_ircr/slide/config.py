@@ -45,6 +45,9 @@ class SegmentConfig:
     outputs: the nuclei files written (``wsi_ircr.slide.writers.FORMATS``): "geojson"
         (QuPath), "csv" (``nuclei.csv``), "parquet" (GeoParquet ``nuclei.parquet``, the
         ``parquet`` extra).
+    roi: a QuPath GeoJSON export of annotations (level-0 px): tiles are planned on these
+        regions instead of the tissue mask, and only nuclei whose centroid lies in one are
+        written (``wsi_ircr.slide.roi``; one slide per command).
     min_area_um2 / min_score: nuclei smaller than this area or with a lower score are left
         out of every output (0 = keep all; README: what each trades).
 
@@ -73,6 +76,7 @@ class SegmentConfig:
     gzip: bool = True
     overlay_crops: int = 3
     outputs: tuple[str, ...] = ("geojson", "csv")
+    roi: str | None = None
     min_area_um2: float = 0.0
     min_score: float = 0.0
 

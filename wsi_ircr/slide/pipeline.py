@@ -22,7 +22,8 @@ from wsi_ircr.slide.grid import Tile, TileGrid
 from wsi_ircr.slide.plan import ExecutionPlan
 from wsi_ircr.slide.reader import SlideReader, require_mpp, unreadable_boxes
 from wsi_ircr.slide.run_folder import STORE_DIR, RunFolder
-from wsi_ircr.slide.tissue import TissueMask, detect_tissue, full_mask
+from wsi_ircr.slide.roi import Regions, load_regions
+from wsi_ircr.slide.tissue import TissueMask, detect_tissue, full_mask, mask_shape_rc
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class SlidePlan:
     tiles: list[Tile]
     bounds_offset_xy: tuple[int, int] = (0, 0)  # where the slide's (0, 0) lies in OpenSlide's level 0
     unreadable_xywh: frozenset = frozenset()  # level-0 boxes the tissue detection could not read
+    regions: Regions | None = None  # --roi: the regions planned on instead of the tissue mask
 
 
 def model_info(config: SegmentConfig) -> ModelInfo:
@@ -74,6 +76,8 @@ def check_settings(config: SegmentConfig, model: ModelInfo) -> None:
     from wsi_ircr.slide.writers import check_outputs
 
     check_outputs(config.outputs)
+    if config.roi:
+        load_regions(config.roi, (float("inf"), float("inf")))  # the file's own errors, before any slide
     TileGrid((1, 1), model.mpp, model.mpp, config.core_px, config.halo_px).check_halo(config.max_nucleus_um / model.mpp)
 
 
@@ -88,9 +92,17 @@ def plan_slide(reader: SlideReader, config: SegmentConfig, model_mpp: float) -> 
             f"one tile's halo ({grid.shape_rc[1]}x{grid.shape_rc[0]} px at the model's {model_mpp:g} mpp); "
             "segment an image of at least a few hundred pixels"
         )
-    tissue = detect_tissue(reader, config.tissue_mpp) if config.tissue_mask else full_mask(reader, config.tissue_mpp)
+    regions = None
+    if config.roi:
+        regions = load_regions(config.roi, reader.dimensions_xy)
+        shape_rc = mask_shape_rc(reader, config.tissue_mpp)
+        tissue = TissueMask(regions.mask(shape_rc, config.tissue_mpp, slide_mpp), config.tissue_mpp)
+    elif config.tissue_mask:
+        tissue = detect_tissue(reader, config.tissue_mpp)
+    else:
+        tissue = full_mask(reader, config.tissue_mpp)
     return SlidePlan(Path(reader.path), reader.fingerprint(), slide_mpp, reader.mpp_source, grid, tissue,
-                     grid.tissue_tiles(tissue), reader.bounds_offset_xy, frozenset(unreadable_boxes(reader)))
+                     grid.tissue_tiles(tissue), reader.bounds_offset_xy, frozenset(unreadable_boxes(reader)), regions)
 
 
 def unreadable_report(boxes_xywh, tissue_area_mm2: float, slide_mpp: float) -> dict:
@@ -120,11 +132,14 @@ def check_unreadable(plan: SlidePlan, unreadable: dict, max_fraction: float) -> 
     )
 
 
-def select_nuclei(nuclei, config: SegmentConfig):
-    """The nuclei that pass the filters ``min_area_um2`` and ``min_score`` (0 = off)."""
+def select_nuclei(nuclei, config: SegmentConfig, regions: Regions | None = None):
+    """The nuclei that pass the filters ``min_area_um2`` and ``min_score`` (0 = off) and,
+    with ``regions``, whose centroid lies in one."""
     from wsi_ircr.slide.table import AREA_UM, SCORE
 
     keep = np.ones(len(nuclei), bool)
+    if regions is not None and len(nuclei):
+        keep &= regions.inside(nuclei.centroids_xy)
     if config.min_area_um2 > 0:
         keep &= nuclei.measurements[AREA_UM] >= config.min_area_um2
     if config.min_score > 0:
@@ -158,7 +173,10 @@ def export_nuclei(plan: SlidePlan, counts: dict[Tile, int], work_dir: Path, out_
         for tile in sorted(counts):
             if not counts[tile]:
                 continue
-            nuclei = select_nuclei(tile_nuclei(load_result(work_dir, tile), plan.grid, offsets[tile], namespace), config)
+            nuclei = select_nuclei(tile_nuclei(load_result(work_dir, tile), plan.grid, offsets[tile], namespace), config,
+                                   plan.regions)
+            if plan.regions is not None:
+                plan.regions.count(nuclei.centroids_xy)
             for writer in writers.values():
                 writer.write(nuclei)
             sample.append(nuclei.centroids_xy[(n + np.arange(len(nuclei))) % stride == 0])
@@ -182,7 +200,7 @@ def _window_polygons(plan: SlidePlan, counts: dict[Tile, int], work_dir: Path, c
         x, y = plan.grid.origin_xy(tile)
         if x >= window_xy[2] or y >= window_xy[3] or x + side <= window_xy[0] or y + side <= window_xy[1]:
             continue
-        yield from select_nuclei(tile_nuclei(load_result(work_dir, tile), plan.grid, 0), config).polygons_xy
+        yield from select_nuclei(tile_nuclei(load_result(work_dir, tile), plan.grid, 0), config, plan.regions).polygons_xy
 
 
 def start_overlay(reader: SlideReader, plan: SlidePlan):
@@ -272,6 +290,7 @@ def summarise(plan: SlidePlan, folder: RunFolder, model: ModelInfo, config: Segm
         "nuclei": n_nuclei,
         "nuclei_per_mm2": n_nuclei / area if area > 0 else 0.0,
         "nuclei_dropped_at_halo": int(sum(results.dropped.values())),
+        "regions": None if plan.regions is None else plan.regions.report(plan.slide_mpp),
         "unreadable": unreadable or unreadable_report((), area, plan.slide_mpp),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "task_seconds": {k: round(v, 3) for k, v in results.seconds.items()},
