@@ -25,7 +25,7 @@ def _open_maybe_gzip(path: Path) -> IO[bytes]:
     return gzip_module.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
 
 
-def _check_feature(feature: object, seen: set[str]) -> None:
+def _check_feature(feature: object, seen: set[str], object_type: str = "detection") -> None:
     if not isinstance(feature, dict) or feature.get("type") != "Feature":
         raise ValueError('not a {"type": "Feature"} object')
     try:
@@ -48,8 +48,15 @@ def _check_feature(feature: object, seen: set[str]) -> None:
     if polygon.is_empty or not polygon.is_valid:
         raise ValueError(f"invalid polygon: {shapely.is_valid_reason(polygon)}")
     properties = feature.get("properties")
-    if not isinstance(properties, dict) or properties.get("objectType") != "detection":
-        raise ValueError('properties.objectType is not "detection"')
+    if not isinstance(properties, dict) or properties.get("objectType") != object_type:
+        raise ValueError(f'properties.objectType is not "{object_type}"')
+    if object_type == "cell":  # QuPath cells: the nucleus as nucleusGeometry, inside the cell
+        nucleus = properties.get("nucleusGeometry")
+        if not isinstance(nucleus, dict) or nucleus.get("type") != "Polygon":
+            raise ValueError("a cell without a Polygon nucleusGeometry")
+        inner = Polygon(nucleus["coordinates"][0], nucleus["coordinates"][1:])
+        if not inner.is_valid or not polygon.buffer(0.01).contains(inner):  # coordinates are rounded to 0.01
+            raise ValueError("nucleusGeometry is not a valid polygon inside the cell")
     if "type" in properties or "object_type" in properties:
         raise ValueError('properties hold a "type" or pre-0.3 "object_type" key')
     classification = properties.get("classification")
@@ -66,9 +73,10 @@ def _check_feature(feature: object, seen: set[str]) -> None:
             raise ValueError(f"measurement {name!r} = {value!r} is not a finite number")
 
 
-def validate_qupath_geojson(path: str | os.PathLike) -> int:
+def validate_qupath_geojson(path: str | os.PathLike, object_type: str = "detection") -> int:
     """Check that a (possibly gzipped) GeoJSON file is a FeatureCollection QuPath imports as
-    nucleus detections; loads the whole file (for tests and spot checks).
+    nucleus detections (``object_type="cell"``: as cells, each with a ``nucleusGeometry``
+    inside it); loads the whole file (for tests and spot checks).
 
     Checks: valid JSON without NaN/Infinity; every feature a Feature with a unique UUID id,
     a valid non-empty Polygon with closed rings, ``properties.objectType == "detection"``,
@@ -90,7 +98,7 @@ def validate_qupath_geojson(path: str | os.PathLike) -> int:
     seen: set[str] = set()
     for index, feature in enumerate(data["features"]):
         try:
-            _check_feature(feature, seen)
+            _check_feature(feature, seen, object_type)
         except ValueError as error:
             raise ValueError(f"{path}: feature {index}: {error}") from None
     return len(data["features"])

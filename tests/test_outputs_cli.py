@@ -127,3 +127,40 @@ def test_cohort_csv_says_which_seconds_are_wall_and_which_concurrent(slide_and_m
     wall = [float(r["run_wall_seconds"]) for r in rows]
     assert len(rows) == 2 and min(slide_seconds) > 0
     assert max(wall) >= max(slide_seconds)  # the run's wall clock covers every slide's span
+
+
+def test_cells_geojson_imports_as_disjoint_cells(slide_and_model, tmp_path, capfd):
+    import gzip
+
+    import shapely
+    from qupath_geojson import validate_qupath_geojson
+    from shapely.geometry import Polygon
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    slide, model = slide_and_model
+    code, lines = run("segment", slide, "-o", tmp_path / "bad", "--model", model, *SMALL, "--cells", "2", capfd=capfd)
+    assert code == 2 and "--cells 2 um needs a halo" in lines[0] and "use --halo 64" in lines[0]
+    summary = segment(slide_and_model, tmp_path / "o", "--cells", "2", "--halo", "64", "--outputs",
+                      "geojson,csv,parquet", capfd=capfd)
+    folder = tmp_path / "o" / "he"
+    assert summary["tiles"]["segmented"] > 1  # cells meet across tile borders
+    assert validate_qupath_geojson(folder / "he.geojson.gz", object_type="cell") == summary["nuclei"] > 5
+    with gzip.open(folder / "he.geojson.gz", "rt") as f:
+        features = json.load(f)["features"]
+    cells = [Polygon(f["geometry"]["coordinates"][0], f["geometry"]["coordinates"][1:]) for f in features]
+    nuclei = [Polygon(f["properties"]["nucleusGeometry"]["coordinates"][0], f["properties"]["nucleusGeometry"]["coordinates"][1:])
+              for f in features]
+    assert all(c.is_valid and c.buffer(0.01).contains(n) for c, n in zip(cells, nuclei))  # 0.01 px: rounding
+    tree = shapely.STRtree(cells)
+    pairs = tree.query(cells, predicate="intersects")
+    overlaps = [cells[i].intersection(cells[j]).area for i, j in pairs.T if i < j]
+    assert max(overlaps, default=0.0) < 0.01  # neighbours touch at most (coordinates rounded to 0.01 px)
+    grown = [c.area > n.area for c, n in zip(cells, nuclei)]
+    assert sum(grown) >= 0.9 * len(cells)
+    m = features[0]["properties"]["measurements"]
+    assert {"Cell: Area um^2", "Cytoplasm: Area um^2", "Nucleus: Hematoxylin mean", "Cytoplasm: Eosin std"} <= set(m)
+    assert m["Cell: Area um^2"] == pytest.approx(m["Area um^2"] + m["Cytoplasm: Area um^2"], rel=1e-6)
+    table = pq.read_table(folder / "nuclei.parquet")
+    assert {"cell_geometry", "cell_area_um2", "cytoplasm_hematoxylin_mean"} <= set(table.column_names)
+    with open(folder / "nuclei.csv", newline="") as f:
+        assert "cell_eosin_mean" in next(csv.reader(f))

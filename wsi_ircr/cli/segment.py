@@ -25,13 +25,16 @@ from wsi_ircr.cli.options import precision_option, resolve_segment_config, slide
 @click.option("--outputs", metavar="FORMATS",
               help="Nuclei files, comma-separated: geojson (QuPath), csv (nuclei.csv), parquet (GeoParquet "
                    "nuclei.parquet; pip install \"wsi-ircr[parquet]\"). Default: geojson,csv.")
+@click.option("--cells", "cells_um", type=float, metavar="DISTANCE_UM",
+              help="Write QuPath cells: each nucleus grown by up to DISTANCE_UM um without crossing its neighbours' "
+                   "cells, with cell and cytoplasm measurements (default 0 = nuclei only).")
 @click.option("--roi", type=click.Path(path_type=Path), metavar="GEOJSON",
               help="Segment only inside these regions: annotations exported from QuPath as GeoJSON (one slide).")
 @click.option("--min-area-um2", type=float, help="Leave out nuclei smaller than this (um^2; default 0 = keep all).")
 @click.option("--min-score", type=float, help="Leave out nuclei whose score (mean nucleus probability) is lower.")
 def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, halo_px, no_tissue_mask, model,
-            overwrite, quiet, device, tta, precision, workers, scheduler, cluster, cluster_config, outputs, roi,
-            min_area_um2, min_score):
+            overwrite, quiet, device, tta, precision, workers, scheduler, cluster, cluster_config, outputs, cells_um,
+            roi, min_area_um2, min_score):
     """Segment every nucleus of SLIDES (files, or folders of slides OpenSlide reads) into
     OUT/<stem>/, as one task graph over all slides.
 
@@ -63,6 +66,7 @@ def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, h
         tissue_mask=False if no_tissue_mask else None, tta=None if tta is None else int(tta), precision=precision,
         outputs=None if outputs is None else tuple(filter(None, (o.strip() for o in outputs.split(",")))),
         min_area_um2=min_area_um2, min_score=min_score, roi=None if roi is None else str(roi),
+        cells_um=cells_um,
     )
     paths = collect_slides(slides, list_file)
     if config.roi and len(paths) > 1:

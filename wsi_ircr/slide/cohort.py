@@ -232,7 +232,8 @@ class _Cohort:
                     pending.append(i)
             results.reused = len(store.tiles) - len(pending)
             job = SlideJob(str(slide), self.config.mpp, plan.fingerprint, str(folder.store_path),
-                           str(folder.work_dir), self.model.path, self.model.hash, self.execution)
+                           str(folder.work_dir), self.model.path, self.model.hash, self.execution,
+                           self.config.cells_um)
         except Exception as e:  # noqa: BLE001 - any slide may fail alone
             if reader is not None:
                 reader.close()

@@ -45,6 +45,9 @@ class SegmentConfig:
     outputs: the nuclei files written (``wsi_ircr.slide.writers.FORMATS``): "geojson"
         (QuPath), "csv" (``nuclei.csv``), "parquet" (GeoParquet ``nuclei.parquet``, the
         ``parquet`` extra).
+    cells_um: > 0 writes QuPath cells: every nucleus grown by up to this many um without
+        crossing its neighbours' cells, with cell and cytoplasm measurements
+        (``wsi_ircr.slide.cells``; the halo must exceed the largest nucleus plus twice it).
     roi: a QuPath GeoJSON export of annotations (level-0 px): tiles are planned on these
         regions instead of the tissue mask, and only nuclei whose centroid lies in one are
         written (``wsi_ircr.slide.roi``; one slide per command).
@@ -76,6 +79,7 @@ class SegmentConfig:
     gzip: bool = True
     overlay_crops: int = 3
     outputs: tuple[str, ...] = ("geojson", "csv")
+    cells_um: float = 0.0
     roi: str | None = None
     min_area_um2: float = 0.0
     min_score: float = 0.0
@@ -89,6 +93,8 @@ class SegmentConfig:
             raise ValueError(f"mpp must be > 0, got {self.mpp}")
         if not 0 <= self.max_unreadable_fraction <= 1:
             raise ValueError(f"max_unreadable_fraction must be within 0..1, got {self.max_unreadable_fraction}")
+        if self.cells_um < 0:
+            raise ValueError(f"cells_um must be >= 0, got {self.cells_um}")
         if self.min_area_um2 < 0 or not 0 <= self.min_score <= 1:
             raise ValueError(f"min_area_um2 must be >= 0 and min_score in [0, 1], got {self.min_area_um2}, {self.min_score}")
         if self.tissue_mpp <= 0 or self.max_nucleus_um <= 0:

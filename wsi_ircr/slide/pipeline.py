@@ -76,9 +76,18 @@ def check_settings(config: SegmentConfig, model: ModelInfo) -> None:
     from wsi_ircr.slide.writers import check_outputs
 
     check_outputs(config.outputs)
+    check_cells(config, model.mpp)
     if config.roi:
         load_regions(config.roi, (float("inf"), float("inf")))  # the file's own errors, before any slide
     TileGrid((1, 1), model.mpp, model.mpp, config.core_px, config.halo_px).check_halo(config.max_nucleus_um / model.mpp)
+
+
+def check_cells(config: SegmentConfig, model_mpp: float) -> None:
+    """UserError when ``cells_um`` needs a larger halo than ``halo_px``."""
+    if config.cells_um > 0:
+        from wsi_ircr.slide.cells import check_cell_halo
+
+        check_cell_halo(config.halo_px, config.max_nucleus_um / model_mpp, config.cells_um / model_mpp, model_mpp)
 
 
 def plan_slide(reader: SlideReader, config: SegmentConfig, model_mpp: float) -> SlidePlan:
@@ -86,6 +95,7 @@ def plan_slide(reader: SlideReader, config: SegmentConfig, model_mpp: float) -> 
     slide_mpp = require_mpp(reader)
     grid = TileGrid(reader.dimensions_xy, slide_mpp, model_mpp, config.core_px, config.halo_px)
     grid.check_halo(config.max_nucleus_um / model_mpp)
+    check_cells(config, model_mpp)
     if max(grid.shape_rc) < 2 * config.halo_px + 16:
         raise UserError(
             f"{reader.path}: {reader.dimensions_xy[0]}x{reader.dimensions_xy[1]} px at {slide_mpp:g} mpp is smaller than "
@@ -161,6 +171,7 @@ def export_nuclei(plan: SlidePlan, counts: dict[Tile, int], work_dir: Path, out_
         (<= CROP_SAMPLE, 2) level-0 (x, y) centroids of every k-th nucleus (all of them
         when there are few), enough to find where nuclei are densest without holding them all.
     """
+    from wsi_ircr.slide.cells import CellPartition
     from wsi_ircr.slide.stitch import assign_global_ids
     from wsi_ircr.slide.tasks import load_result
     from wsi_ircr.slide.writers import open_writers, output_names, tile_nuclei
@@ -169,20 +180,30 @@ def export_nuclei(plan: SlidePlan, counts: dict[Tile, int], work_dir: Path, out_
     stride = max(1, -(-sum(counts.values()) // CROP_SAMPLE))
     sample = [np.zeros((0, 2))]
     n = 0
+    partition = CellPartition()
     with open_writers(config.outputs, out_dir, stem, config.gzip) as writers:
+
+        def write(nuclei) -> None:
+            nonlocal n
+            for writer in writers.values():
+                writer.write(nuclei)
+            sample.append(nuclei.centroids_xy[(n + np.arange(len(nuclei))) % stride == 0])
+            n += len(nuclei)
+            if plan.regions is not None:
+                plan.regions.count(nuclei.centroids_xy)
+            if on_tile is not None and len(nuclei):
+                on_tile(nuclei)
+
         for tile in sorted(counts):
             if not counts[tile]:
                 continue
             nuclei = select_nuclei(tile_nuclei(load_result(work_dir, tile), plan.grid, offsets[tile], namespace), config,
                                    plan.regions)
-            if plan.regions is not None:
-                plan.regions.count(nuclei.centroids_xy)
-            for writer in writers.values():
-                writer.write(nuclei)
-            sample.append(nuclei.centroids_xy[(n + np.arange(len(nuclei))) % stride == 0])
-            n += len(nuclei)
-            if on_tile is not None and len(nuclei):
-                on_tile(nuclei)
+            # cells: a tile is written once its neighbours have come (no two cells overlap)
+            for _, ready in partition.add(tile, nuclei) if nuclei.cells_xy is not None else [(tile, nuclei)]:
+                write(ready)
+        for _, ready in partition.flush():
+            write(ready)
     return output_names(config.outputs, stem, config.gzip), n, np.concatenate(sample)
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from wsi_ircr.slide.grid import Tile, TileGrid
-from wsi_ircr.slide.stitch import TileInstances, owned_instances, stitch_label_image, tile_instances
+from wsi_ircr.slide.stitch import TileInstances, inside_image, owned_instances, stitch_label_image, tile_instances
 
 if TYPE_CHECKING:
     from wsi_ircr.model.inference import Predictor
@@ -33,8 +33,9 @@ def drop_touching(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def _owned(image: np.ndarray, predictor: Predictor, grid: TileGrid, tile: Tile, maps: Maps | None,
            on_truncated: Literal["raise", "drop"], labels: np.ndarray | None = None,
-           unreadable: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """(owned int32 (tile_px, tile_px), probability float32 (tile_px, tile_px), dropped count)."""
+           unreadable: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """(owned int32 (tile_px, tile_px), probability float32 (tile_px, tile_px), dropped count,
+    every instance of the window int (tile_px, tile_px))."""
     if image.shape != (grid.tile_px, grid.tile_px, 3) or image.dtype != np.uint8:
         raise ValueError(f"tile {tuple(tile)}: expected uint8 ({grid.tile_px}, {grid.tile_px}, 3), "
                          f"got {image.dtype} {image.shape}")
@@ -47,12 +48,12 @@ def _owned(image: np.ndarray, predictor: Predictor, grid: TileGrid, tile: Tile, 
     if unreadable is not None:
         labels = drop_touching(labels, unreadable)
     owned, dropped = owned_instances(labels, grid, tile, on_truncated=on_truncated)
-    return owned, prob, dropped
+    return owned, prob, dropped, labels
 
 
 def segment_tile(image: np.ndarray, predictor: Predictor, grid: TileGrid, tile: Tile, *, maps: Maps | None = None,
                  labels: np.ndarray | None = None, on_truncated: Literal["raise", "drop"] = "drop",
-                 unreadable: np.ndarray | None = None) -> TileInstances:
+                 unreadable: np.ndarray | None = None, cell_px: float = 0.0) -> TileInstances:
     """Segment one tile of ``grid`` into the nuclei it owns.
 
     Args:
@@ -69,12 +70,23 @@ def segment_tile(image: np.ndarray, predictor: Predictor, grid: TileGrid, tile: 
             ``TileInstances.dropped``) or "raise" a UserError.
         unreadable: bool (tile_px, tile_px), pixels where the slide could not be read (left
             white); nuclei on or next to them are left out. None = all read.
+        cell_px: > 0 grows a cell of up to this many pixels around every owned nucleus
+            (``wsi_ircr.slide.cells``; the halo must exceed ``cells.cell_halo_px``).
 
     Returns:
         The owned nuclei in target-image coordinates (centroids, boxes, features, outlines).
     """
-    owned, prob, dropped = _owned(image, predictor, grid, tile, maps, on_truncated, labels, unreadable)
-    instances = tile_instances(owned, grid, tile, image=image, np_prob=prob)
+    owned, prob, dropped, labels = _owned(image, predictor, grid, tile, maps, on_truncated, labels, unreadable)
+    cells = None
+    if cell_px > 0:
+        from wsi_ircr.slide.cells import grow_cells
+
+        cells = grow_cells(labels, owned, cell_px)
+        rows, cols = inside_image(grid, tile)
+        inside = np.zeros(cells.shape, bool)
+        inside[rows, cols] = True
+        cells[~inside] = 0  # no cell grows into the padding beyond the slide's edge
+    instances = tile_instances(owned, grid, tile, image=image, np_prob=prob, cells=cells)
     instances.dropped = dropped
     return instances
 

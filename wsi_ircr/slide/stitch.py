@@ -49,7 +49,7 @@ def _compact(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids, lut[labels]
 
 
-def _inside_image(grid: TileGrid, tile: Tile) -> tuple[slice, slice]:
+def inside_image(grid: TileGrid, tile: Tile) -> tuple[slice, slice]:
     """Rows and columns of the tile window that lie inside the target image."""
     r0, c0 = grid.read_origin_rc(tile)
     h, w = grid.shape_rc
@@ -62,7 +62,7 @@ def _edge_labels(labels: np.ndarray, grid: TileGrid, tile: Tile) -> np.ndarray:
     r0, c0 = grid.read_origin_rc(tile)
     h, w = grid.shape_rc
     n = grid.tile_px
-    rows, cols = _inside_image(grid, tile)
+    rows, cols = inside_image(grid, tile)
     edges = []
     if r0 > 0:
         edges.append(labels[0, cols])
@@ -123,7 +123,7 @@ def owned_instances(labels_tile: np.ndarray, grid: TileGrid, tile: Tile,
     owned[0] = False
 
     inside = np.zeros((n_px, n_px), bool)
-    inside[_inside_image(grid, tile)] = True
+    inside[inside_image(grid, tile)] = True
     labels = np.where(inside, labels, 0)
 
     in_core = np.zeros(n, bool)
@@ -175,6 +175,8 @@ class TileInstances:
         polygons: n outlines in target pixel-edge (x, y) coordinates.
         dropped: nuclei this tile owned but dropped because its window cut them (the halo
             is smaller than they are).
+        cell_polygons / cell_features: with cells (``wsi_ircr.slide.cells``), the n cell
+            outlines (target pixel-edge (x, y)) and ``cells.cell_features``; else None / {}.
     """
 
     tile: Tile
@@ -184,10 +186,12 @@ class TileInstances:
     features: dict[str, np.ndarray] = field(default_factory=dict)
     polygons: list[Polygon] = field(default_factory=list)
     dropped: int = 0
+    cell_polygons: list[Polygon] | None = None
+    cell_features: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def tile_instances(owned: np.ndarray, grid: TileGrid, tile: Tile, image: np.ndarray | None = None,
-                   np_prob: np.ndarray | None = None) -> TileInstances:
+                   np_prob: np.ndarray | None = None, cells: np.ndarray | None = None) -> TileInstances:
     """Measure and outline the owned instances of one tile.
 
     Args:
@@ -196,6 +200,8 @@ def tile_instances(owned: np.ndarray, grid: TileGrid, tile: Tile, image: np.ndar
         tile: (row, col).
         image: optional uint8 (tile_px, tile_px, 3) RGB of the tile (for "mean_intensity").
         np_prob: optional float (tile_px, tile_px) nucleus probability (for "score").
+        cells: optional int32 (tile_px, tile_px) cells of the owned instances (same ids,
+            ``cells.grow_cells``): their outlines and ``cells.cell_features`` are added.
 
     Returns:
         TileInstances in target-image coordinates.
@@ -213,9 +219,15 @@ def tile_instances(owned: np.ndarray, grid: TileGrid, tile: Tile, image: np.ndar
     centroid_rc = features.pop("centroid_rc") + origin_rc + 0.5
     bbox_rc = features.pop("bbox_rc") + np.tile(origin_rc, 2)
     outlines = dict(instance_polygons(owned, offset_rc=tuple(origin_rc)))
-    keep = np.array([label in outlines for label in labels], bool)
+    cell_outlines = None if cells is None else dict(instance_polygons(cells, offset_rc=tuple(origin_rc)))
+    keep = np.array([label in outlines and (cell_outlines is None or label in cell_outlines) for label in labels], bool)
     if not keep.all():
         log.warning("tile %s: %d instances without a valid outline dropped", tuple(tile), int((~keep).sum()))
+    cell_features = {}
+    if cells is not None:
+        from wsi_ircr.slide.cells import cell_features as measure_cells
+
+        cell_features = {k: np.asarray(v, np.float64) for k, v in measure_cells(owned, cells, image, labels[keep]).items()}
     return TileInstances(
         tile=(int(tile[0]), int(tile[1])),
         count=int(keep.sum()),
@@ -223,6 +235,8 @@ def tile_instances(owned: np.ndarray, grid: TileGrid, tile: Tile, image: np.ndar
         bbox_rc=bbox_rc[keep],
         features={k: np.asarray(v, np.float64)[keep] for k, v in features.items()},
         polygons=[outlines[label] for label in labels[keep]],
+        cell_polygons=None if cells is None else [cell_outlines[label] for label in labels[keep]],
+        cell_features=cell_features,
     )
 
 
@@ -261,7 +275,7 @@ def stitch_label_image(grid: TileGrid, owned_tiles: Mapping[Tile, np.ndarray]) -
     offsets = assign_global_ids({t: int(np.max(m, initial=0)) for t, m in owned_tiles.items()})
     out = np.zeros(grid.shape_rc, np.int32)
     for tile, owned in owned_tiles.items():
-        rows, cols = _inside_image(grid, tile)
+        rows, cols = inside_image(grid, tile)
         r0, c0 = grid.read_origin_rc(tile)
         part = owned[rows, cols]
         target = out[rows.start + r0:rows.stop + r0, cols.start + c0:cols.stop + c0]

@@ -145,6 +145,7 @@ class SlideJob:
     store_path / results_dir: the run's tile store and per-tile results folder.
     model_path / model_hash: the checkpoint (None: bundled) and the file hash the driver saw.
     plan: the execution plan (device, precision, batch, post-processing threads, ...).
+    cells_um: grow a cell of up to this many um around every nucleus (0 = nuclei only).
     """
 
     slide_path: str
@@ -155,6 +156,7 @@ class SlideJob:
     model_path: str | None
     model_hash: str
     plan: ExecutionPlan
+    cells_um: float = 0.0
 
 
 @dataclass
@@ -240,7 +242,7 @@ def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop")
             tile = store.tiles[i]
             instances = segment_tile(images[k], predictor, store.grid, tile, maps=(prob[k], None if hv is None else hv[k]),
                                      labels=None if labels is None else labels[k], on_truncated=on_truncated,
-                                     unreadable=unreadable[k])
+                                     unreadable=unreadable[k], cell_px=job.cells_um / store.grid.mpp)
             with atomic_open(result_path(job.results_dir, tile), "wb") as f:
                 pickle.dump(instances, f, protocol=pickle.HIGHEST_PROTOCOL)
             done.append((tile, instances.count, instances.dropped))

@@ -76,12 +76,19 @@ def tile_nuclei(instances: TileInstances, grid: TileGrid, offset: int, namespace
     from wsi_ircr.slide.table import nucleus_measurements
 
     n = instances.count
+    measured = nucleus_measurements(instances.features, grid.mpp, grid.slide_mpp)
+    cells = getattr(instances, "cell_polygons", None)  # results saved by earlier versions have no cells
+    if cells is not None:
+        from wsi_ircr.slide.cells import cell_measurements
+
+        measured.update(cell_measurements(instances.cell_features, grid.mpp))
     measurements = {name: np.broadcast_to(np.asarray(values, dtype=np.float64), (n,)).copy()
-                    for name, values in nucleus_measurements(instances.features, grid.mpp, grid.slide_mpp).items()}
+                    for name, values in measured.items()}
     ids = [feature_uuid(namespace, offset + i + 1) if namespace is not None else str(uuid_module.uuid4())
            for i in range(n)]
     return TileNuclei(ids, [to_level0(p, grid) for p in instances.polygons],
-                      grid.target_to_level0_xy(instances.centroid_rc).reshape(n, 2), measurements)
+                      grid.target_to_level0_xy(instances.centroid_rc).reshape(n, 2), measurements,
+                      None if cells is None else [to_level0(p, grid) for p in cells])
 
 
 class NucleiWriter(Protocol):
