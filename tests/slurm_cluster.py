@@ -188,8 +188,9 @@ def start_slurm_cluster(root: Path) -> SlurmCluster:
     ]
     try:
         for command in commands:
-            cluster.procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(root / f"{command[0]}.err", "w"),
-                                                  env=cluster.env, start_new_session=True))
+            with open(root / f"{command[0]}.err", "w") as err:
+                cluster.procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=cluster.env,
+                                                      start_new_session=True))
             time.sleep(0.5 if command[0] == "munged" else 0)
         cluster.wait_idle()
     except BaseException:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,37 @@ def test_a_cohort_on_real_slurm_jobs_equals_a_local_run(slurm_cluster, cohort, l
     assert {state for j, state in slurm_cluster.finished().items() if j in jobs} <= {"CANCELLED", "COMPLETED"}
     scripts = sorted((tmp_path / "logs").glob("*.err"))
     assert scripts, "no job log"
+
+
+def test_a_worker_job_cancelled_mid_cohort_changes_no_nucleus(slurm_cluster, cohort, local_run, tmp_path):
+    """``scancel`` of a running worker job once the first tiles are saved: its tasks run again on
+    the other job or a new one, the command ends normally and the nuclei are a local run's."""
+    slides, model = cohort
+    before = set(slurm_cluster.queue())
+    out = tmp_path / "out"
+    config = slurm_config(tmp_path / "slurm.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "wsi_ircr", "segment", str(slides), "-o", str(out), "--model",
+                             str(model), *TILES, "--set", "batch_tiles=1", "--cluster", "slurm", "--cluster-config",
+                             str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        running: list[int] = []
+        while not (running and list(out.glob("*/work/*.pkl"))):
+            assert proc.poll() is None and time.monotonic() < deadline, ("ended before a job was cancelled",
+                                                                         proc.communicate())
+            running = [j for j, (state, _) in slurm_cluster.queue("RUNNING").items() if j not in before]
+            time.sleep(0.2)
+        slurm_cluster.run("scancel", str(running[0]))
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, (stdout, stderr, slurm_cluster.logs())
+    assert stdout.startswith("3 of 3 slides done"), stdout
+    for stem in ("a", "b", "c"):
+        assert (out / stem / "nuclei.csv").read_bytes() == (local_run / stem / "nuclei.csv").read_bytes(), stem
+    deadline = time.monotonic() + 30
+    while running[0] not in slurm_cluster.finished() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert slurm_cluster.finished()[running[0]] == "CANCELLED"
+    assert not slurm_cluster.queue(LIVE)
