@@ -18,6 +18,7 @@ COMMANDS = {
     "train": "wsi_ircr.cli.train:train",
     "adapt": "wsi_ircr.cli.adapt:adapt",
     "evaluate": "wsi_ircr.cli.evaluate:evaluate",
+    "cluster": "wsi_ircr.cli.cluster:cluster",
 }
 
 

@@ -34,7 +34,8 @@ SLURM_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cluster" / 
 class SlurmConfig:
     """SLURM worker jobs started through dask-jobqueue (``configs/cluster/slurm.yaml``).
 
-    queue / account: partition (``-p``) and account (``-A``); null = the site's default.
+    queue / account / qos: partition (``-p``), account (``-A``) and quality of service
+        (``--qos``); null = the site's default.
     cores / memory / walltime: per job. gpus: GPUs per job (``--gres=gpu:N``); each job
         then runs one worker process per GPU, each seeing only its own GPU.
     processes: worker processes per job without GPUs (cores are split between them).
@@ -48,6 +49,7 @@ class SlurmConfig:
 
     queue: str | None = None
     account: str | None = None
+    qos: str | None = None
     cores: int = 8
     memory: str = "32GB"
     gpus: int = 0
@@ -240,24 +242,84 @@ class SchedulerBackend:
             self._session = self._client = None
 
 
-def slurm_cluster(slurm: SlurmConfig):
-    """A dask-jobqueue ``SLURMCluster`` (not scaled yet) for ``slurm``; GPU jobs run one
-    worker process per GPU, each declaring ``resources={"GPU": its threads}``."""
+def _jobqueue():
+    """The dask_jobqueue module, or a UserError saying how to install it."""
     try:
-        from dask_jobqueue import SLURMCluster
+        import dask_jobqueue
     except ImportError:
         raise UserError("--cluster slurm needs dask-jobqueue: pip install \"wsi-ircr[cluster]\"") from None
+    return dask_jobqueue
+
+
+def slurm_job_options(slurm: SlurmConfig) -> dict:
+    """dask-jobqueue's job options for ``slurm``: GPU jobs run one worker process per GPU,
+    each declaring ``resources={"GPU": its threads}``."""
     processes = slurm.worker_processes
     threads = max(1, slurm.cores // processes)
     extra_args = ["--resources", f"GPU={threads}"] if slurm.gpus else []
-    directives = ([f"--gres=gpu:{slurm.gpus}"] if slurm.gpus else []) + list(slurm.extra_directives)
-    return SLURMCluster(queue=slurm.queue, account=slurm.account, cores=slurm.cores, processes=processes,
-                        memory=slurm.memory, walltime=slurm.walltime, job_extra_directives=directives,
-                        worker_extra_args=extra_args, job_script_prologue=list(slurm.setup),
-                        local_directory=slurm.local_directory, log_directory=slurm.log_directory,
-                        interface=slurm.interface,
-                        dashboard_address=None, scheduler_options={"dashboard_address": None},
-                        silence_logs="error")
+    directives = (([f"--gres=gpu:{slurm.gpus}"] if slurm.gpus else []) + ([f"--qos={slurm.qos}"] if slurm.qos else [])
+                  + list(slurm.extra_directives))
+    return dict(queue=slurm.queue, account=slurm.account, cores=slurm.cores, processes=processes, memory=slurm.memory,
+                walltime=slurm.walltime, job_extra_directives=directives, worker_extra_args=extra_args,
+                job_script_prologue=list(slurm.setup), local_directory=slurm.local_directory,
+                log_directory=slurm.log_directory, interface=slurm.interface)
+
+
+def slurm_cluster(slurm: SlurmConfig):
+    """A dask-jobqueue ``SLURMCluster`` (not scaled yet) for ``slurm``."""
+    return _jobqueue().SLURMCluster(**slurm_job_options(slurm), dashboard_address=None,
+                                    scheduler_options={"dashboard_address": None}, silence_logs="error")
+
+
+def slurm_job_script(slurm: SlurmConfig, scheduler: str = "tcp://SCHEDULER:PORT") -> str:
+    """The job script a worker job of ``slurm`` runs, without starting a scheduler or submitting."""
+    from dask_jobqueue.slurm import SLURMJob
+
+    _jobqueue()
+    return SLURMJob(scheduler=scheduler, name="dask-worker", **slurm_job_options(slurm)).job_script()
+
+
+def _memory_mb(text: str) -> float | None:
+    """``"32GB"`` / ``"500M"`` / ``"21694"`` (sinfo's MB) -> MB; None when unreadable."""
+    import re
+
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if not m:
+        return None
+    return float(m.group(1)) * {"": 1, "K": 2**-10, "M": 1, "G": 2**10, "T": 2**20}[m.group(2).upper()]
+
+
+def slurm_partition_report(slurm: SlurmConfig) -> list[str]:
+    """What ``sinfo`` says of the partition ``slurm`` asks for, and where the jobs would not fit
+    (one line each); a line saying why when there is no SLURM here."""
+    import shutil
+    import subprocess
+
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return ["sinfo / sbatch: not on PATH; run `wsi-ircr cluster check` on a SLURM login node"]
+    done = subprocess.run(["sinfo", "-h", "-o", "%P|%a|%l|%D|%c|%m|%G"], capture_output=True, text=True, timeout=60)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        return [f"sinfo: {last.removeprefix('sinfo: ')}"]
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.count("|") == 6]
+    names = [r[0].rstrip("*") for r in rows]
+    wanted = slurm.queue or next((r[0].rstrip("*") for r in rows if r[0].endswith("*")), None)
+    if wanted not in names:
+        return [f"partition {slurm.queue or '(default)'}: not found; sinfo lists {', '.join(names) or 'none'}: "
+                "set queue in the SLURM config"]
+    _, avail, limit, nodes, cpus, memory, gres = rows[names.index(wanted)]
+    name = wanted
+    lines = [f"partition {name}: {avail}, time limit {limit}, {nodes} nodes of {cpus} CPUs, {memory} MB, gres {gres}"]
+    if avail != "up":
+        lines.append(f"warning: partition {name} is {avail}: jobs will wait")
+    if cpus.isdigit() and slurm.cores > int(cpus):
+        lines.append(f"warning: cores {slurm.cores} > the {cpus} CPUs of a node: jobs never start; lower cores")
+    need, have = _memory_mb(slurm.memory), _memory_mb(memory.rstrip("+"))
+    if need and have and need > have:
+        lines.append(f"warning: memory {slurm.memory} > the {memory} MB of a node: jobs never start; lower memory")
+    if slurm.gpus and "gpu" not in gres:
+        lines.append(f"warning: gpus {slurm.gpus} but the nodes of {name} list no GPU (gres {gres}); choose a GPU partition")
+    return lines
 
 
 class SlurmBackend:
