@@ -108,6 +108,7 @@ def _raster(features: list[dict], shape_rc: tuple[int, int]) -> np.ndarray:
     return np.asarray(image, np.int32)
 
 
+@pytest.mark.slow  # two whole segment processes; the torch flood on the CPU takes about a minute of CPU
 def test_torch_postprocessing_through_the_whole_pipeline_matches_the_reference(slide_and_model, tmp_path):
     """``postprocess: torch`` (CUDA's default) on the CPU, in streamed tasks of several
     batches and post-processing threads, against the scikit-image run: same nuclei."""

@@ -257,6 +257,7 @@ def test_readme_command_on_the_sample_slide(tmp_path, capfd):
     assert overlay.shape[0] > 500 and overlay.std() > 10
 
 
+@pytest.mark.slow  # a whole segment process killed mid-run, then run again
 def test_killed_run_resumes_to_the_same_geojson(slide, random_model, tmp_path, capfd):
     """SIGKILL a real ``segment`` process once its first tile results are saved; the same
     command then resumes (tile store and saved tiles reused) and writes the GeoJSON of an

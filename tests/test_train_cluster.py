@@ -190,6 +190,7 @@ def dask_setup(worker):
 '''
 
 
+@pytest.mark.slow  # a worker process killed mid-run, replaced by its nanny
 @pytest.mark.distributed
 def test_a_lost_worker_is_replaced_and_the_run_continues_from_last_pt(dataset, tmp_path, capsys):
     """The worker process dies at step 3 (last.pt holds step 2); its nanny starts a new one, Dask
