@@ -28,7 +28,8 @@ SMALL = {"core_px": 256, "halo_px": 32, "max_nucleus_um": 8.0, "threads_per_work
 
 @pytest.fixture(scope="module")
 def image() -> np.ndarray:
-    return synthetic_he((1280, 1280), n_nuclei=260, seed=11, radius_px=(4, 6), tissue_fraction=0.9)[0]
+    """uint8 (768, 1024, 3): 3 x 4 slide tiles of 256 px, 3 x 4 segment tiles (core 256 px)."""
+    return synthetic_he((768, 1024), n_nuclei=160, seed=11, radius_px=(4, 6), tissue_fraction=0.9)[0]
 
 
 @pytest.fixture(scope="module", params=[1, 3], ids=["single-level", "pyramidal"])
@@ -40,8 +41,8 @@ def slides(request, image, tmp_path_factory) -> tuple[Path, Path]:
 def test_a_broken_tile_is_read_around_white_and_recorded(slides):
     intact, broken = slides
     with open_slide(intact) as a, open_slide(broken) as b:
-        whole = b.read_region((0, 0), 0, (1280, 1280))
-        expected = a.read_region((0, 0), 0, (1280, 1280))
+        whole = b.read_region((0, 0), 0, (1024, 768))
+        expected = a.read_region((0, 0), 0, (1024, 768))
         assert b.unreadable_xywh == {BOX}
         x, y, w, h = BOX
         assert (whole[y:y + h, x:x + w] == 255).all()
@@ -54,7 +55,7 @@ def test_a_broken_tile_is_read_around_white_and_recorded(slides):
 def test_concurrent_reads_blame_only_the_broken_tile(slides):
     intact, broken = slides
     rng = np.random.default_rng(0)
-    corners = [(int(x), int(y)) for x, y in rng.integers(0, 1280 - 200, (24, 2))]
+    corners = [(int(x), int(y)) for x, y in rng.integers(0, 768 - 200, (24, 2))]
     with open_slide(intact) as a, open_slide(broken) as b, ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda xy: b.read_region(xy, 0, (200, 200)), corners))
         assert b.unreadable_xywh <= {BOX}
@@ -69,9 +70,9 @@ def test_concurrent_reads_blame_only_the_broken_tile(slides):
 def test_the_thumbnail_reads_the_level_it_needs(slides):
     _, broken = slides
     with open_slide(broken) as reader:
-        thumb = read_scaled(reader, (0.0, 0.0), (160, 160), 8.0)
+        thumb = read_scaled(reader, (0.0, 0.0), (96, 128), 8.0)
         levels = len(reader.level_dimensions_xy)
-        assert thumb.shape == (160, 160, 3)
+        assert thumb.shape == (96, 128, 3)
         # a pyramid's coarse level is intact; a single-level slide's thumbnail reads level 0 around the tile
         assert reader.unreadable_xywh == (set() if levels > 1 else {BOX})
 
@@ -95,40 +96,53 @@ def _nuclei(out: Path, stem: str) -> tuple[set[tuple[float, float]], list[np.nda
     return centroids, [np.asarray(feat["geometry"]["coordinates"][0]) for feat in features]
 
 
-def test_segment_leaves_out_the_broken_tile_and_says_where(slides, model, client, tmp_path):
-    intact, broken = slides
+@pytest.fixture(scope="module")
+def intact_run(image, model, client, tmp_path_factory) -> tuple[Path, Path]:
+    """(the intact slide, its run's output folder); its level 0 is that of every slide of ``slides``."""
+    intact, _ = intact_and_broken(tmp_path_factory.mktemp("intact"), image, 0.25, 1, (1, 1))
+    out = tmp_path_factory.mktemp("intact-run")
     config = SegmentConfig(**SMALL, model=str(model))
+    assert segment_slides([intact], out, config, client, model_info(config)).done == [intact]
+    return intact, out
+
+
+def test_segment_leaves_out_the_broken_tile_and_says_where(slides, intact_run, model, client, tmp_path):
+    _, broken = slides
+    intact, intact_out = intact_run
+    config = SegmentConfig(**SMALL, model=str(model), max_unreadable_fraction=0.2)  # 1 slide tile of 12
     lines = []
-    report = segment_slides([intact, broken], tmp_path, config, client, model_info(config),
+    report = segment_slides([broken], tmp_path, config, client, model_info(config),
                             echo=lambda line, err: lines.append(line))
-    assert sorted(report.done) == sorted([intact, broken])
+    assert report.done == [broken]
     summary = json.loads((tmp_path / broken.stem / "summary.json").read_text())
     assert summary["unreadable"]["regions"] == 1 and summary["unreadable"]["boxes_xywh"] == [list(BOX)]
     assert summary["unreadable"]["area_mm2"] == pytest.approx(256 * 256 * 0.25**2 / 1e6)
-    assert json.loads((tmp_path / intact.stem / "summary.json").read_text())["unreadable"]["regions"] == 0
+    assert json.loads((intact_out / intact.stem / "summary.json").read_text())["unreadable"]["regions"] == 0
     warnings = [line for line in lines if line.startswith("warning:") and "could not be read" in line]
     assert len(warnings) == 1 and str(broken) in warnings[0] and "1 broken tiles could not be read" in warnings[0]
-    with open(tmp_path / "cohort.csv", newline="") as f:
-        rows = {Path(r["slide"]).name: r for r in csv.DictReader(f)}
-    assert rows[broken.name]["unreadable_regions"] == "1" and rows[intact.name]["unreadable_regions"] == "0"
+    for out, slide, regions in ((tmp_path, broken, "1"), (intact_out, intact, "0")):
+        with open(out / "cohort.csv", newline="") as f:
+            (row,) = csv.DictReader(f)
+        assert row["slide"] == str(slide) and row["unreadable_regions"] == regions
 
-    full, _ = _nuclei(tmp_path, intact.stem)
+    full, _ = _nuclei(intact_out, intact.stem)
     kept, outlines = _nuclei(tmp_path, broken.stem)
-    far = lambda xy: xy[0] >= 768 or xy[1] >= 768  # noqa: E731 - owned by tiles whose windows miss the box
-    assert {c for c in kept if far(c)} == {c for c in full if far(c)}
+    far = lambda xy: xy[0] >= 768  # noqa: E731 - owned by the tiles whose windows miss the box
+    assert {c for c in kept if far(c)} == {c for c in full if far(c)} != set()
     assert len(kept) > 0.8 * len(full)
     x, y, w, h = BOX
     for xy in outlines:  # no nucleus reaches into the unreadable tile (no half nuclei)
         assert not ((xy[:, 0] > x) & (xy[:, 0] < x + w) & (xy[:, 1] > y) & (xy[:, 1] < y + h)).any()
 
 
-def test_a_slide_past_the_unreadable_threshold_fails_in_one_line(slides, model, client, tmp_path):
-    _, broken = slides
-    config = SegmentConfig(**SMALL, model=str(model), max_unreadable_fraction=0.01)
-    report = segment_slides([broken], tmp_path, config, client, model_info(config))
+def test_a_slide_past_the_unreadable_threshold_fails_in_one_line(image, model, client, tmp_path):
+    _, broken = intact_and_broken(tmp_path / "slides", image[:512, :512].copy(), 0.25, 1, (1, 1))  # 1 tile of 4
+    config = SegmentConfig(**SMALL, model=str(model))
+    report = segment_slides([broken], tmp_path / "out", config, client, model_info(config))
     message = report.failed[broken]
-    assert "of the tissue could not be read (1 broken tiles" in message and "max_unreadable_fraction 0.01" in message
+    assert "25.0 % of the tissue could not be read (1 broken tiles" in message
+    assert "max_unreadable_fraction 0.05" in message
     assert "\n" not in message
-    with open(tmp_path / "cohort.csv", newline="") as f:
+    with open(tmp_path / "out" / "cohort.csv", newline="") as f:
         (row,) = csv.DictReader(f)
     assert row["status"] == "failed" and "could not be read" in row["error"]
