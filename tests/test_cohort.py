@@ -151,16 +151,15 @@ def test_a_task_error_fails_its_slide_alone(folder, model, client, tmp_path, mon
     assert rows(tmp_path)["b.tiff"]["status"] == "done"
 
 
-def test_cli_list_with_a_missing_slide_exits_1_with_a_summary(folder, model, tmp_path, capfd):
+def test_cli_list_with_a_missing_slide_is_one_line_before_any_work(folder, model, tmp_path, capfd):
     listing = folder / "list.txt"
     listing.write_text("a.svs\nmissing.svs\n")
     with pytest.raises(SystemExit) as exit_info:
-        main(["segment", "--list", str(listing), "-o", str(tmp_path), "--model", str(model), *CLI])
+        main(["segment", "--list", str(listing), "-o", str(tmp_path / "out"), "--model", str(model), *CLI])
     out, err = capfd.readouterr()
-    assert exit_info.value.code == 1
-    assert out == f"1 of 2 slides done, 1 failed; see {tmp_path / 'cohort.csv'}\n"
-    assert err.count("\n") == 1 and "missing.svs: no such file" in err
-    assert rows(tmp_path)["missing.svs"]["status"] == "failed" and rows(tmp_path)["a.svs"]["status"] == "done"
+    assert exit_info.value.code == 2 and out == ""
+    assert err.count("\n") == 1 and f"--list {listing}: {folder / 'missing.svs'}: no such file or folder" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_tta_reaches_the_network_and_is_part_of_the_run_key(folder, model, client, tmp_path):

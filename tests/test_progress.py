@@ -8,8 +8,13 @@ import sys
 from wsi_ircr.progress import CohortProgress, note
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def test_bars_count_slides_and_tiles_with_a_growing_total(monkeypatch):
-    err = io.StringIO()
+    err = _Terminal()
     monkeypatch.setattr(sys, "stderr", err)
     with CohortProgress(2) as progress:
         progress.add_tiles(6)

@@ -73,9 +73,10 @@ def _tiff_without_resolution(path: Path) -> Path:
 
 
 # Errors of the whole command: exit 2 before any work, nothing written.
-COMMAND_ERRORS = ["folder_without_slides", "halo_below_nucleus", "cuda_without_gpu", "output_is_a_file"]
+COMMAND_ERRORS = ["missing", "missing_folder", "folder_without_slides", "halo_below_nucleus", "cuda_without_gpu",
+                  "output_is_a_file"]
 # Errors of one slide: it fails alone (exit 1), recorded in OUT/cohort.csv, no run folder left.
-SLIDE_ERRORS = ["missing", "text", "truncated_svs", "dicom", "no_mpp", "placeholder_dpi", "smaller_than_a_tile"]
+SLIDE_ERRORS = ["text", "truncated_svs", "dicom", "no_mpp", "placeholder_dpi", "smaller_than_a_tile"]
 
 
 @pytest.mark.parametrize("case", COMMAND_ERRORS + SLIDE_ERRORS)
@@ -83,7 +84,9 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, slide, random_model, tmp
     options = list(SMALL_TILES)
     expect = None
     if case == "missing":
-        target, expect = tmp_path / "nope.svs", "no such file"
+        target, expect = tmp_path / "nope.svs", "nope.svs: no such file or folder; check the path"
+    elif case == "missing_folder":
+        target, expect = f"{tmp_path / 'slides'}/", "slides: no such file or folder; check the path"
     elif case == "folder_without_slides":
         target, expect = tmp_path / "empty", "no slide"
         target.mkdir()

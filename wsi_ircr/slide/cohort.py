@@ -257,8 +257,8 @@ class _Cohort:
             self.progress.slide_done()
         else:
             run = planned.run
-            self.progress.add_tiles(len(run.plan.tiles))
-            self.progress.tiles_done(run.results.reused)
+            self.progress.add_tiles(len(run.plan.tiles), run.slide.name)
+            self.progress.tiles_done(run.results.reused, reused=True)
             self.active.append(run)
             self._maybe_export(run)
 

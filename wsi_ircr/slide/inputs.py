@@ -36,8 +36,8 @@ def _slides_in_folder(folder: Path) -> list[Path]:
 
 def _slides_in_list(list_file: Path) -> list[Path]:
     """Paths listed one per line (blank lines and ``#`` comments skipped); relative paths
-    resolve against the list file's folder; a listed folder stands for its slides. Missing
-    files are kept (they fail alone)."""
+    resolve against the list file's folder; a listed folder stands for its slides. A listed
+    path that does not exist is a UserError."""
     try:
         lines = list_file.read_text().splitlines()
     except FileNotFoundError:
@@ -49,18 +49,26 @@ def _slides_in_list(list_file: Path) -> list[Path]:
     if not paths:
         raise UserError(f"--list {list_file}: lists no slide; write one slide path per line")
     paths = [p if p.is_absolute() else list_file.parent / p for p in paths]
+    for p in paths:
+        _require_exists(p, f"--list {list_file}: ")
     return [slide for p in paths for slide in (_slides_in_folder(p) if p.is_dir() else [p])]
+
+
+def _require_exists(path: Path, where: str = "") -> None:
+    """UserError, before any work, for a slide path or folder that does not exist."""
+    if not path.exists():
+        raise UserError(f"{where}{path}: no such file or folder; check the path (nothing was run)")
 
 
 def collect_slides(paths: Iterable[str | Path], list_file: str | Path | None = None) -> list[Path]:
     """Absolute slide paths from ``paths`` (files, or folders of slides) and ``list_file``.
 
-    A path that does not exist stays in the list (it fails alone, recorded in cohort.csv);
-    no slide at all, a folder without slides, or two slides that would share a run folder
-    are UserErrors raised before any work.
+    A path that does not exist, no slide at all, a folder without slides, or two slides that
+    would share a run folder are UserErrors raised before any work.
     """
     slides: list[Path] = []
     for path in map(Path, paths):
+        _require_exists(path)
         slides.extend(_slides_in_folder(path) if path.is_dir() else [path])
     if list_file is not None:
         slides.extend(_slides_in_list(Path(list_file)))
