@@ -63,6 +63,8 @@ def geojson(out: Path, stem: str) -> bytes:
 def test_collect_slides_from_files_folders_and_lists(folder, tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text(f"# cohort\n\n{folder / 'a.svs'}\nrelative/x.svs\n")
+    (tmp_path / "relative").mkdir()
+    (tmp_path / "relative" / "x.svs").write_bytes(b"")  # listed paths must exist (their content fails alone)
     got = collect_slides([folder / "b.tiff"], listing)
     assert got == [folder / "b.tiff", folder / "a.svs", tmp_path / "relative" / "x.svs"]
     listing.write_text(f"{folder}\n")  # a listed folder stands for its slides
@@ -70,7 +72,8 @@ def test_collect_slides_from_files_folders_and_lists(folder, tmp_path):
     assert collect_slides([folder]) == [folder / "a.svs", folder / "b.tiff", folder / "c.svs"]
     (tmp_path / "empty").mkdir()
     for args, words in [(([tmp_path / "empty"],), "no slide"), (([], tmp_path / "none.txt"), "--list"),
-                        (([],), "no slides given"), (([folder / "a.svs", folder / "a.svs"],), "listed twice")]:
+                        (([],), "no slides given"), (([folder / "a.svs", folder / "a.svs"],), "listed twice"),
+                        (([tmp_path / "gone.svs"],), "gone.svs: no such file or folder")]:
         with pytest.raises(UserError, match=words):
             collect_slides(*args)
     (tmp_path / "a.tiff").write_bytes(b"")
