@@ -117,3 +117,24 @@ def test_a_worker_job_cancelled_mid_cohort_changes_no_nucleus(slurm_cluster, coh
         time.sleep(0.5)
     assert slurm_cluster.finished()[running[0]] == "CANCELLED"
     assert not slurm_cluster.queue(LIVE)
+
+
+def test_jobs_killed_by_their_memory_limit_fail_the_slide_in_one_line(slurm_cluster, cohort, tmp_path):
+    """Worker jobs of 300 MB (less than torch and the model need): slurmd kills each one; the
+    command ends (no hang) with a line saying what to do, in its output and in cohort.csv."""
+    slides, model = cohort
+    before = set(slurm_cluster.queue())
+    only_a = tmp_path / "slides"
+    only_a.mkdir()
+    (only_a / "a.svs").symlink_to(slides / "a.svs")
+    config = slurm_config(tmp_path / "slurm.yaml", memory="300MB", maximum_jobs=1)
+    done = segment(only_a, model, tmp_path / "out", "--cluster", "slurm", "--cluster-config", str(config))
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "a.svs: the Dask workers running its tiles kept dying" in errors[0], done.stderr
+    assert "give each worker more memory" in rows(tmp_path / "out")["a.svs"]["error"]
+    jobs = {j: s for j, s in slurm_cluster.finished().items() if j not in before}
+    assert jobs and set(jobs.values()) == {"FAILED"}, jobs
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.err"))
+    assert "Exceeded job memory limit" in logs
+    assert not slurm_cluster.queue(LIVE)

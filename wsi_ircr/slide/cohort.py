@@ -95,8 +95,16 @@ def roi_text(regions: list[dict] | None) -> str:
                      for r in regions or [])
 
 
+WORKERS_DIED = ("the Dask workers running its tiles kept dying (killed by the system or by their job's limits: "
+                "out of memory, time limit); see the workers' logs (SLURM: the jobs' .err files in the SLURM config's "
+                "log_directory), then give each worker more memory or lower batch_tiles")
+
+
 def error_text(slide: Path, error: BaseException) -> str:
-    """One line naming the slide: a UserError's message, or the exception's type and message."""
+    """One line naming the slide: a UserError's message, what to do when its workers kept
+    dying (Dask's KilledWorker), or the exception's type and message."""
+    if type(error).__name__ == "KilledWorker":
+        return f"{slide}: {WORKERS_DIED}"
     text = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
     text = " ".join(text.split())
     return text if str(slide) in text or slide.name in text else f"{slide}: {text}"
