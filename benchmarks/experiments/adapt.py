@@ -1,0 +1,282 @@
+"""The adaptation study: the bundled model adapted to a target it never saw, scored on the target's test tiles.
+
+Every run is the public CLI (``wsi-ircr adapt``, then ``wsi-ircr evaluate`` on the test tiles).
+Settings are chosen on validation tiles taken from the target's *train* split; unlabelled crops
+come from the other train tiles; the test tiles are scored once per finished run and never used
+for a choice. Rows go to ``benchmarks/results/adapt.json`` as they finish (a killed study
+continues where it stopped: finished rows are skipped, a run cut short resumes from its
+last.pt), and the table to ``benchmarks/adapt.md``.
+
+    python -m benchmarks.experiments.adapt                       # every row of the CPU plan
+    python -m benchmarks.experiments.adapt --only ircr-L0-s0      # one row
+    python -m benchmarks.experiments.adapt --table                # rewrite the report's table only
+    bash benchmarks/experiments/gpu_adapt.sh                      # the GPU preset (one CUDA GPU, 15 min)
+
+CoNSeP's licence is not stated: the data is read from ../shared and adapted weights stay in runs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import REPO, load_average
+from benchmarks.common import SHARED as SHARED_ROOT
+
+SHARED = SHARED_ROOT / "data"
+RESULTS = REPO / "benchmarks" / "results" / "adapt.json"
+REPORT = REPO / "benchmarks" / "adapt.md"
+RUNS = Path("runs/adapt")  # relative to the repository root, where every command runs
+TABLE_START, TABLE_END = "<!-- table:start -->", "<!-- table:end -->"
+
+TARGETS = {
+    "consep": {"folder": "consep-colorectal", "mpp": 0.25, "image_ext": ".jpg", "n_val": 3, "n_labelled": 2},
+}
+
+def plan(steps: int, long: int) -> list[tuple[str, int, int, int]]:
+    """Rows (method, labelled tiles, seed, steps): 0-label Mean Teacher vs IRCR, 2-label supervised
+    vs IRCR, BatchNorm statistics alone (``bn_only``: Mean Teacher at lr 1e-9, so only the
+    running statistics move), a second seed of the 0-label rows, one run 4x as long validated every ``steps`` (does
+    the student drift?), then more seeds and the single terms."""
+    return ([("mean_teacher", 0, 0, steps), ("ircr", 0, 0, steps), ("supervised", 2, 0, steps), ("ircr", 2, 0, steps),
+             ("bn_only", 0, 0, steps)]
+            + [(m, 0, 1, steps) for m in ("mean_teacher", "ircr")] + [("mean_teacher", 0, 0, long)]
+            + [(m, 0, 2, steps) for m in ("mean_teacher", "ircr")]
+            + [(m, 2, s, steps) for s in (1, 2) for m in ("supervised", "ircr")]
+            + [("mt_piac", 0, 0, steps), ("mt_miac", 0, 0, steps)])
+
+
+PRESETS = {
+    # fp32 on 2 CPU cores shared with three other jobs (load 8-11): a step of 4 + 4 crops of 128 px
+    # took 4.7 s of CPU and ~9-17 s of wall time, so 40 steps a row
+    "cpu": {"steps": 40, "long": 160, "sets": ["threads=2", "checkpoint_every=10", "crop_px=128"],
+            "results": RESULTS, "runs": RUNS},
+    # benchmarks/experiments/gpu_adapt.sh: one CUDA GPU, bf16 (native there), the adapt defaults' crops
+    "gpu": {"steps": 400, "long": 1600, "sets": ["device=cuda", "bf16=true", "checkpoint_every=100", "crop_px=192",
+                                                 "batch_size=8", "unlabelled_batch_size=8"],
+            "results": REPO / "benchmarks" / "results" / "adapt-gpu.json", "runs": Path("runs/adapt-gpu")},
+}
+STEPS, PLAN, COMMON_SETS = 40, plan(40, 160), PRESETS["cpu"]["sets"]
+
+
+def use_preset(name: str) -> None:
+    """Point the module's settings (steps, plan, --set list, results file, run folder) at a preset."""
+    global STEPS, PLAN, COMMON_SETS, RESULTS, RUNS
+    preset = PRESETS[name]
+    STEPS, PLAN, COMMON_SETS = preset["steps"], plan(preset["steps"], preset["long"]), preset["sets"]
+    RESULTS, RUNS = preset["results"], preset["runs"]
+
+METHOD_SETS = {  # study rows that are not an adapt --method of their own
+    "mt_piac": ("ircr", ["miac_weight=0"]),  # ircr's config with one term off
+    "mt_miac": ("ircr", ["piac_weight=0"]),
+    "bn_only": ("mean_teacher", ["lr=1e-9"]),  # weights frozen in effect: only BatchNorm statistics adapt
+}
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}  # runs where wsi-ircr is not installed too
+
+
+def split(target: str) -> dict[str, list[str]]:
+    """Validation, labelled and unlabelled stems (from the train split) and the test stems."""
+    import csv
+
+    spec = TARGETS[target]
+    with open(SHARED / spec["folder"] / "manifest.csv") as f:
+        rows = list(csv.DictReader(f))
+    train = sorted(r["stem"] for r in rows if r["split"] == "train")
+    test = sorted(r["stem"] for r in rows if r["split"] == "test")
+    order = np.random.default_rng(0).permutation(len(train))
+    val = sorted(train[i] for i in order[: spec["n_val"]])
+    labelled = sorted(train[i] for i in order[spec["n_val"] : spec["n_val"] + spec["n_labelled"]])
+    return {"val": val, "labelled": labelled, "unlabelled": sorted(set(train) - set(val)), "test": test}
+
+
+def link_folder(root: Path, stems: list[str], target: str, with_labels: bool = True) -> Path:
+    """``root/images`` (and ``root/labels``) of links to the target's files for ``stems``."""
+    spec = TARGETS[target]
+    src = SHARED / spec["folder"]
+    for sub, ext in (("images", spec["image_ext"]), ("labels", ".png"))[: 2 if with_labels else 1]:
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for stem in stems:
+            link = root / sub / f"{stem}{ext}"
+            if not link.exists():
+                link.symlink_to(src / sub / f"{stem}{ext}")
+    return root
+
+
+def prepare(target: str) -> dict[str, Path]:
+    """The folders every command of ``target`` reads (links under runs/adapt/<target>/data)."""
+    s, data = split(target), RUNS / target / "data"
+    return {
+        "val": link_folder(data / "val", s["val"], target),
+        "val_labelled": link_folder(data / "val_labelled", s["val"] + s["labelled"], target),
+        "unlabelled": link_folder(data / "unlabelled", s["unlabelled"], target, with_labels=False) / "images",
+        "test": link_folder(data / "test", s["test"], target),
+    }
+
+
+def run(cmd: list[str]) -> float:
+    """Run a ``wsi-ircr ...`` command line with this Python (``python -m wsi_ircr``); its CPU seconds."""
+    import resource
+
+    print("$", " ".join(cmd), flush=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-m", "wsi_ircr", *cmd[1:]], check=True, env=ENV, cwd=REPO)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def evaluate(model: str | None, folder: Path, out_json: Path, mpp: float) -> dict:
+    """Mean scores of ``model`` (None: the bundled one) on ``folder``; cached in ``out_json``."""
+    if not out_json.exists():
+        cmd = ["wsi-ircr", "evaluate", "--images", str(folder / "images"), "--labels", str(folder / "labels"),
+               "--mpp", str(mpp), "--fp32", "--quiet", "--json", str(out_json)]
+        run(cmd + (["--model", model] if model else []))
+    mean = json.loads((REPO / out_json).read_text())["mean"]
+    return {k: round(mean[k], 4) for k in ("aji", "dice", "pq", "f1")}
+
+
+def adapt_command(target: str, method: str, labelled: int, seed: int, steps: int, folders: dict[str, Path], out: Path) -> list[str]:
+    config_method, extra = METHOD_SETS.get(method, (method, []))
+    spec = TARGETS[target]
+    s = split(target)
+    cmd = ["wsi-ircr", "adapt", "--method", config_method, "--steps", str(steps), "--seed", str(seed),
+           "--mpp", str(spec["mpp"]), "--out", str(out), "--quiet"]
+    if config_method != "supervised":
+        cmd += ["--unlabelled", str(folders["unlabelled"])]
+    folder = folders["val_labelled"] if labelled else folders["val"]
+    cmd += ["--images", str(folder / "images"), "--labels", str(folder / "labels"),
+            "--set", f"data.val=[{','.join(s['val'])}]", "--set", f"data.labelled={labelled}",
+            "--set", f"val_every={STEPS}"]  # every 40 steps: once in a 40-step row
+    for item in COMMON_SETS + extra:
+        cmd += ["--set", item]
+    return cmd
+
+
+def load_rows() -> list[dict]:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+
+
+def save_rows(rows: list[dict]) -> None:
+    from wsi_ircr.io.atomic import atomic_open
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(RESULTS) as f:
+        json.dump(rows, f, indent=1)
+        f.write("\n")
+
+
+def row_name(method: str, labelled: int, seed: int, steps: int = STEPS) -> str:
+    return f"{method}-L{labelled}-s{seed}" + (f"-{steps}" if steps != STEPS else "")
+
+
+def zero_shot(target: str, folders: dict[str, Path]) -> dict:
+    """The bundled model as shipped, on the validation and test tiles."""
+    mpp = TARGETS[target]["mpp"]
+    out = RUNS / target / "zero_shot"
+    out.mkdir(parents=True, exist_ok=True)
+    val = evaluate(None, folders["val"], out / "val.json", mpp)
+    test = evaluate(None, folders["test"], out / "test.json", mpp)
+    cmd = f"wsi-ircr evaluate --images {folders['test']}/images --labels {folders['test']}/labels --mpp {mpp} --fp32"
+    return {"name": "zero_shot", "target": target, "method": "zero_shot", "labelled": 0, "seed": None, "steps": 0,
+            "minutes": 0.0, "val": val, "test": test, "command": cmd}
+
+
+def adapted(target: str, method: str, labelled: int, seed: int, steps: int, folders: dict[str, Path]) -> dict:
+    name = row_name(method, labelled, seed, steps)
+    out = RUNS / target / name
+    cmd = adapt_command(target, method, labelled, seed, steps, folders, out)
+    cpu, resumed = None, False
+    if not (REPO / out / "model.pt").exists():
+        resumed = (REPO / out / "last.pt").exists()
+        cpu = run(cmd + (["--resume"] if resumed else []))
+        cpu = None if resumed else cpu  # the CPU time of a whole run only
+    metrics = json.loads((REPO / out / "metrics.json").read_text())
+    last = metrics["history"][-1]
+    test = evaluate(str(out / "model.pt"), folders["test"], out / "test.json", TARGETS[target]["mpp"])
+    return {"name": name, "target": target, "method": method, "labelled": labelled,
+            "seed": seed, "steps": steps, "minutes": round(metrics["train_seconds"] / 60, 1),
+            "cpu_minutes": None if cpu is None else round(cpu / 60, 1), "load": load_average(),
+            "resumed": resumed,  # minutes then count the last stretch only
+            "val": {k: round(last[k], 4) for k in ("aji", "dice", "pq", "f1")}, "test": test,
+            "val_history": [{k: round(h[k], 4) if k != "step" else h[k] for k in ("step", "aji", "dice", "pq")}
+                            for h in metrics["history"]],
+            "command": " ".join(cmd)}
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per (target, method, labelled), mean (and spread) over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["target"], r["method"], r["labelled"]), []).append(r)
+    lines = ["| target | method | labelled tiles | seeds | steps | min / run | val AJI | test AJI | test Dice | test PQ | test F1 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (target, method, labelled), rs in groups.items():
+        def stat(split_: str, key: str) -> str:
+            v = [r[split_][key] for r in rs]
+            return f"{np.mean(v):.3f}" + (f" ± {np.std(v):.3f}" if len(v) > 1 else "")
+
+        seeds = ",".join(str(r["seed"]) for r in rs) if rs[0]["seed"] is not None else "-"
+        lines.append(f"| {target} | {method} | {labelled} | {seeds} | {rs[0]['steps']} | {np.mean([r['minutes'] for r in rs]):.1f} "
+                     f"| {stat('val', 'aji')} | {stat('test', 'aji')} | {stat('test', 'dice')} | {stat('test', 'pq')} | {stat('test', 'f1')} |")
+    return "\n".join(lines)
+
+
+def write_table(rows: list[dict]) -> None:
+    from wsi_ircr.io.atomic import atomic_open
+
+    if not REPORT.exists():
+        return
+    text = REPORT.read_text()
+    if TABLE_START not in text:
+        return
+    head, rest = text.split(TABLE_START, 1)
+    tail = rest.split(TABLE_END, 1)[1]
+    with atomic_open(REPORT) as f:
+        f.write(f"{head}{TABLE_START}\n{table(rows)}\n{TABLE_END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--target", default="consep", choices=sorted(TARGETS))
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    parser.add_argument("--only", nargs="*", help="row names (method-L<labelled>-s<seed>) to run")
+    parser.add_argument("--table", action="store_true", help="only rewrite the table of benchmarks/adapt.md")
+    parser.add_argument("--until", help="stop starting new rows after this UTC time (HH:MM)")
+    args = parser.parse_args(argv)
+    use_preset(args.preset)
+    rows = load_rows()
+    if args.table:
+        write_table(rows)
+        print(table(rows))
+        return
+    if not (SHARED / TARGETS[args.target]["folder"]).is_dir():
+        sys.exit(f"{SHARED / TARGETS[args.target]['folder']}: not found; the study needs ../shared/data")
+    folders = prepare(args.target)
+    done = {(r["target"], r["name"]) for r in rows}
+    if (args.target, "zero_shot") not in done and not args.only:
+        rows.append(zero_shot(args.target, folders))
+        save_rows(rows)
+        if args.preset == "cpu":
+            write_table(rows)
+    for method, labelled, seed, steps in PLAN:
+        name = row_name(method, labelled, seed, steps)
+        if (args.target, name) in done or (args.only and name not in args.only):
+            continue
+        if args.until and time.strftime("%H:%M", time.gmtime()) >= args.until:
+            print(f"{args.until} UTC reached; stopping before {name}", flush=True)
+            break
+        rows.append(adapted(args.target, method, labelled, seed, steps, folders))
+        save_rows(rows)
+        if args.preset == "cpu":
+            write_table(rows)
+        print(json.dumps(rows[-1]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
