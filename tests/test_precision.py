@@ -67,8 +67,18 @@ def test_auto_keeps_bf16_first_on_a_bf16_cpu(cpu_kind):
     cpu_kind(native=True, engine=True)
     record = {"cpu": {"bf16": {"engine": "torch", "aji": 0.601, "fp32_aji": 0.600}, "int8": entry(0.599)}}
     assert resolve_precision("auto", CPU, checkpoint(record)) == "bf16"
-    record["cpu"].pop("bf16")
+    record["cpu"].pop("bf16")  # no bf16 record: the rule validated for every lite network, bf16
+    assert resolve_precision("auto", CPU, checkpoint(record)) == "bf16"
+    record["cpu"]["bf16"] = {"engine": "torch", "aji": 0.590, "fp32_aji": 0.600}  # recorded as worse
     assert resolve_precision("auto", CPU, checkpoint(record)) == "int8"
+
+
+def test_an_int8_record_of_another_recipe_proves_nothing(cpu_kind):
+    from wsi_ircr.model.engines import RECIPE
+
+    cpu_kind(native=False, engine=True)
+    assert resolve_precision("auto", CPU, checkpoint({"cpu": {"int8": {**entry(0.6), "recipe": RECIPE}}})) == "int8"
+    assert resolve_precision("auto", CPU, checkpoint({"cpu": {"int8": {**entry(0.6), "recipe": RECIPE - 1}}})) == "fp32"
 
 
 def test_a_record_for_one_device_says_nothing_of_another(cpu_kind):

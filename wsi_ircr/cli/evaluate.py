@@ -19,8 +19,10 @@ from wsi_ircr.cli.options import precision_option
 @click.option("--tta", type=click.Choice(["1", "2", "4", "8"]), default="1", show_default=True, help="Test-time augmentation: average the maps over this many flips / transposes (cost grows in proportion).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where to run the model (auto: CUDA if available).")
 @precision_option
+@click.option("--engine", type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]), default="auto", show_default=True,
+              help="What runs the network (onnxruntime / openvino: CPU, fp32 or int8, pip install \"wsi-ircr[cpu-fast]\"; auto: one of them where installed, else torch).")
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
-def evaluate(images_dir, labels_dir, model_path, save_dir, json_path, mpp, tta, device, precision, quiet):
+def evaluate(images_dir, labels_dir, model_path, save_dir, json_path, mpp, tta, device, precision, engine, quiet):
     """Segment labelled tiles and report AJI, Dice, PQ, DQ, SQ and object F1 (IoU > 0.5).
 
     Prints one row per image and the mean over images. Tiles at another resolution than
@@ -48,7 +50,7 @@ def evaluate(images_dir, labels_dir, model_path, save_dir, json_path, mpp, tta, 
     if json_path is not None and json_path.is_dir():
         raise UserError(f"--json {json_path}: is a folder; pass a file name such as scores.json")
     checkpoint = load_checkpoint(model_path)
-    predictor = Predictor(checkpoint, device=device, tta=int(tta), precision=precision or "auto")
+    predictor = Predictor(checkpoint, device=device, tta=int(tta), precision=precision or "auto", engine=engine)
 
     def report(line: str) -> None:
         click.echo(line, err=True)

@@ -88,12 +88,13 @@ class Predictor:
     ``segment_image`` takes an image at any mpp. ``tta``: average the maps over this many
     of the 8 flips / transposes (1 = none; cost grows in proportion). ``postprocess_backend``:
     see ``choose_backend`` (used by ``predict_batch``). ``precision``: ``fp32``, ``bf16``
-    (autocast), ``int8`` or ``auto`` (``precision.resolve_precision``); ``self.precision`` and
-    ``self.engine`` say what runs.
+    (autocast), ``int8`` or ``auto`` (``precision.resolve_precision``); ``engine``: ``torch``,
+    ``onnxruntime``, ``openvino`` or ``auto`` (``precision.resolve_engine``); ``self.precision``
+    and ``self.engine`` say what runs.
     """
 
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", batch_size: int = 8, tta: int = 1,
-                 postprocess_backend: str = "auto", precision: str = "auto"):
+                 postprocess_backend: str = "auto", precision: str = "auto", engine: str = "auto"):
         if tta not in TTA_VIEWS:
             raise UserError(f"--tta {tta}: expected one of {', '.join(map(str, TTA_VIEWS))} (views averaged)")
         self.checkpoint = checkpoint
@@ -103,12 +104,15 @@ class Predictor:
         self.mpp = checkpoint.mpp
         self.postprocess = checkpoint.postprocess
         self.model_hash = checkpoint.model_hash
-        self.net = checkpoint.build().to(self.device).to(memory_format=torch.channels_last)
         self.postprocess_backend = choose_backend(self.device, postprocess_backend)
         self.precision = resolve_precision(precision, self.device, checkpoint)
-        self.engine = resolve_engine(self.precision, self.device)
-        if self.engine != "torch":
-            raise UserError(f"--precision {self.precision}: the {self.engine} engine is not wired in yet; use --precision fp32")
+        self.engine = resolve_engine(self.precision, self.device, engine)
+        if self.engine == "torch":
+            self.net = checkpoint.build().to(self.device).to(memory_format=torch.channels_last)
+        else:
+            from wsi_ircr.model.engines import engine_network
+
+            self.net = engine_network(checkpoint, self.precision, self.engine)
 
     @classmethod
     def from_network(cls, net: torch.nn.Module, mpp: float, postprocess: PostProcessConfig, device: torch.device) -> Predictor:
@@ -143,7 +147,8 @@ class Predictor:
         (the network in bf16 autocast when ``self.bf16``)."""
         batch = torch.from_numpy(np.ascontiguousarray(tiles))
         x = batch.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-        x = x.contiguous(memory_format=torch.channels_last)
+        if self.engine == "torch":
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             prob, hv = self._maps(x)
         return prob.float(), hv.float()

@@ -5,12 +5,12 @@ post-training quantization). ``auto`` takes the fastest one whose accuracy is pr
 model on that kind of device: a checkpoint records in ``meta["precision"]`` what its
 validation showed, per device kind::
 
-    {"cpu": {"fp32": {"engine": "torch", "aji": 0.601},
-             "int8": {"engine": "onnxruntime", "aji": 0.598, "fp32_aji": 0.601, ...}}}
+    {"cpu": {"int8": {"engine": "onnxruntime", "aji": 0.602, "fp32_aji": 0.603, "recipe": 2, ...}}}
 
-A precision is proven when its validation AJI is within ``AJI_TOLERANCE`` of fp32's. A
-checkpoint that records nothing gets the rule validated for every ``lite`` network
-(benchmarks/precision.md): bf16 where it is native, fp32 elsewhere.
+A precision is proven when its validation AJI is within ``AJI_TOLERANCE`` of fp32's. bf16
+where it is native needs no record (validated for every ``lite`` network,
+benchmarks/precision.md) unless the checkpoint records it as worse; int8 needs a record
+(``pipelines/validate_precision.py`` writes them).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 AJI_TOLERANCE = 0.005  # validation AJI a precision may lose against fp32 and still be chosen by auto
-ENGINES = ("torch", "onnxruntime")
 CPU_FAST_HINT = 'pip install "wsi-ircr[cpu-fast]"'
 
 
@@ -66,13 +65,19 @@ def proven(checkpoint: Checkpoint, device: torch.device) -> dict[str, dict] | No
 
 
 def is_proven(entry: object, tolerance: float = AJI_TOLERANCE) -> bool:
-    """A precision record whose validation AJI is within ``tolerance`` of fp32's (fp32 always is)."""
+    """A precision record whose validation AJI is within ``tolerance`` of fp32's, made with the
+    current int8 recipe (``engines.RECIPE``) where it records one."""
     if not isinstance(entry, dict):
         return False
     aji, ref = entry.get("aji"), entry.get("fp32_aji")
-    if ref is None:
-        return aji is not None
-    return aji is not None and aji >= ref - tolerance
+    if not isinstance(aji, (int, float)) or not isinstance(ref, (int, float)):
+        return False
+    if "recipe" in entry:
+        from wsi_ircr.model.engines import RECIPE
+
+        if entry["recipe"] != RECIPE:
+            return False
+    return aji >= ref - tolerance
 
 
 def available(precision: str, device: torch.device) -> bool:
@@ -86,9 +91,10 @@ def available(precision: str, device: torch.device) -> bool:
 
 def int8_engine() -> str | None:
     """The installed engine that runs int8 networks (None: the ``cpu-fast`` extra is missing)."""
-    from importlib.util import find_spec
+    from wsi_ircr.model.engines import installed_engines
 
-    return "onnxruntime" if find_spec("onnxruntime") is not None else None
+    engines = installed_engines()
+    return engines[0] if engines else None
 
 
 def resolve_precision(requested: str, device: torch.device, checkpoint: Checkpoint) -> str:
@@ -103,20 +109,42 @@ def resolve_precision(requested: str, device: torch.device, checkpoint: Checkpoi
         if device.type != "cpu":
             raise UserError(f"--precision int8 runs on the CPU only (here: {device.type}); use --precision auto, bf16 or fp32")
         if int8_engine() is None:
-            raise UserError(f"--precision int8 needs ONNX Runtime, which is not installed: {CPU_FAST_HINT}")
+            raise UserError(f"--precision int8 needs an engine of the cpu-fast extra (ONNX Runtime or OpenVINO), "
+                            f"not installed here: {CPU_FAST_HINT}")
     if requested != "auto":
         return requested
-    record = proven(checkpoint, device)
-    if record is None:
-        return "bf16" if native_bf16(device) else "fp32"
+    record = proven(checkpoint, device) or {}
     for precision in speed_order(device):
-        if precision == "fp32" or (available(precision, device) and is_proven(record.get(precision))):
+        if precision == "fp32":
+            return "fp32"
+        if not available(precision, device):
+            continue
+        entry = record.get(precision)
+        # bf16 where native is validated for every lite network (benchmarks/precision.md) unless
+        # the checkpoint records otherwise; int8 only where the checkpoint proves it
+        if is_proven(entry) or (precision == "bf16" and entry is None):
             return precision
     return "fp32"
 
 
-def resolve_engine(precision: str, device: torch.device) -> str:
-    """The engine that runs ``precision`` on ``device``: ``onnxruntime`` for int8, else ``torch``."""
-    if precision == "int8" and device.type == "cpu":
-        return int8_engine() or "torch"
-    return "torch"
+def resolve_engine(precision: str, device: torch.device, requested: str = "auto") -> str:
+    """What runs ``precision`` on ``device``: ``torch``, or an engine of the ``cpu-fast`` extra
+    (``engines.ENGINES``). ``auto``: on the CPU, fp32 and int8 run in the preferred installed
+    engine (fp32 there matches torch to about 1e-5), everything else in torch. int8 needs an engine."""
+    from wsi_ircr.model.engines import ENGINES, require_engine
+
+    if requested not in ("auto", "torch", *ENGINES):
+        raise UserError(f"engine {requested!r}: expected one of auto, torch, {', '.join(ENGINES)}")
+    engine_ok = device.type == "cpu" and precision in ("fp32", "int8")
+    if requested == "auto":
+        if engine_ok and int8_engine() is not None:
+            return int8_engine()
+        requested = "torch"
+    if requested == "torch":
+        if precision == "int8":
+            raise UserError(f"--precision int8 runs in an engine of the cpu-fast extra, not in torch: {CPU_FAST_HINT}")
+        return "torch"
+    if not engine_ok:
+        raise UserError(f"the {requested} engine runs fp32 and int8 on the CPU only, not {precision} on {device.type}")
+    require_engine(requested)
+    return requested

@@ -34,6 +34,8 @@ class SegmentConfig:
         the ``cpu-fast`` extra) or auto: the fastest one the checkpoint proves accurate on
         the device (``wsi_ircr.model.precision.resolve_precision``; a checkpoint that records
         nothing: bf16 where native, CUDA or a CPU with AVX512-BF16 / AMX, else fp32).
+    engine: what runs the network: torch, onnxruntime or openvino (CPU, fp32 / int8, the
+        ``cpu-fast`` extra), or auto: the preferred installed engine where it applies, else torch.
     tasks_in_flight: tile tasks submitted at once over all slides of a command, so memory
         stays flat however large the cohort (0 = twice the cluster's worker threads).
     workers / threads_per_worker: the local Dask cluster (0 = from the CPU count).
@@ -71,6 +73,7 @@ class SegmentConfig:
     post_threads: int = 0
     postprocess: Literal["auto", "skimage", "torch"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
+    engine: Literal["auto", "torch", "onnxruntime", "openvino"] = "auto"
     tasks_in_flight: int = 0
     workers: int = 1
     threads_per_worker: int = 0

@@ -319,7 +319,7 @@ def summarise(plan: SlidePlan, folder: RunFolder, model: ModelInfo, config: Segm
         "resumed": resumed,
         "outputs": {**files, "overlay": "overlay.png", "tissue": "tissue.png", "tile_store": STORE_DIR},
         "model": model.description,
-        "execution": {**asdict(execution), "ran": [dict(zip(("device", "precision", "torch_threads"), r))
+        "execution": {**asdict(execution), "ran": [dict(zip(("device", "precision", "torch_threads", "engine"), r))
                                                    for r in sorted(results.ran)]},
         "config": to_dict(config),
         "versions": versions(),

@@ -48,7 +48,9 @@ class ExecutionPlan:
 
     device: "cpu" or "cuda". precision: the network's arithmetic ("fp32", "bf16", ...;
         "auto" only for remote CPU workers, whose CPU this machine cannot see: each worker
-        resolves it and reports what it ran). postprocess: "skimage" or "torch".
+        resolves it and reports what it ran). engine: what runs it ("torch", "onnxruntime",
+        ...; "auto" for remote CPU workers, whose installed engines decide).
+        postprocess: "skimage" or "torch".
     workers / threads_per_worker: worker processes (the most, for an adaptive cluster) and
         concurrent tile tasks of each. cores_per_worker: CPU cores of one worker process
         (0: each worker's own threads). torch_threads: torch CPU threads per tile task (0:
@@ -71,6 +73,7 @@ class ExecutionPlan:
     task_tiles: int
     post_threads: int
     tasks_in_flight: int
+    engine: str = "auto"
 
     @property
     def task_resources(self) -> dict | None:
@@ -104,6 +107,18 @@ def plan_precision(requested: str, device: str, size: ClusterSize, checkpoint) -
     return resolve_precision(requested, torch.device(device), checkpoint if checkpoint is not None else _NO_RECORD)
 
 
+def plan_engine(requested: str, precision: str, device: str, size: ClusterSize) -> str:
+    """What runs the network (``model.precision.resolve_engine``); remote CPU workers keep
+    ``auto`` (their installed engines decide) unless the precision is theirs to choose too."""
+    import torch
+
+    from wsi_ircr.model.precision import resolve_engine
+
+    if precision == "auto" or (requested == "auto" and device == "cpu" and not size.local):
+        return requested
+    return resolve_engine(precision, torch.device(device), requested)
+
+
 def resolve_plan(config: SegmentConfig, size: ClusterSize, checkpoint=None) -> ExecutionPlan:
     """The one place where the ``auto`` / ``0`` settings of ``config`` become numbers and names."""
     import torch
@@ -117,8 +132,9 @@ def resolve_plan(config: SegmentConfig, size: ClusterSize, checkpoint=None) -> E
     cores = size.cores_per_process or 0
     torch_threads = config.torch_threads or (max(1, cores // size.threads_per_process) if cores else 0)
     in_flight = config.tasks_in_flight or max(MIN_IN_FLIGHT, 2 * size.processes * size.threads_per_process)
+    precision = plan_precision(config.precision, device, size, checkpoint)
     return ExecutionPlan(
-        backend=size.backend, device=device, precision=plan_precision(config.precision, device, size, checkpoint),
+        backend=size.backend, device=device, precision=precision, engine=plan_engine(config.engine, precision, device, size),
         postprocess=choose_backend(torch.device(device), config.postprocess), tta=config.tta,
         workers=size.processes, threads_per_worker=size.threads_per_process, cores_per_worker=cores,
         torch_threads=torch_threads, gpu_per_process=size.gpu_per_process, batch_tiles=config.batch_tiles,

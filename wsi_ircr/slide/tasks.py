@@ -70,7 +70,7 @@ def _require_on_worker(path: str | None) -> None:
 
 
 def get_predictor(model_path: str | None, model_hash: str, device: str, tta: int = 1, postprocess: str = "auto",
-                  precision: str = "auto"):
+                  precision: str = "auto", engine: str = "auto"):
     """The worker's Predictor for this model file, device and test-time views, loaded once per process.
 
     Keyed by the file hash the driver saw, so a model file replaced at the same path is
@@ -82,7 +82,7 @@ def get_predictor(model_path: str | None, model_hash: str, device: str, tta: int
     from wsi_ircr.model.checkpoint import load_checkpoint
     from wsi_ircr.model.inference import Predictor
 
-    key = (model_path, model_hash, device, tta, postprocess, precision)
+    key = (model_path, model_hash, device, tta, postprocess, precision, engine)
     with _CACHE_LOCK:
         if key in _PREDICTORS:
             return _with_cpu_threads(_PREDICTORS[key])
@@ -94,8 +94,9 @@ def get_predictor(model_path: str | None, model_hash: str, device: str, tta: int
                 f"{model_hash}; the file changed during the run or differs between machines: keep one copy on a "
                 "shared filesystem"
             )
-        predictor = Predictor(checkpoint, device=device, tta=tta, postprocess_backend=postprocess, precision=precision)
-        for old in [k for k in _PREDICTORS if k[0] == model_path and k[2:] == (device, tta, postprocess, precision)]:
+        predictor = Predictor(checkpoint, device=device, tta=tta, postprocess_backend=postprocess, precision=precision,
+                              engine=engine)
+        for old in [k for k in _PREDICTORS if k[0] == model_path and k[2:] == (device, tta, postprocess, precision, engine)]:
             del _PREDICTORS[old]
         _PREDICTORS[key] = predictor
         return _with_cpu_threads(predictor)
@@ -169,7 +170,7 @@ class BatchReport:
     dropped: dict[Tile, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     rss_mb: float = 0.0
-    ran: tuple = ()  # (device, precision, torch CPU threads) the task's network ran with
+    ran: tuple = ()  # (device, precision, torch CPU threads, engine) the task's network ran with
 
 
 def _rss_mb() -> float:
@@ -212,7 +213,8 @@ def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop")
 
     store = TileStore.open(job.store_path)
     plan = job.plan
-    predictor = get_predictor(job.model_path, job.model_hash, plan.device, plan.tta, plan.postprocess, plan.precision)
+    predictor = get_predictor(job.model_path, job.model_hash, plan.device, plan.tta, plan.postprocess, plan.precision,
+                              plan.engine)
     report = BatchReport(seconds={"read_decode": 0.0, "tile_load": 0.0, "inference": 0.0, "postprocess": 0.0})
 
     def load(batch: list[int]):
@@ -258,5 +260,5 @@ def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop")
     report.seconds.update(inference=busy["inference"], postprocess=busy["postprocess"])
     report.rss_mb = max(report.rss_mb, _rss_mb())
     report.ran = (predictor.device.type, predictor.precision,
-                  cpu_threads() if predictor.device.type == "cpu" else 0)
+                  cpu_threads() if predictor.device.type == "cpu" else 0, predictor.engine)
     return report

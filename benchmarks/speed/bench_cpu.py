@@ -1,0 +1,183 @@
+"""The network on this CPU, per engine and precision, and the main job end to end, in one run.
+
+    python -m benchmarks.speed.bench_cpu [--rounds 3] [--slide-rounds 2] [--threads 2]
+    # appends a dated section to benchmarks/cpu.md
+
+In one process, on one machine, interleaved round by round so that every variant sees the
+same load:
+
+- the reference workload: a fixed stack of 3x3 convolutions (3->32->64->64->32, ReLU),
+  fp32, channels-last, on 4 x 512 x 512, best of the rounds -> Mpx/s. Figures in
+  *reference-Mpx* are wall seconds x this rate: what the job costs in units of this machine.
+- the bare forward of the bundled network on one segment tile (1024 x 1024 px) per variant:
+  torch fp32 (NCHW and channels-last), torch bf16 (only where bf16 is native: emulated bf16
+  is many times slower), and fp32 / int8 in each installed engine of the cpu-fast extra;
+  best of the rounds -> Mpx/s.
+- end to end: ``wsi-ircr segment examples/cmu-1-small-region.svs --precision P --set
+  engine=E`` in a child process per variant (fresh output folder), wall seconds from process
+  start to exit, peak memory of the process tree, and the share of the wall that the bare
+  forward of the slide's tiles would take at the rate measured above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import REPO, MemorySampler, cpu_flags, load_average, machine
+
+SLIDE = REPO / "examples" / "cmu-1-small-region.svs"
+RESULTS = REPO / "benchmarks" / "cpu.md"
+TILE_PX = 1024  # the segment default: 896 core + 2 x 64 halo
+FLAGS = ("AVX2", "AVX512", "AVX512-VNNI", "AVX-VNNI", "AVX512-BF16", "AMX-BF16")
+
+
+def reference_network():
+    """The fixed reference workload (never change it: its rate is the unit of every report)."""
+    import torch
+    from torch import nn
+
+    widths = (3, 32, 64, 64, 32)
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Conv2d(a, b, 3, padding=1), nn.ReLU(inplace=True)]
+    torch.manual_seed(0)
+    return nn.Sequential(*layers).eval().to(memory_format=torch.channels_last)
+
+
+def forward_variants(threads: int) -> dict[str, tuple[str, str, object, object]]:
+    """name -> (precision, engine, callable network, input) for every variant that runs here."""
+    import torch
+
+    from wsi_ircr.model.checkpoint import load_checkpoint
+    from wsi_ircr.model.engines import engine_network, installed_engines
+    from wsi_ircr.model.precision import native_bf16
+
+    torch.set_num_threads(threads)
+    checkpoint = load_checkpoint(None)
+    x = torch.rand(1, 3, TILE_PX, TILE_PX, generator=torch.Generator().manual_seed(0))
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    net = checkpoint.build()
+    net_cl = checkpoint.build().to(memory_format=torch.channels_last)
+    variants = {
+        "reference": ("fp32", "torch", reference_network(), torch.rand(4, 3, 512, 512).contiguous(memory_format=torch.channels_last)),
+        "torch fp32 NCHW": ("fp32", "torch", net, x),
+        "torch fp32 channels-last": ("fp32", "torch", net_cl, x_cl),
+    }
+    if native_bf16(torch.device("cpu")):
+        def bf16_net(t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return net_cl(t)
+        variants["torch bf16 channels-last"] = ("bf16", "torch", bf16_net, x_cl)
+    for engine in installed_engines():
+        for precision in ("fp32", "int8"):
+            variants[f"{engine} {precision}"] = (precision, engine, engine_network(checkpoint, precision, engine), x)
+    return variants
+
+
+def time_forwards(variants: dict, rounds: int) -> dict[str, float]:
+    """Best seconds per call of each variant over ``rounds`` interleaved rounds (after one warm-up call)."""
+    import torch
+
+    best = {name: float("inf") for name in variants}
+    with torch.inference_mode():
+        for _, _, fn, x in variants.values():
+            fn(x)
+        for r in range(rounds):
+            for name, (_, _, fn, x) in variants.items():
+                t0 = time.perf_counter()
+                fn(x)
+                best[name] = min(best[name], time.perf_counter() - t0)
+            print(f"forward round {r + 1}: " + ", ".join(f"{n} {best[n]:.2f} s" for n in variants), flush=True)
+    return best
+
+
+def run_slide(precision: str, engine: str, out: Path, threads: int) -> tuple[float, float, dict]:
+    """Wall seconds, peak MiB of the process tree and summary.json of one segment run."""
+    cmd = [sys.executable, "-m", "wsi_ircr", "segment", str(SLIDE), "-o", str(out), "--quiet", "--device", "cpu",
+           "--precision", precision, "--set", f"engine={engine}", "--set", f"torch_threads={threads}"]
+    t0 = time.perf_counter()
+    child = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
+    with MemorySampler(child.pid) as sampler:
+        code = child.wait()
+    wall = time.perf_counter() - t0
+    if code:
+        raise SystemExit(f"error: {' '.join(cmd)} exited with {code}")
+    return wall, sampler.peak_rss_mb, json.loads((out / SLIDE.stem / "summary.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3, help="forward rounds (best of)")
+    parser.add_argument("--slide-rounds", type=int, default=2, help="end-to-end rounds per variant (0: none)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+
+    load_before = load_average()
+    variants = forward_variants(args.threads)
+    best = time_forwards(variants, args.rounds)
+    ref_rate = 4 * 512 * 512 / 1e6 / best.pop("reference")
+    tile_mpx = TILE_PX * TILE_PX / 1e6
+    rates = {name: tile_mpx / s for name, s in best.items()}
+    base = rates["torch fp32 channels-last"]
+
+    slide_variants = [("fp32", "torch")] + [(p, e) for n, (p, e, _, _) in variants.items() if e not in ("torch",)]
+    walls: dict[tuple[str, str], list[float]] = {v: [] for v in slide_variants}
+    peaks: dict[tuple[str, str], float] = {}
+    summaries: dict[tuple[str, str], dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.slide_rounds):
+            for precision, engine in slide_variants:
+                out = Path(tmp) / f"{r}-{precision}-{engine}"
+                wall, peak, summary = run_slide(precision, engine, out, args.threads)
+                walls[(precision, engine)].append(wall)
+                peaks[(precision, engine)] = max(peaks.get((precision, engine), 0.0), peak)
+                summaries[(precision, engine)] = summary
+                print(f"slide round {r + 1} {precision} {engine}: {wall:.1f} s, {summary['nuclei']} nuclei, "
+                      f"{peak:.0f} MiB", flush=True)
+    load_after = load_average()
+
+    have = set(cpu_flags())
+    lines = [
+        f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n",
+        f"{machine()}; CPU flags: " + ", ".join(f"{f} {'yes' if f in have else 'no'}" for f in FLAGS)
+        + f"; {args.threads} threads; load average (1/5/15 min) {load_before} at the start, {load_after} at the end.\n",
+        f"`python -m benchmarks.speed.bench_cpu --rounds {args.rounds} --slide-rounds {args.slide_rounds} --threads {args.threads}`\n",
+        f"Reference workload: **{ref_rate:.3f} Mpx/s** (best of {args.rounds}).\n",
+        f"| bare forward, 1 x {TILE_PX} x {TILE_PX} | precision | engine | Mpx/s (best of {args.rounds}) "
+        "| x torch fp32 channels-last | reference-Mpx per Mpx |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, rate in rates.items():
+        precision, engine = variants[name][:2]
+        lines.append(f"| {name} | {precision} | {engine} | {rate:.3f} | {rate / base:.2f} | {ref_rate / rate:.2f} |")
+    if args.slide_rounds:
+        lines += ["", f"| end to end, sample slide | wall s per round | reference-Mpx (best) | tiles | bare forward share "
+                  "| peak MiB | nuclei |", "|---|---|---|---|---|---|---|"]
+        for precision, engine in slide_variants:
+            summary = summaries[(precision, engine)]
+            tiles = int(summary["tiles"]["segmented"])
+            name = "torch fp32 channels-last" if engine == "torch" else f"{engine} {precision}"
+            forward_s = tiles * tile_mpx / rates[name]
+            wall = min(walls[(precision, engine)])
+            lines.append(f"| {precision}, {engine} | {', '.join(f'{w:.1f}' for w in walls[(precision, engine)])} "
+                         f"| {wall * ref_rate:.1f} | {tiles} | {forward_s / wall:.2f} | {peaks[(precision, engine)]:.0f} "
+                         f"| {summary['nuclei']} |")
+    section = "\n".join(lines) + "\n"
+    print(section)
+    if not args.no_record:
+        with RESULTS.open("a") as f:
+            f.write(section)
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

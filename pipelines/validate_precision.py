@@ -1,0 +1,82 @@
+"""Validate a checkpoint's network per precision and engine on the CPU, and record what is proven.
+
+    python pipelines/validate_precision.py wsi_ircr/weights/ircr-monuseg-lite-m.pt [--write]
+
+Kumar validation protocol (benchmarks/recipe.md): the 4 Kumar validation tiles of the MoNuSeg
+training set (``meta.json``'s ``kumar_split.val``; never the test tiles), segmented at
+0.25 um/px by torch fp32 (the reference) and by fp32 and int8 in each installed engine of the
+cpu-fast extra. Prints validation AJI, and the AJI of each variant's instances against the
+reference's. ``--write`` stores the int8 result in the checkpoint's ``meta["precision"]["cpu"]``
+(``wsi_ircr.model.precision``: ``auto`` takes int8 where its AJI is within 0.005 of fp32),
+rewriting the file atomically with weights and every other field unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wsi_ircr.io.images import read_image, read_label
+from wsi_ircr.metrics import aji, mean_scores, score_instances
+from wsi_ircr.model import engines
+from wsi_ircr.model.checkpoint import load_checkpoint, save_checkpoint
+from wsi_ircr.model.inference import Predictor
+from wsi_ircr.model.precision import AJI_TOLERANCE
+
+DATA = Path(os.environ.get("WSI_IRCR_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data" / "monuseg-train"
+TILES_MPP = 0.25
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--data", type=Path, default=DATA, help="MoNuSeg training set (images/, labels/, meta.json).")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--write", action="store_true", help="Record the int8 result in the checkpoint.")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    stems = json.loads((args.data / "meta.json").read_text())["kumar_split"]["val"]
+    tiles = [(read_image(args.data / "images" / f"{s}.tif"), read_label(args.data / "labels" / f"{s}.png")) for s in stems]
+    checkpoint = load_checkpoint(args.checkpoint)
+
+    variants = [("fp32", "torch")] + [(p, e) for e in engines.installed_engines() for p in ("fp32", "int8")]
+    results = {}
+    for precision, engine in variants:
+        predictor = Predictor(checkpoint, device="cpu", precision=precision, engine=engine)
+        t0 = time.perf_counter()
+        outputs = [predictor.segment_image(image, TILES_MPP) for image, _ in tiles]
+        seconds = time.perf_counter() - t0
+        score = mean_scores([score_instances(labels, out) for (_, labels), out in zip(tiles, outputs)])["aji"]
+        results[(precision, engine)] = (outputs, float(score), seconds)
+    reference, ref_aji, _ = results[("fp32", "torch")]
+    print(f"{len(stems)} Kumar validation tiles ({', '.join(stems)}), {checkpoint.path.name} ({checkpoint.model_hash})")
+    print("| precision | engine | validation AJI | vs fp32 | instances AJI vs torch fp32 | seconds |\n|---|---|---|---|---|---|")
+    for (precision, engine), (outputs, score, seconds) in results.items():
+        agree = float(np.mean([aji(r, o) for r, o in zip(reference, outputs)]))
+        print(f"| {precision} | {engine} | {score:.4f} | {score - ref_aji:+.4f} | {agree:.4f} | {seconds:.1f} |")
+        results[(precision, engine)] = (outputs, score, agree)
+
+    if args.write:
+        import onnxruntime
+
+        _, int8_aji, agree = results[("int8", "onnxruntime")]
+        entry = {"engine": "onnxruntime", "aji": round(int8_aji, 4), "fp32_aji": round(ref_aji, 4),
+                 "instances_aji_vs_fp32": round(agree, 4), "recipe": engines.RECIPE,
+                 "onnxruntime": onnxruntime.__version__, "tiles": f"MoNuSeg Kumar validation ({', '.join(stems)})",
+                 "date": time.strftime("%Y-%m-%d", time.gmtime())}
+        record = dict(checkpoint.meta.get("precision") or {})
+        record["cpu"] = {**(record.get("cpu") or {}), "int8": entry}
+        checkpoint.meta = {**checkpoint.meta, "precision": record}
+        digest = save_checkpoint(checkpoint.path, checkpoint)
+        proven = "proven (auto takes it)" if int8_aji >= ref_aji - AJI_TOLERANCE else "not proven (auto keeps fp32)"
+        print(f"{checkpoint.path}: int8 recorded, {proven}; hash {digest}")
+
+
+if __name__ == "__main__":
+    main()
