@@ -14,7 +14,8 @@ same load:
   is many times slower), and fp32 / int8 in each installed engine of the cpu-fast extra;
   best of the rounds -> Mpx/s.
 - end to end: ``wsi-ircr segment examples/cmu-1-small-region.svs --precision P --set
-  engine=E`` in a child process per variant (fresh output folder), wall seconds from process
+  engine=E`` in a child process per variant (fresh output folder; its threads as a user
+  gets them: all cores), wall seconds from process
   start to exit, peak memory of the process tree, and the share of the wall that the bare
   forward of the slide's tiles would take at the rate measured above.
 """
@@ -99,10 +100,10 @@ def time_forwards(variants: dict, rounds: int) -> dict[str, float]:
     return best
 
 
-def run_slide(precision: str, engine: str, out: Path, threads: int) -> tuple[float, float, dict]:
+def run_slide(precision: str, engine: str, out: Path) -> tuple[float, float, dict]:
     """Wall seconds, peak MiB of the process tree and summary.json of one segment run."""
     cmd = [sys.executable, "-m", "wsi_ircr", "segment", str(SLIDE), "-o", str(out), "--quiet", "--device", "cpu",
-           "--precision", precision, "--set", f"engine={engine}", "--set", f"torch_threads={threads}"]
+           "--precision", precision, "--set", f"engine={engine}"]
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
     with MemorySampler(child.pid) as sampler:
@@ -137,7 +138,7 @@ def main() -> None:
         for r in range(args.slide_rounds):
             for precision, engine in slide_variants:
                 out = Path(tmp) / f"{r}-{precision}-{engine}"
-                wall, peak, summary = run_slide(precision, engine, out, args.threads)
+                wall, peak, summary = run_slide(precision, engine, out)
                 walls[(precision, engine)].append(wall)
                 peaks[(precision, engine)] = max(peaks.get((precision, engine), 0.0), peak)
                 summaries[(precision, engine)] = summary

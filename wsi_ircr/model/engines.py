@@ -200,6 +200,7 @@ class EngineNetwork:
 
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+            options.enable_cpu_mem_arena = False  # the arena keeps the largest batch's 2 GB held between calls
             session = onnxruntime.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
             return lambda x: session.run(["np", "hv"], {"image": x})
         import openvino
