@@ -102,13 +102,14 @@ def test_summary_records_the_plan_and_what_ran(tmp_path, capfd):
     execution = summary["execution"]
     assert (execution["device"], execution["precision"], execution["backend"]) == ("cpu", "fp32", "local")
     assert execution["threads_per_worker"] == 1 and execution["task_tiles"] == summary["config"]["batch_tiles"]
-    assert execution["ran"] == [{"device": "cpu", "precision": "fp32", "torch_threads": execution["torch_threads"]}]
+    assert execution["ran"] == [{"device": "cpu", "precision": "fp32", "torch_threads": execution["torch_threads"],
+                                 "engine": execution["engine"]}]
     assert summary["config"]["device"] == "auto"  # the request stays beside what ran
 
 
 def test_precision_follows_what_the_checkpoint_proves():
     from types import SimpleNamespace
 
-    unproven_bf16 = SimpleNamespace(meta={"precision": {"cuda": {"fp32": {"engine": "torch", "aji": 0.6}}}})
+    unproven_bf16 = SimpleNamespace(meta={"precision": {"cuda": {"bf16": {"engine": "torch", "aji": 0.58, "fp32_aji": 0.6}}}})
     assert resolve_plan(SegmentConfig(), GPU, unproven_bf16).precision == "fp32"
     assert resolve_plan(SegmentConfig(), GPU).precision == "bf16"  # nothing recorded: bf16 where native
