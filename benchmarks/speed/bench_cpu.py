@@ -13,7 +13,7 @@ same load:
   torch fp32 (NCHW and channels-last), torch bf16 (only where bf16 is native: emulated bf16
   is many times slower), and fp32 / int8 in each installed engine of the cpu-fast extra;
   best of the rounds -> Mpx/s.
-- end to end: ``wsi-ircr segment examples/cmu-1-small-region.svs --precision P --set
+- end to end (torch fp32 and ``--slide-engines``): ``wsi-ircr segment examples/cmu-1-small-region.svs --precision P --set
   engine=E`` in a child process per variant (fresh output folder; its threads as a user
   gets them: all cores), wall seconds from process
   start to exit, peak memory of the process tree, and the share of the wall that the bare
@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="forward rounds (best of)")
     parser.add_argument("--slide-rounds", type=int, default=2, help="end-to-end rounds per variant (0: none)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--slide-engines", nargs="*", default=["onnxruntime"],
+                        help="engines run end to end besides torch fp32 (default: the cpu-fast extra's)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
@@ -130,7 +132,7 @@ def main() -> None:
     rates = {name: tile_mpx / s for name, s in best.items()}
     base = rates["torch fp32 channels-last"]
 
-    slide_variants = [("fp32", "torch")] + [(p, e) for n, (p, e, _, _) in variants.items() if e not in ("torch",)]
+    slide_variants = [("fp32", "torch")] + [(p, e) for n, (p, e, _, _) in variants.items() if e in args.slide_engines]
     walls: dict[tuple[str, str], list[float]] = {v: [] for v in slide_variants}
     peaks: dict[tuple[str, str], float] = {}
     summaries: dict[tuple[str, str], dict] = {}
@@ -151,7 +153,8 @@ def main() -> None:
         f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n",
         f"{machine()}; CPU flags: " + ", ".join(f"{f} {'yes' if f in have else 'no'}" for f in FLAGS)
         + f"; {args.threads} threads; load average (1/5/15 min) {load_before} at the start, {load_after} at the end.\n",
-        f"`python -m benchmarks.speed.bench_cpu --rounds {args.rounds} --slide-rounds {args.slide_rounds} --threads {args.threads}`\n",
+        f"`python -m benchmarks.speed.bench_cpu --rounds {args.rounds} --slide-rounds {args.slide_rounds} --threads {args.threads}"
+        f" --slide-engines {' '.join(args.slide_engines)}`\n",
         f"Reference workload: **{ref_rate:.3f} Mpx/s** (best of {args.rounds}).\n",
         f"| bare forward, 1 x {TILE_PX} x {TILE_PX} | precision | engine | Mpx/s (best of {args.rounds}) "
         "| x torch fp32 channels-last | reference-Mpx per Mpx |",

@@ -8,7 +8,9 @@
 # slide packages (zarr, dask, openslide, ...), pack their wheels on a machine with network first:
 #   bash benchmarks/speed/gpu_slide.sh pack      # scratch/gpu-wheels (git-ignored, about 40 MB), Python 3.12
 # and copy scratch/gpu-wheels beside the checkout; they are installed into /tmp/gpu-site, no index.
-# Run:  bash benchmarks/speed/gpu_slide.sh       (SIDE, LIMIT_S, DEVICE, OUT override the defaults)
+# Run:  bash benchmarks/speed/gpu_slide.sh       (SIDE, LIMIT_S, DEVICE, OUT, PRECISION override the defaults)
+# PRECISION: auto (default: bf16 on CUDA) or fp32; int8 runs on the CPU only (ONNX Runtime, the cpu-fast
+# extra): DEVICE=cpu PRECISION=int8 needs onnxruntime and onnx installed or carried as wheels.
 # A CPU smoke test at a tiny size:  DEVICE=cpu SIDE=1024 OUT=/tmp/gpu-out bash benchmarks/speed/gpu_slide.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -24,6 +26,7 @@ DEVICE=${DEVICE:-cuda}
 SIDE=${SIDE:-32768}        # level-0 side: 32768^2 = 1.07 Gpx
 LIMIT_S=${LIMIT_S:-330}    # the benchmark's own deadline, inside the tool's timeout
 OUT=${OUT:-/tmp/gpu-out}
+PRECISION=${PRECISION:-auto}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 if ! python3 -c 'import zarr, numcodecs, dask, distributed, shapely, openslide, imagecodecs' 2>/dev/null; then
@@ -36,8 +39,8 @@ start=$(date +%s)
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1; nproc; free -g | head -2; } > "$OUT/machine.txt"
 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_postprocess_torch.py tests/test_gpu_paths.py > "$OUT/gpu-tests.log" 2>&1
 echo "gpu tests: exit $? ($(tail -1 "$OUT/gpu-tests.log"))"
-sets=()
-[ "$DEVICE" = cuda ] && sets=(--set workers=8 --set threads_per_worker=2 --set batch_tiles=8 --set task_tiles=16)
+sets=(--set "precision=$PRECISION")
+[ "$DEVICE" = cuda ] && sets+=(--set workers=8 --set threads_per_worker=2 --set batch_tiles=8 --set task_tiles=16)
 timeout "$LIMIT_S" python3 -m benchmarks.speed.bench_slide --side-px "$SIDE" --scales 1 --device "$DEVICE" "${sets[@]}" \
   --dir /tmp/bench-slide --json "$OUT/slide.json" --no-record > "$OUT/bench.log" 2>&1
 echo "bench: exit $? in $(( $(date +%s) - start )) s"

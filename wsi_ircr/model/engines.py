@@ -82,7 +82,8 @@ def _recipe_key(precision: str) -> str:
 def graph_path(checkpoint: Checkpoint, precision: str) -> Path:
     """The cached ONNX graph of ``checkpoint`` at ``precision`` (fp32 or int8), built on first use."""
     if not checkpoint.model_hash:
-        raise ValueError("only a checkpoint loaded from a file (with a model hash) can be exported")
+        raise UserError("an engine exports a checkpoint file (its hash keys the cache): save this in-memory checkpoint "
+                        "with save_checkpoint and load it, or use engine torch")
     folder = cache_dir() / "onnx"
     path = folder / f"{checkpoint.model_hash}-{precision}-{_recipe_key(precision)}.onnx"
     if path.exists():

@@ -89,8 +89,8 @@ class Predictor:
     of the 8 flips / transposes (1 = none; cost grows in proportion). ``postprocess_backend``:
     see ``choose_backend`` (used by ``predict_batch``). ``precision``: ``fp32``, ``bf16``
     (autocast), ``int8`` or ``auto`` (``precision.resolve_precision``); ``engine``: ``torch``,
-    ``onnxruntime``, ``openvino`` or ``auto`` (``precision.resolve_engine``); ``self.precision``
-    and ``self.engine`` say what runs.
+    ``onnxruntime``, ``openvino`` or ``auto`` (``precision.resolve_engine``; torch for a
+    checkpoint not loaded from a file); ``self.precision`` and ``self.engine`` say what runs.
     """
 
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", batch_size: int = 8, tta: int = 1,
@@ -106,6 +106,8 @@ class Predictor:
         self.model_hash = checkpoint.model_hash
         self.postprocess_backend = choose_backend(self.device, postprocess_backend)
         self.precision = resolve_precision(precision, self.device, checkpoint)
+        if engine == "auto" and not checkpoint.model_hash and self.precision != "int8":
+            engine = "torch"  # engines export a checkpoint file, keyed by its hash; this one is in memory only
         self.engine = resolve_engine(self.precision, self.device, engine)
         if self.engine == "torch":
             self.net = checkpoint.build().to(self.device).to(memory_format=torch.channels_last)
