@@ -15,6 +15,7 @@ from model_fixtures import signal_checkpoint
 from synthetic_slides import synthetic_he, write_pyramidal_tiff
 
 from wsi_ircr.cli import main
+from wsi_ircr.slide import cluster
 
 pytestmark = [pytest.mark.distributed, pytest.mark.openslide]
 TILES = ["--core-px", "256", "--halo", "32", "--set", "max_nucleus_um=8", "--quiet"]
@@ -102,8 +103,8 @@ def test_concurrent_runs_on_one_cluster_keep_their_own_results(scheduler, workdi
         assert summary["nuclei"] == len(_features(out / "s.geojson.gz")) == n_rows > 10
 
 
-@pytest.mark.slow  # the client gives up after its 10 s connect timeout
-def test_unreachable_scheduler_is_one_line(workdir, tmp_path, capfd):
+def test_unreachable_scheduler_is_one_line(workdir, tmp_path, capfd, monkeypatch):
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 2)  # the client gives up after its connect timeout
     with pytest.raises(SystemExit) as exit_info:
         main(["segment", str(workdir / "s.tiff"), "-o", str(tmp_path), "--model", str(workdir / "m.pt"), *TILES,
               "--scheduler", f"tcp://127.0.0.1:{free_port()}"])

@@ -12,6 +12,7 @@ from test_train import IRCR, _history_steps, _weights, dataset, run_cli, train_a
 
 from wsi_ircr.config import resolve_config
 from wsi_ircr.model.checkpoint import load_checkpoint
+from wsi_ircr.slide import cluster
 from wsi_ircr.train.config import TrainConfig
 from wsi_ircr.train.loop import Trainer
 from wsi_ircr.train.remote import task_resources, train_task
@@ -54,7 +55,8 @@ def test_train_on_a_real_scheduler_and_worker(dataset, tmp_path, capsys):
     (f"tcp://127.0.0.1:{free_port()}", ["cannot reach a Dask scheduler there", "dask scheduler"]),
     ("head", ["not a scheduler address", "tcp://HOST:PORT"]),
 ])
-def test_a_scheduler_that_does_not_answer_is_one_line(dataset, tmp_path, capsys, address, words):
+def test_a_scheduler_that_does_not_answer_is_one_line(dataset, tmp_path, capsys, address, words, monkeypatch):
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 2)  # the client gives up after its connect timeout
     code, _, err = run_cli(train_argv(dataset, tmp_path / "run", 2, "--scheduler", address), capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and f"--scheduler {address}" in lines[0], err

@@ -27,6 +27,7 @@ from wsi_ircr.errors import UserError
 from wsi_ircr.slide.config import SegmentConfig
 from wsi_ircr.slide.plan import ClusterSize, ExecutionPlan, resolve_plan
 
+CONNECT_TIMEOUT_S = 10  # how long a client tries to reach an existing scheduler (--scheduler)
 SLURM_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cluster" / "slurm.yaml"
 
 
@@ -198,7 +199,7 @@ def scheduler_client(address: str, device: str = "auto"):
 
     check_address(address)
     try:
-        client = Client(address, timeout="10s")
+        client = Client(address, timeout=f"{CONNECT_TIMEOUT_S}s")
     except (OSError, TimeoutError) as e:
         raise UserError(f"--scheduler {address}: cannot reach a Dask scheduler there ({type(e).__name__}); "
                         "start one with 'dask scheduler' or drop --scheduler") from None
