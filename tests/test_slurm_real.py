@@ -138,3 +138,43 @@ def test_jobs_killed_by_their_memory_limit_fail_the_slide_in_one_line(slurm_clus
     logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.err"))
     assert "Exceeded job memory limit" in logs
     assert not slurm_cluster.queue(LIVE)
+
+
+SLOW_TASKS = '''
+import time
+
+import wsi_ircr.slide.tasks as tasks
+
+real = tasks.segment_batch
+
+
+def segment_batch(*args, **kwargs):
+    """The tile task, 4 s slower (so that a cohort outlasts a job's one-minute time limit)."""
+    time.sleep(4)
+    return real(*args, **kwargs)
+
+
+tasks.segment_batch = segment_batch
+'''
+
+
+def test_a_job_past_its_time_limit_is_replaced_and_nothing_is_lost(slurm_cluster, cohort, local_run, tmp_path):
+    """Worker jobs of one minute (``walltime``), tile tasks slowed down so the cohort outlasts
+    one: SLURM ends the job (TIMEOUT), the adaptive cluster starts another, the nuclei are a
+    local run's."""
+    slides, model = cohort
+    before = set(slurm_cluster.queue())
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(SLOW_TASKS)
+    config = slurm_config(tmp_path / "slurm.yaml", walltime="'00:01:00'", maximum_jobs=1,
+                          setup=f"['export PYTHONPATH={slow}']")
+    done = segment(slides, model, tmp_path / "out", "--set", "batch_tiles=1", "--cluster", "slurm", "--cluster-config",
+                   str(config), timeout_s=900)
+    assert done.returncode == 0, (done.stdout, done.stderr, slurm_cluster.logs())
+    assert done.stdout.startswith("3 of 3 slides done"), done.stdout
+    for stem in ("a", "b", "c"):
+        assert (tmp_path / "out" / stem / "nuclei.csv").read_bytes() == (local_run / stem / "nuclei.csv").read_bytes()
+    jobs = {j: s for j, s in slurm_cluster.finished().items() if j not in before}
+    assert "TIMEOUT" in jobs.values() and len(jobs) >= 2, jobs
+    assert not slurm_cluster.queue(LIVE)
