@@ -92,7 +92,7 @@ def test_concurrent_runs_on_one_cluster_keep_their_own_results(scheduler, workdi
                for core in (256, 384)]
     info = model_info(configs[0])
     slide = workdir / "s.tiff"
-    with scheduler_client(scheduler, configs[0]) as client, ThreadPoolExecutor(2) as pool:
+    with scheduler_client(scheduler, configs[0].device) as client, ThreadPoolExecutor(2) as pool:
         reports = list(pool.map(
             lambda config: segment_slides([slide], tmp_path / str(config.core_px), config, client, info), configs))
     summaries = [report.summaries[slide] for report in reports]
