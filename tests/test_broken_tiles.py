@@ -146,3 +146,23 @@ def test_a_slide_past_the_unreadable_threshold_fails_in_one_line(image, model, c
     with open(tmp_path / "out" / "cohort.csv", newline="") as f:
         (row,) = csv.DictReader(f)
     assert row["status"] == "failed" and "could not be read" in row["error"]
+
+
+def test_a_tile_next_to_a_broken_one_is_stored_with_its_edge_left_out(slides, tmp_path):
+    """A box found by another read, just outside this tile's window: the read itself succeeds,
+    the pixels within the resampling margin are left white and the box is stored with the tile."""
+    from wsi_ircr.slide.grid import TileGrid
+    from wsi_ircr.slide.store import create_tile_store
+
+    intact, _ = slides
+    with open_slide(intact) as reader:
+        grid = TileGrid(reader.dimensions_xy, 0.25, 0.25, 256, 32)
+        store = create_tile_store(tmp_path / "tiles.zarr", grid, [(0, 0)], fingerprint=reader.fingerprint(),
+                                  slide_name=intact.name)
+        reader.unreadable_xywh.add((288, 0, 256, 768))  # the window of tile (0, 0) is [-32, 288) x [-32, 288)
+        pixels = store.write(0, reader)
+    assert store.unreadable(0) == [[288, 0, 256, 768]]
+    expected = np.zeros((320, 320), bool)
+    expected[30:, 318:] = True  # 2 px of margin: columns 318-319 (x 286-288), rows from y = -2
+    np.testing.assert_array_equal(store.unreadable_mask(0), expected)
+    assert (pixels[expected] == 255).all() and not (pixels[~expected] == 255).all()
