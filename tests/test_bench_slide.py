@@ -2,36 +2,36 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from benchmarks.common import REPO
+from benchmarks.speed import bench_slide
 from benchmarks.speed.bench_slide import BACKGROUND, SyntheticSlide
 
 
-def run_bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "benchmarks.speed.bench_slide", *args, "--no-record"],
-                          capture_output=True, text=True, cwd=REPO)
+def run_bench(monkeypatch, capsys, *args: str) -> tuple[int, list[str]]:
+    """``python -m benchmarks.speed.bench_slide ARGS --no-record``, in this process: (exit status, stderr lines)."""
+    monkeypatch.setattr(sys, "argv", ["bench_slide.py", *args, "--no-record"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench_slide.main()
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
 
 
-def test_a_slide_too_large_for_the_disk_is_refused_in_one_line(tmp_path):
-    done = run_bench("--side-px", str(2**20), "--scales", "1", "--dir", str(tmp_path / "runs"))
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: a 1,099,512 Mpx slide needs")
+def test_a_slide_too_large_for_the_disk_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    code, lines = run_bench(monkeypatch, capsys, "--side-px", str(2**20), "--scales", "1", "--dir", str(tmp_path / "runs"))
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: a 1,099,512 Mpx slide needs")
     assert not (tmp_path / "runs").exists()
 
 
-def test_cuda_without_a_gpu_is_refused_in_one_line(tmp_path):
+def test_cuda_without_a_gpu_is_refused_in_one_line(monkeypatch, capsys):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    done = run_bench("--side-px", "1024", "--scales", "1", "--device", "cuda")
-    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "error: --device cuda: no CUDA GPU is visible to torch; use --device cpu"]
+    code, lines = run_bench(monkeypatch, capsys, "--side-px", "1024", "--scales", "1", "--device", "cuda")
+    assert code == 2 and lines == ["error: --device cuda: no CUDA GPU is visible to torch; use --device cpu"]
 
 
 @pytest.mark.openslide
