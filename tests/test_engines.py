@@ -134,3 +134,45 @@ def test_evaluate_cli_int8_without_the_extra_exits_2(monkeypatch, tmp_path, caps
               "--precision", "int8"])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "wsi-ircr[cpu-fast]" in err
+
+
+def _raster(features: list[dict], shape_rc: tuple[int, int]) -> np.ndarray:
+    """int32 instance map of GeoJSON features' level-0 polygons (ids 1..n in feature order)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("I", (shape_rc[1], shape_rc[0]), 0)
+    draw = ImageDraw.Draw(image)
+    for k, feature in enumerate(features, 1):
+        draw.polygon([tuple(p) for p in feature["geometry"]["coordinates"][0]], fill=k)
+    return np.asarray(image, np.int32)
+
+
+@needs_engine
+@pytest.mark.slow
+def test_a_slide_segmented_in_int8_agrees_with_fp32(engine_cache, tmp_path):
+    """The whole segment pipeline on a synthetic slide: int8 in ONNX Runtime (what auto runs for
+    the bundled model with the extra) against torch fp32, the same nuclei."""
+    import gzip
+    import json
+
+    from synthetic_slides import write_pyramidal_tiff
+
+    from wsi_ircr.cli import main
+
+    shape_rc = (520, 480)
+    slide = write_pyramidal_tiff(tmp_path / "he.tiff", synthetic_he(shape_rc, n_nuclei=90, seed=11)[0], mpp=0.25)
+    runs = {}
+    for name, options in (("fp32", ["--precision", "fp32", "--set", "engine=torch"]), ("auto", [])):
+        out = tmp_path / name
+        try:
+            main(["segment", str(slide), "-o", str(out), "--core-px", "256", "--halo", "32", "--no-tissue-mask",
+                  "--set", "max_nucleus_um=8", "--device", "cpu", "--quiet", *options])
+        except SystemExit as e:
+            assert e.code in (0, None)
+        summary = json.loads((out / "he" / "summary.json").read_text())
+        [geojson] = (out / "he").glob("*.geojson.gz")
+        runs[name] = (summary["execution"]["ran"], json.loads(gzip.decompress(geojson.read_bytes()))["features"])
+    assert [(r["precision"], r["engine"]) for r in runs["fp32"][0]] == [("fp32", "torch")]
+    assert [(r["precision"], r["engine"]) for r in runs["auto"][0]] == [("int8", "onnxruntime")]
+    ref, got = (_raster(runs[k][1], shape_rc) for k in ("fp32", "auto"))
+    assert ref.max() > 30 and aji(ref, got) >= 0.98
