@@ -20,8 +20,8 @@ METHODS = ("ircr", "mean_teacher", "supervised")
 @click.option("--mpp", type=float, help="um/px of the --unlabelled and --images tiles (0.25 at 40x, 0.5 at 20x).")
 @click.option("--model", "model", metavar="MODEL", default="bundled", show_default=True,
               help="Checkpoint to start from; it sets the architecture, mpp and post-processing.")
-@click.option("--method", type=click.Choice(METHODS), default="mean_teacher", show_default=True,
-              help="How unlabelled crops teach the student (supervised: the labelled tiles only).")
+@click.option("--method", type=click.Choice(METHODS), default="ircr", show_default=True,
+              help="How unlabelled crops teach the student: ircr (Mean Teacher + MIAC + PIAC), mean_teacher, or supervised (the labelled tiles only).")
 @click.option("--steps", type=int, help="Optimisation steps (default: the method's config, sized for ~30 min on 2 CPU cores).")
 @click.option("--seed", type=int, help="Random seed (crops, augmentation, which slide tiles).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (auto: CUDA if available).")
