@@ -30,6 +30,19 @@ def monuseg_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _engine_cache(tmp_path_factory):
+    """Exported inference graphs go to a folder of this test session, never the user's cache
+    (``$WSI_IRCR_CACHE`` is inherited by the CLI and worker processes the tests start)."""
+    old = os.environ.get("WSI_IRCR_CACHE")
+    os.environ["WSI_IRCR_CACHE"] = str(tmp_path_factory.mktemp("engine-cache"))
+    yield
+    if old is None:
+        os.environ.pop("WSI_IRCR_CACHE", None)
+    else:
+        os.environ["WSI_IRCR_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     """Keep torch to one thread per test so the suite behaves on 2-core CI machines."""

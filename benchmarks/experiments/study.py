@@ -179,7 +179,7 @@ def run_one(method: str, n_labelled: int, seed: int, overrides: list[str], out: 
     seconds = time.time() - t0
     scores = evaluate(run_dir, tests)
     result = {"name": name, "method": method, "labelled": n_labelled, "seed": seed, "train_seconds": seconds, **scores,
-              "command": " ".join(a for a in train[1:] if a not in ("--resume", "--overwrite"))}
+              "command": " ".join(a for a in train[1:] if a not in ("--resume", "--overwrite")).replace(f"{REPO}/", "")}
     if resumed:
         result["resumed"] = True  # train_seconds counts only the part after the resume
     result_file.write_text(json.dumps(result, indent=1))
