@@ -1,5 +1,6 @@
 """A checker of QuPath GeoJSON files for tests: loads a whole (possibly gzipped) file and
-checks every feature the way QuPath imports nucleus detections."""
+checks every feature the way QuPath imports nucleus detections; ``raster_features`` draws
+features back into an instance map."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import uuid as uuid_module
 from pathlib import Path
 from typing import IO
 
+import numpy as np
 import shapely
 from shapely.geometry import Polygon
 
@@ -102,3 +104,14 @@ def validate_qupath_geojson(path: str | os.PathLike, object_type: str = "detecti
         except ValueError as error:
             raise ValueError(f"{path}: feature {index}: {error}") from None
     return len(data["features"])
+
+
+def raster_features(features: list[dict], shape_rc: tuple[int, int]) -> np.ndarray:
+    """int32 (h, w) instance map of GeoJSON features' level-0 polygons (ids 1..n in feature order)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("I", (shape_rc[1], shape_rc[0]), 0)
+    draw = ImageDraw.Draw(image)
+    for k, feature in enumerate(features, 1):
+        draw.polygon([tuple(p) for p in feature["geometry"]["coordinates"][0]], fill=k)
+    return np.asarray(image, np.int32)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from qupath_geojson import raster_features
 from synthetic_slides import synthetic_he
 
 from wsi_ircr.errors import UserError
@@ -136,17 +137,6 @@ def test_evaluate_cli_int8_without_the_extra_exits_2(monkeypatch, tmp_path, caps
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "wsi-ircr[cpu-fast]" in err
 
 
-def _raster(features: list[dict], shape_rc: tuple[int, int]) -> np.ndarray:
-    """int32 instance map of GeoJSON features' level-0 polygons (ids 1..n in feature order)."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("I", (shape_rc[1], shape_rc[0]), 0)
-    draw = ImageDraw.Draw(image)
-    for k, feature in enumerate(features, 1):
-        draw.polygon([tuple(p) for p in feature["geometry"]["coordinates"][0]], fill=k)
-    return np.asarray(image, np.int32)
-
-
 @needs_engine
 @pytest.mark.slow
 def test_a_slide_segmented_in_int8_agrees_with_fp32(engine_cache, tmp_path):
@@ -174,5 +164,5 @@ def test_a_slide_segmented_in_int8_agrees_with_fp32(engine_cache, tmp_path):
         runs[name] = (summary["execution"]["ran"], json.loads(gzip.decompress(geojson.read_bytes()))["features"])
     assert [(r["precision"], r["engine"]) for r in runs["fp32"][0]] == [("fp32", "torch")]
     assert [(r["precision"], r["engine"]) for r in runs["auto"][0]] == [("int8", "onnxruntime")]
-    ref, got = (_raster(runs[k][1], shape_rc) for k in ("fp32", "auto"))
+    ref, got = (raster_features(runs[k][1], shape_rc) for k in ("fp32", "auto"))
     assert ref.max() > 30 and aji(ref, got) >= 0.98

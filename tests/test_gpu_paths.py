@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from model_fixtures import signal_checkpoint
+from qupath_geojson import raster_features
 from synthetic_slides import synthetic_he, write_pyramidal_tiff
 
 from wsi_ircr.errors import UserError
@@ -97,17 +98,6 @@ def segment(slide: Path, model: Path, out: Path, *options: str) -> list[dict]:
     return json.loads(gzip.decompress(path.read_bytes()))["features"]
 
 
-def _raster(features: list[dict], shape_rc: tuple[int, int]) -> np.ndarray:
-    """int32 instance map of the features' level-0 polygons (ids 1..n in feature order)."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("I", (shape_rc[1], shape_rc[0]), 0)
-    draw = ImageDraw.Draw(image)
-    for k, feature in enumerate(features, 1):
-        draw.polygon([tuple(p) for p in feature["geometry"]["coordinates"][0]], fill=k)
-    return np.asarray(image, np.int32)
-
-
 @pytest.mark.slow  # two whole segment processes; the torch flood on the CPU takes about a minute of CPU
 def test_torch_postprocessing_through_the_whole_pipeline_matches_the_reference(slide_and_model, tmp_path):
     """``postprocess: torch`` (CUDA's default) on the CPU, in streamed tasks of several
@@ -121,7 +111,7 @@ def test_torch_postprocessing_through_the_whole_pipeline_matches_the_reference(s
     # the signal model's HV maps are rougher than a trained network's, so the flood's levels
     # matter more (0.93 here; >= 0.999 on the bundled model's maps, benchmarks/postprocess.md);
     # a tile handed the wrong instances would score near 0
-    assert aji(_raster(ref, (520, 480)), _raster(got, (520, 480))) >= 0.9
+    assert aji(raster_features(ref, (520, 480)), raster_features(got, (520, 480))) >= 0.9
 
 
 @pytest.mark.gpu
@@ -132,7 +122,7 @@ def test_cuda_run_matches_the_cpu_run(slide_and_model, tmp_path):
     cpu = segment(slide, model, tmp_path / "cpu", "--device", "cpu")
     gpu = segment(slide, model, tmp_path / "gpu", "--device", "cuda")
     assert abs(len(gpu) - len(cpu)) <= max(1, len(cpu) // 50)
-    assert aji(_raster(cpu, (520, 480)), _raster(gpu, (520, 480))) >= 0.9
+    assert aji(raster_features(cpu, (520, 480)), raster_features(gpu, (520, 480))) >= 0.9
     scores_cpu = np.mean([f["properties"]["measurements"]["Score"] for f in cpu])
     scores_gpu = np.mean([f["properties"]["measurements"]["Score"] for f in gpu])
     assert abs(scores_cpu - scores_gpu) < 0.01
