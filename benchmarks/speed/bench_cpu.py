@@ -32,12 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, MemorySampler, cpu_flags, load_average, machine
+from benchmarks.common import CPU_FLAGS, REPO, MemorySampler, cpu_flags, load_average, machine
 
 SLIDE = REPO / "examples" / "cmu-1-small-region.svs"
 RESULTS = REPO / "benchmarks" / "cpu.md"
 TILE_PX = 1024  # the segment default: 896 core + 2 x 64 halo
-FLAGS = ("AVX2", "AVX512", "AVX512-VNNI", "AVX-VNNI", "AVX512-BF16", "AMX-BF16")
 
 
 def reference_network():
@@ -169,7 +168,7 @@ def main() -> None:
     have = set(cpu_flags())
     lines = [
         f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n",
-        f"{machine()}; CPU flags: " + ", ".join(f"{f} {'yes' if f in have else 'no'}" for f in FLAGS)
+        f"{machine()}; CPU flags: " + ", ".join(f"{f} {'yes' if f in have else 'no'}" for f in CPU_FLAGS.values())
         + f"; {args.threads} threads; load average (1/5/15 min) {load_before} at the start, {load_after} at the end.\n",
         f"`python -m benchmarks.speed.bench_cpu --rounds {args.rounds} --slide-rounds {args.slide_rounds} --threads {args.threads}"
         f" --slide-engines {' '.join(args.slide_engines)}`\n",
