@@ -25,7 +25,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from wsi_ircr.errors import UserError
 from wsi_ircr.slide.config import SegmentConfig
-from wsi_ircr.slide.plan import ClusterSize, ExecutionPlan, resolve_plan
+from wsi_ircr.slide.plan import ClusterSize, ExecutionPlan, resolve_plan, torch_threads_per_task
 
 CONNECT_TIMEOUT_S = 10  # how long a client tries to reach an existing scheduler (--scheduler)
 SLURM_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cluster" / "slurm.yaml"
@@ -83,11 +83,6 @@ def load_slurm_config(path: str | Path | None = None, overrides=()) -> SlurmConf
     from wsi_ircr.config import resolve_config
 
     return resolve_config(SlurmConfig, path or SLURM_CONFIG, overrides)
-
-
-def torch_threads_per_task(cores_per_process: int, tasks_per_process: int) -> int:
-    """Torch threads for one task: the process's cores / its concurrent tasks (at least 1)."""
-    return max(1, cores_per_process // max(1, tasks_per_process))
 
 
 class WorkerSetup(WorkerPlugin):

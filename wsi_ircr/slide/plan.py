@@ -81,6 +81,11 @@ class ExecutionPlan:
         return {"GPU": 1} if self.device == "cuda" else None
 
 
+def torch_threads_per_task(cores_per_process: int, tasks_per_process: int) -> int:
+    """Torch threads for one task: the process's cores / its concurrent tasks (at least 1)."""
+    return max(1, cores_per_process // max(1, tasks_per_process))
+
+
 def resolve_device(requested: str, size: ClusterSize) -> str:
     """"cpu" or "cuda": ``auto`` takes the workers' GPU when they have one; ``cuda`` on
     workers without one is a UserError (a remote cluster whose workers are unknown yet is
@@ -130,7 +135,7 @@ def resolve_plan(config: SegmentConfig, size: ClusterSize, checkpoint=None) -> E
     task_tiles = config.task_tiles or config.batch_tiles * (8 if cuda else 1)
     post_threads = config.post_threads or (4 if cuda else 1)
     cores = size.cores_per_process or 0
-    torch_threads = config.torch_threads or (max(1, cores // size.threads_per_process) if cores else 0)
+    torch_threads = config.torch_threads or (torch_threads_per_task(cores, size.threads_per_process) if cores else 0)
     in_flight = config.tasks_in_flight or max(MIN_IN_FLIGHT, 2 * size.processes * size.threads_per_process)
     precision = plan_precision(config.precision, device, size, checkpoint)
     return ExecutionPlan(
