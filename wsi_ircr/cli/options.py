@@ -36,6 +36,7 @@ def slide_options(func):
 def precision_option(func):
     """``--precision auto|fp32|bf16|int8`` (None when not given), with ``--fp32`` / ``--bf16`` as
     short forms; two different choices are a ``UserError``."""
+    from wsi_ircr.model.precision import PRECISIONS
 
     @functools.wraps(func)
     def wrapper(*args, precision, fp32, bf16, **kwargs):
@@ -47,7 +48,7 @@ def precision_option(func):
         return func(*args, precision=chosen.pop() if chosen else None, **kwargs)
 
     options = [
-        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]),
+        click.option("--precision", type=click.Choice(PRECISIONS),
                      help="The network's arithmetic (default auto: the fastest the model proves accurate here; without "
                           "a record, bf16 where native (CUDA, AVX512-BF16 / AMX CPUs), else fp32). "
                           "int8: CPU, pip install \"wsi-ircr[cpu-fast]\"."),
