@@ -9,24 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_run import run_cli as run
 from model_fixtures import synthetic_signal_model
 from synthetic_slides import synthetic_he, write_aperio_svs
-
-from wsi_ircr.cli import main
 
 pytestmark = pytest.mark.openslide
 SMALL = ["--core-px", "256", "--halo", "32", "--set", "max_nucleus_um=8", "--set", "threads_per_worker=1", "--quiet",
          "--fp32"]
-
-
-def run(*args, capfd) -> tuple[int, list[str]]:
-    capfd.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = 0 if e.code is None else e.code
-    return code, capfd.readouterr().err.splitlines()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ count as stderr lines, as they would be in a fresh process without logging set u
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_run import run_cli as wsi_ircr
 from model_fixtures import synthetic_signal_model
 from qupath_geojson import validate_qupath_geojson
 from synthetic_slides import synthetic_he, write_aperio_svs
@@ -29,22 +29,6 @@ pytestmark = pytest.mark.openslide
 REPO = Path(__file__).resolve().parents[1]
 SMALL_TILES = ["--core-px", "256", "--halo", "32", "--set", "max_nucleus_um=8", "--set", "threads_per_worker=1",
                "--quiet"]
-
-
-def wsi_ircr(*args, capfd, caplog=None) -> tuple[int, list[str]]:
-    """Run the CLI here; (exit status, stderr lines incl. logged warnings)."""
-    capfd.readouterr()
-    if caplog is not None:
-        caplog.clear()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = 0 if e.code is None else e.code
-    lines = capfd.readouterr().err.splitlines()
-    if caplog is not None:
-        lines += [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    return code, lines
 
 
 def ok(*args, capfd) -> None:
