@@ -21,7 +21,6 @@ from wsi_ircr.errors import UserError
 from wsi_ircr.metrics import aji
 from wsi_ircr.model.checkpoint import load_checkpoint
 from wsi_ircr.model.inference import Predictor, choose_backend, native_bf16
-from wsi_ircr.slide.config import SegmentConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--core-px", "256", "--halo", "32", "--no-tissue-mask", "--set", "max_nucleus_um=8", "--quiet"]
