@@ -137,8 +137,9 @@ def resolve_engine(precision: str, device: torch.device, requested: str = "auto"
         raise UserError(f"engine {requested!r}: expected one of auto, torch, {', '.join(ENGINES)}")
     engine_ok = device.type == "cpu" and precision in ("fp32", "int8")
     if requested == "auto":
-        if engine_ok and int8_engine() is not None:
-            return int8_engine()
+        preferred = int8_engine() if engine_ok else None
+        if preferred is not None:
+            return preferred
         requested = "torch"
     if requested == "torch":
         if precision == "int8":
