@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from local_dask import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 COMMANDS = ("sbatch", "squeue", "scancel", "sinfo", "scontrol")
@@ -62,12 +63,6 @@ NodeName={host} NodeAddr=127.0.0.1 NodeHostname={host} CPUs={cpus} Boards={board
 CoresPerSocket={cores} ThreadsPerCore={threads} RealMemory={memory_mb} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _hardware() -> dict[str, int]:
@@ -178,7 +173,7 @@ def start_slurm_cluster(root: Path) -> SlurmCluster:
     hw = _hardware()
     host = socket.gethostname().split(".")[0]
     conf = root / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(root=root, host=host, ctld_port=_free_port(), slurmd_port=_free_port(), **hw))
+    conf.write_text(SLURM_CONF.format(root=root, host=host, ctld_port=free_port(), slurmd_port=free_port(), **hw))
     cluster = SlurmCluster(root, conf, host, hw["cpus"], hw["memory_mb"])
     commands = [
         ["munged", "-F", "--force", f"--key-file={key}", f"--socket={root}/munge.socket",
