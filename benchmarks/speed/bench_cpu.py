@@ -183,7 +183,7 @@ def main() -> None:
     if args.slide_rounds:
         lines += ["", "Reference-Mpx of a slide run: its wall x the reference rate timed just before and after it "
                   "(the mean of the two), so the load it ran under divides out.", "",
-                  f"| end to end, sample slide | wall s per round | reference-Mpx (best) | tiles | bare forward share "
+                  "| end to end, sample slide | wall s per round | reference-Mpx (best) | tiles | bare forward share "
                   "| peak MiB | nuclei |", "|---|---|---|---|---|---|---|"]
         for precision, engine in slide_variants:
             summary = summaries[(precision, engine)]
