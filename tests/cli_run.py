@@ -22,3 +22,16 @@ def run_cli(*args, capfd, caplog=None) -> tuple[int, list[str]]:
     if caplog is not None:
         lines += [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     return code, lines
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``wsi_ircr.cli.main(argv)``; (exit status, stdout, stderr) as ``capsys`` captured them."""
+    from wsi_ircr.cli import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

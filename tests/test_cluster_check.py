@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-
-from wsi_ircr.cli import main
+from cli_run import run_main
 
 GPU_CONFIG = """queue: gpu
 account: lab
@@ -23,13 +22,7 @@ local_directory: /scratch/$USER
 
 
 def check(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(["cluster", "check", *args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(["cluster", "check", *args], capsys)
 
 
 def test_the_job_script_of_a_gpu_partition_is_printed_and_nothing_submitted(tmp_path, capsys, monkeypatch):

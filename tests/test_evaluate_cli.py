@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_run import run_main
 from PIL import Image
 
-from wsi_ircr.cli import main
 from wsi_ircr.errors import UserError
 from wsi_ircr.evaluate import evaluate_folder, format_table
 from wsi_ircr.io.images import pair_folders, read_label, write_label_png
@@ -124,13 +124,7 @@ def test_format_table_lists_images_then_the_mean(tmp_path):
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(["evaluate", *args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(["evaluate", *args], capsys)
 
 
 def test_cli_bad_folders_are_one_line_errors(tmp_path, capsys):
