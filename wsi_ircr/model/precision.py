@@ -56,9 +56,10 @@ def speed_order(device: torch.device) -> tuple[str, ...]:
     return ("int8", "fp32")
 
 
-def proven(checkpoint: Checkpoint, device: torch.device) -> dict[str, dict] | None:
-    """What the checkpoint records as validated on this kind of device (None: nothing recorded)."""
-    record = (checkpoint.meta or {}).get("precision")
+def proven(checkpoint: Checkpoint | None, device: torch.device) -> dict[str, dict] | None:
+    """What the checkpoint records as validated on this kind of device (None: nothing recorded,
+    or no checkpoint)."""
+    record = ((checkpoint.meta if checkpoint is not None else None) or {}).get("precision")
     if not isinstance(record, dict) or not isinstance(record.get(device.type), dict):
         return None
     return record[device.type]
@@ -97,7 +98,7 @@ def int8_engine() -> str | None:
     return engines[0] if engines else None
 
 
-def resolve_precision(requested: str, device: torch.device, checkpoint: Checkpoint) -> str:
+def resolve_precision(requested: str, device: torch.device, checkpoint: Checkpoint | None) -> str:
     """``fp32``, ``bf16`` or ``int8``: ``requested`` itself, or for ``auto`` the fastest precision
     (``speed_order``) that runs here and whose accuracy the checkpoint proves on this kind of device.
 

@@ -9,13 +9,11 @@ records, beside what the workers report they ran.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 from wsi_ircr.errors import UserError
 from wsi_ircr.slide.config import SegmentConfig
 
 MIN_IN_FLIGHT = 4  # tile tasks kept submitted however few workers have joined
-_NO_RECORD = SimpleNamespace(meta={})  # a model whose metadata proves no precision
 
 
 @dataclass(frozen=True)
@@ -101,7 +99,7 @@ def resolve_device(requested: str, size: ClusterSize) -> str:
 
 def plan_precision(requested: str, device: str, size: ClusterSize, checkpoint) -> str:
     """The network's precision (``model.precision.resolve_precision``; ``checkpoint``: the
-    model, whose metadata may prove precisions). Remote CPU workers keep ``auto``: their CPU
+    model, whose metadata may prove precisions; None: nothing proven). Remote CPU workers keep ``auto``: their CPU
     decides, and each task reports what it ran."""
     import torch
 
@@ -109,7 +107,7 @@ def plan_precision(requested: str, device: str, size: ClusterSize, checkpoint) -
 
     if requested == "auto" and device == "cpu" and not size.local:
         return "auto"
-    return resolve_precision(requested, torch.device(device), checkpoint if checkpoint is not None else _NO_RECORD)
+    return resolve_precision(requested, torch.device(device), checkpoint)
 
 
 def plan_engine(requested: str, precision: str, device: str, size: ClusterSize) -> str:
