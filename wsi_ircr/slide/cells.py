@@ -164,16 +164,16 @@ class CellPartition:
     def _cells(nuclei, held: list) -> list:
         earlier = shapely.STRtree(held) if held else None
         own = shapely.STRtree(nuclei.polygons_xy) if len(nuclei) else None
-        out: list = []
+        out = np.empty(len(nuclei), dtype=object)  # the cells made so far (one vectorised test each, no tree rebuilt)
         for k, (cell, nucleus) in enumerate(zip(nuclei.cells_xy, nuclei.polygons_xy)):
             cell = shapely.union(cell, nucleus)
             blocked = [held[h] for h in earlier.query(cell, predicate="intersects")] if earlier is not None else []
-            blocked += [out[h] for h in shapely.STRtree(out).query(cell, predicate="intersects")] if out else []
+            blocked += list(out[:k][shapely.intersects(out[:k], cell)])
             blocked += [nuclei.polygons_xy[h] for h in own.query(cell, predicate="intersects") if h != k]
             if blocked:
                 cell = _holding(shapely.union(shapely.difference(cell, shapely.union_all(blocked)), nucleus), nucleus)
-            out.append(cell)
-        return out
+            out[k] = cell
+        return list(out)
 
 
 def _holding(geometry, nucleus):
