@@ -146,12 +146,12 @@ def test_adapt_tiles_end_to_end_with_lineage_and_no_absolute_paths(cohort, tmp_p
 def test_adapt_with_a_few_labels_fits_priors_and_validates(cohort, tmp_path, capsys):
     out = tmp_path / "adapted"
     argv = adapt_argv(cohort, out, 2, "--images", str(cohort["images"]), "--labels", str(cohort["labels"]),
-                      "--set", "data.val=[t2]", "--method", "mean_teacher")
+                      "--set", "data.val=[t2]")
     code, stdout, err = run_cli(argv, capsys)
     assert code == 0, err
     assert "data: 2 labelled, 4 unlabelled, 1 validation tiles" in err and "val AJI" in stdout
     model = load_checkpoint(out / "model.pt")
-    assert model.meta["lineage"]["data"]["labelled_tiles"] == 2 and model.meta["lineage"]["method"] == "mean_teacher"
+    assert model.meta["lineage"]["data"]["labelled_tiles"] == 2 and model.meta["lineage"]["method"] == "ircr"  # default with labels
     assert model.priors != load_checkpoint(cohort["model"]).priors
 
 
@@ -233,6 +233,6 @@ def test_adapt_on_the_sample_slide_from_the_bundled_model(tmp_path, capsys):
     lineage = model.meta["lineage"]
     assert lineage["init"] == {"name": "bundled:ircr-monuseg-lite-m.pt", "hash": bundled.model_hash}
     assert lineage["data"]["unlabelled_slides"] == ["cmu-1-small-region"] and lineage["data"]["unlabelled_tiles"] == 2
-    assert lineage["method"] == "ircr" and model.priors == bundled.priors  # the default method; PIAC on the bundled priors
+    assert lineage["method"] == "mean_teacher" and model.priors == bundled.priors  # the default without labels
     assert not any(np.array_equal(model.model_state[k].numpy(), v.numpy()) for k, v in bundled.model_state.items()
                    if v.is_floating_point() and v.ndim == 4)

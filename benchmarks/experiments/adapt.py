@@ -195,7 +195,7 @@ def adapted(target: str, method: str, labelled: int, seed: int, steps: int, fold
         cpu = run(cmd + (["--resume"] if resumed else []))
         cpu = None if resumed else cpu  # the CPU time of a whole run only
     metrics = json.loads((REPO / out / "metrics.json").read_text())
-    last = metrics["history"][-1]
+    last = metrics["best"]["val"]  # the validated step model.pt holds (the last one when validated once)
     test = evaluate(str(out / "model.pt"), folders["test"], out / "test.json", TARGETS[target]["mpp"])
     return {"name": name, "target": target, "method": method, "labelled": labelled,
             "seed": seed, "steps": steps, "minutes": round(metrics["train_seconds"] / 60, 1),
@@ -211,10 +211,10 @@ def table(rows: list[dict]) -> str:
     """Markdown: one line per (target, method, labelled), mean (and spread) over seeds."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["target"], r["method"], r["labelled"]), []).append(r)
+        groups.setdefault((r["target"], r["method"], r["labelled"], r["steps"]), []).append(r)
     lines = ["| target | method | labelled tiles | seeds | steps | min / run | val AJI | test AJI | test Dice | test PQ | test F1 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (target, method, labelled), rs in groups.items():
+    for (target, method, labelled, _), rs in groups.items():
         def stat(split_: str, key: str) -> str:
             v = [r[split_][key] for r in rs]
             return f"{np.mean(v):.3f}" + (f" ± {np.std(v):.3f}" if len(v) > 1 else "")

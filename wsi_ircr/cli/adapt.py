@@ -20,8 +20,9 @@ METHODS = ("ircr", "mean_teacher", "supervised")
 @click.option("--mpp", type=float, help="um/px of the --unlabelled and --images tiles (0.25 at 40x, 0.5 at 20x).")
 @click.option("--model", "model", metavar="MODEL", default="bundled", show_default=True,
               help="Checkpoint to start from; it sets the architecture, mpp and post-processing.")
-@click.option("--method", type=click.Choice(METHODS), default="ircr", show_default=True,
-              help="How unlabelled crops teach the student: ircr (Mean Teacher + MIAC + PIAC), mean_teacher, or supervised (the labelled tiles only).")
+@click.option("--method", type=click.Choice(METHODS),
+              help="ircr (Mean Teacher + MIAC + PIAC), mean_teacher, or supervised (the labelled tiles only); "
+                   "default: ircr with --images/--labels, else mean_teacher (what won on validation, benchmarks/adapt.md).")
 @click.option("--steps", type=int, help="Optimisation steps (default: the method's config, sized for ~30 min on 2 CPU cores).")
 @click.option("--seed", type=int, help="Random seed (crops, augmentation, which slide tiles).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (auto: CUDA if available).")
@@ -51,6 +52,7 @@ def adapt(out_dir, unlabelled_slides, slide_mpp, unlabelled_dir, images_dir, lab
     from wsi_ircr.train.config import TrainConfig, adapt_config_path, complete_from_init
     from wsi_ircr.train.loop import train as run_training
 
+    method = method or default_method(images_dir)
     check_inputs(unlabelled_slides, unlabelled_dir, images_dir, labels_dir, mpp, method)
     base_dir = Path.cwd()
     explicit = {
@@ -75,6 +77,11 @@ def adapt(out_dir, unlabelled_slides, slide_mpp, unlabelled_dir, images_dir, lab
     val = f"val AJI {best['aji']:.4f}" if best["aji"] >= 0 else "no validation tiles: the last step"
     click.echo(f"model: {out_dir / 'model.pt'} ({method} from {model}, step {best['step']}, {val}, "
                f"{summary['train_seconds'] / 60:.1f} min)")
+
+
+def default_method(images_dir: Path | None) -> str:
+    """The method that won on the study's validation tiles: IRCR with a few labelled tiles, Mean Teacher without."""
+    return "ircr" if images_dir is not None else "mean_teacher"
 
 
 def check_inputs(unlabelled_slides, unlabelled_dir, images_dir, labels_dir, mpp, method) -> None:
