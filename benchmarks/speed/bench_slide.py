@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, MemorySampler, machine
+from benchmarks.common import REPO, MemorySampler, load_average, machine
 
 MPP = 0.25
 TILE = 512  # TIFF tile side
@@ -222,13 +222,12 @@ def run_one(side: int, device: str, sets: list[str], folder: Path, forward_tiles
     return result
 
 
-def markdown(results: list[dict], command: str, device: str, load_before: tuple, load_after: tuple) -> str:
-    """One section of ``slide.md``."""
-    fmt = lambda load: " / ".join(f"{v:.2f}" for v in load)  # noqa: E731
+def markdown(results: list[dict], command: str, device: str, load_before: str, load_after: str) -> str:
+    """One section of ``slide.md`` (load averages as ``common.load_average`` gives them)."""
     lines = [
         f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: {device} on {machine(device)}",
         "",
-        f"Command: `{command}`; load average {fmt(load_before)} before, {fmt(load_after)} after.",
+        f"Command: `{command}`; load average {load_before} before, {load_after} after.",
         "",
         "| slide (level-0 px) | tiles | nuclei | wall s | slide Mpx/s | bare forward s | wall / forward | peak RSS MiB | GPU busy |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -277,7 +276,7 @@ def main() -> None:
     check_disk(next(p for p in [where, *where.absolute().parents] if p.exists()), max(sides) ** 2)
     folder = Path(args.dir or tempfile.mkdtemp(prefix="bench-slide-"))
     folder.mkdir(parents=True, exist_ok=True)
-    load_before = os.getloadavg()
+    load_before = load_average()
     try:
         results = []
         for side in sides:
@@ -287,7 +286,7 @@ def main() -> None:
         if args.dir is None:
             shutil.rmtree(folder, ignore_errors=True)
     command = " ".join(["python -m benchmarks.speed.bench_slide", *sys.argv[1:]])
-    text = markdown(results, command, args.device, load_before, os.getloadavg())
+    text = markdown(results, command, args.device, load_before, load_average())
     print(text)
     if args.json:
         args.json.write_text(json.dumps({"command": command, "machine": machine(args.device), "results": results}, indent=1))
