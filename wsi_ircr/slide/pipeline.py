@@ -266,7 +266,7 @@ class TileResults:
     counts / dropped: instances kept / dropped at the halo per tile; seconds: task seconds
     per stage; worker_rss_mb: largest worker resident memory at the end of one of its tasks;
     reused: tiles whose result an earlier, interrupted run had saved; ran: the (device,
-    precision, torch threads) tasks reported running with.
+    precision, torch threads, engine) tasks reported running with (``BatchReport.ran``).
     """
 
     counts: dict[Tile, int]
