@@ -24,17 +24,21 @@ from benchmarks.experiments.study import test_folder
 
 RUNS = REPO / "runs" / "recipe"
 SHARED = DATA.parent
-# Validation tiles: the 4 Kumar ones (selection) and held-out tiles of the extra sources
-# (excluded from training by configs/train/sources.yaml).
-SOURCE_VAL = {
-    "kumar": ("monuseg-train", "labels", 0.25, json.loads((DATA / "meta.json").read_text())["kumar_split"]["val"]),
-    "nuinsseg": ("nuinsseg-spleen", "labels", 0.25, [f"human_spleen_{i:02d}" for i in (6, 12, 18, 24, 30, 34)]),
-    "cryonuseg": ("cryonuseg-frozen", "binary", 0.24, [f"Human_{o}_03" for o in ("AdrenalGland", "Larynx", "Mediastinum",
-                                                                              "Pancreas", "Skin", "Testes")]),
-}
 RESULTS = REPO / "benchmarks" / "results" / "recipe.json"
 TABLE = REPO / "benchmarks" / "recipe.md"
 CONFIG = "configs/train/recipe.yaml"
+
+
+def source_val(kumar_val: list[str]) -> dict[str, tuple]:
+    """Validation tiles per source: (folder, labels folder, mpp, stems). The 4 Kumar ones
+    (``kumar_val``: selection) and held-out tiles of the extra sources (excluded from
+    training by configs/train/sources.yaml)."""
+    return {
+        "kumar": ("monuseg-train", "labels", 0.25, kumar_val),
+        "nuinsseg": ("nuinsseg-spleen", "labels", 0.25, [f"human_spleen_{i:02d}" for i in (6, 12, 18, 24, 30, 34)]),
+        "cryonuseg": ("cryonuseg-frozen", "binary", 0.24, [f"Human_{o}_03" for o in ("AdrenalGland", "Larynx", "Mediastinum",
+                                                                                  "Pancreas", "Skin", "Testes")]),
+    }
 
 
 def train(name: str, overrides: list[str], sources: bool) -> None:
@@ -75,7 +79,7 @@ def score(name: str, tta: int) -> dict:
         return sum(test["per_image"][s]["aji"] for s in stems) / len(stems)
 
     sources = {}
-    for source, (folder, labels, mpp, stems) in SOURCE_VAL.items():
+    for source, (folder, labels, mpp, stems) in source_val(split["val"]).items():
         root = RUNS / f"val-{source}"
         for sub_dir, src in (("images", "images"), ("labels", labels)):
             (root / sub_dir).mkdir(parents=True, exist_ok=True)
