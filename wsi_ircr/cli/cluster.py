@@ -32,12 +32,11 @@ def check(config_path: Path | None, overrides: tuple[str, ...]) -> None:
     from wsi_ircr.slide.cluster import load_slurm_config, slurm_job_script, slurm_partition_report
 
     slurm = load_slurm_config(config_path, overrides)
-    processes = slurm.worker_processes
     click.echo("# SLURM config (resolved)")
     click.echo(yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v
                                for k, v in dataclasses.asdict(slurm).items()}, sort_keys=False).rstrip())
-    click.echo(f"\n# plan: {slurm.minimum_jobs} to {slurm.maximum_jobs} jobs as tiles wait, each {processes} worker "
-               f"process(es) of {max(1, slurm.cores // processes)} threads"
+    click.echo(f"\n# plan: {slurm.minimum_jobs} to {slurm.maximum_jobs} jobs as tiles wait, each {slurm.worker_processes} worker "
+               f"process(es) of {slurm.threads_per_process} threads"
                + (f", one GPU each ({slurm.gpus} per job)" if slurm.gpus else "") + f"; walltime {slurm.walltime}")
     for line in slurm_partition_report(slurm):
         click.echo(f"# {line}")

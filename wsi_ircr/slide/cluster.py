@@ -77,6 +77,11 @@ class SlurmConfig:
         """Worker processes per job: one per GPU, else ``processes``."""
         return self.gpus or self.processes
 
+    @property
+    def threads_per_process(self) -> int:
+        """Threads (and cores) of each worker process: the job's cores shared by its processes."""
+        return max(1, self.cores // self.worker_processes)
+
 
 def load_slurm_config(path: str | Path | None = None, overrides=()) -> SlurmConfig:
     """The SLURM config at ``path`` (default: the packaged ``configs/cluster/slurm.yaml``)."""
@@ -250,13 +255,11 @@ def _jobqueue():
 def slurm_job_options(slurm: SlurmConfig) -> dict:
     """dask-jobqueue's job options for ``slurm``: GPU jobs run one worker process per GPU,
     each declaring ``resources={"GPU": its threads}``."""
-    processes = slurm.worker_processes
-    threads = max(1, slurm.cores // processes)
-    extra_args = ["--resources", f"GPU={threads}"] if slurm.gpus else []
+    extra_args = ["--resources", f"GPU={slurm.threads_per_process}"] if slurm.gpus else []
     directives = (([f"--gres=gpu:{slurm.gpus}"] if slurm.gpus else []) + ([f"--qos={slurm.qos}"] if slurm.qos else [])
                   + list(slurm.extra_directives))
-    return dict(queue=slurm.queue, account=slurm.account, cores=slurm.cores, processes=processes, memory=slurm.memory,
-                walltime=slurm.walltime, job_extra_directives=directives, worker_extra_args=extra_args,
+    return dict(queue=slurm.queue, account=slurm.account, cores=slurm.cores, processes=slurm.worker_processes,
+                memory=slurm.memory, walltime=slurm.walltime, job_extra_directives=directives, worker_extra_args=extra_args,
                 job_script_prologue=list(slurm.setup), local_directory=slurm.local_directory,
                 log_directory=slurm.log_directory, interface=slurm.interface)
 
@@ -330,9 +333,8 @@ class SlurmBackend:
 
     def size(self) -> ClusterSize:
         slurm = self.slurm
-        processes = slurm.worker_processes
-        threads = max(1, slurm.cores // processes)
-        return ClusterSize(self.name, slurm.maximum_jobs * processes, threads, threads, slurm.gpus > 0, local=False,
+        threads = slurm.threads_per_process
+        return ClusterSize(self.name, slurm.maximum_jobs * slurm.worker_processes, threads, threads, slurm.gpus > 0, local=False,
                            gpu_per_process=slurm.gpus > 0,
                            no_gpu="set gpus: 1 (or more) in the SLURM config (--cluster-config)")
 
