@@ -25,9 +25,10 @@ def run_cli(*args, capfd, caplog=None) -> tuple[int, list[str]]:
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    """``wsi_ircr.cli.main(argv)``; (exit status, stdout, stderr) as ``capsys`` captured them."""
+    """``wsi_ircr.cli.main(argv)``; (exit status, stdout, stderr) of this call as ``capsys`` captured them."""
     from wsi_ircr.cli import main
 
+    capsys.readouterr()
     try:
         main(argv)
         code = 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from wsi_ircr.cli import main
+from cli_run import run_main as run_cli
 from wsi_ircr.errors import UserError
 from wsi_ircr.io.images import write_label_png
 from wsi_ircr.model.checkpoint import load_checkpoint
@@ -212,17 +212,6 @@ SMALL = ["--device", "cpu", "--set", "crop_px=32", "--set", "batch_size=2", "--s
          "--set", "threads=1", "--set", "val_every=2", "--set", "log_every=1", "--set", "lr=0.001"]
 IRCR = ["--set", "mt_weight=1", "--set", "miac_weight=10", "--set", "piac_weight=1", "--set", "rampup_steps=0",
         "--set", "postprocess.min_area_um2=0.5", "--set", "postprocess.min_marker_um2=0.125"]
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def train_argv(dataset, out: Path, steps: int, *extra: str) -> list[str]:
