@@ -27,6 +27,16 @@ def dask_cli() -> str:
     return found
 
 
+def wait_until(condition, proc: subprocess.Popen, what: str, timeout_s: float = 180, poll_s: float = 0.01) -> None:
+    """Poll ``condition()`` until true; fail the test (killing ``proc``) if ``proc`` ends or ``timeout_s`` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the process ended or timed out before {what}: {proc.communicate()}")
+        time.sleep(poll_s)
+
+
 def stop(procs: list[subprocess.Popen]) -> None:
     for proc in reversed(procs):
         proc.terminate()

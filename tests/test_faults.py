@@ -10,11 +10,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from local_dask import dask_processes
+from local_dask import dask_processes, wait_until
 from model_fixtures import signal_checkpoint
 from synthetic_slides import synthetic_he, write_aperio_svs, write_pyramidal_tiff
 
@@ -45,15 +44,6 @@ def _segment(slides: Path, model: Path, out: Path, *extra: str) -> subprocess.Po
                              str(model), *OPTIONS, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_until(condition, proc: subprocess.Popen, what: str, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the run ended or timed out before {what}: {proc.communicate()}")
-        time.sleep(0.01)
-
-
 def _rows(out: Path) -> dict[str, str]:
     with open(out / "cohort.csv", newline="") as f:
         return {Path(r["slide"]).name: r["status"] for r in csv.DictReader(f)}
@@ -76,7 +66,7 @@ def test_worker_killed_mid_cohort_gives_the_clean_result(cohort, tmp_path):
         clean = _segment(slides, model, tmp_path / "clean", "--scheduler", address)
         assert clean.wait(timeout=600) == 1, clean.communicate()
         killed = _segment(slides, model, tmp_path / "killed", "--scheduler", address)
-        _wait_until(lambda: list((tmp_path / "killed").glob("*/work/*.pkl")), killed, "a tile was saved")
+        wait_until(lambda: list((tmp_path / "killed").glob("*/work/*.pkl")), killed, "a tile was saved")
         with Client(address, timeout="10s") as client:
             pid = next(iter(client.run(os.getpid).values()))
         os.kill(pid, signal.SIGKILL)
@@ -97,7 +87,7 @@ def test_driver_killed_mid_cohort_resumes_with_the_same_command(cohort, tmp_path
     out = tmp_path / "out"
     args = ["--set", "tasks_in_flight=1", "--set", "threads_per_worker=1"]
     driver = _segment(slides, model, out, *args)
-    _wait_until(lambda: (out / "a" / "summary.json").exists() and list((out / "b" / "work").glob("*.pkl")), driver,
+    wait_until(lambda: (out / "a" / "summary.json").exists() and list((out / "b" / "work").glob("*.pkl")), driver,
                 "a.svs finished and b.tiff started")
     driver.send_signal(signal.SIGKILL)
     driver.wait()

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from local_dask import dask_cli, free_port, stop
+from local_dask import dask_cli, free_port, stop, wait_until
 from test_train import SMALL, _history_steps, write_tiles
 
 from wsi_ircr.model.checkpoint import load_checkpoint
@@ -45,15 +45,6 @@ def submit_worker(cluster, address: str, preload: Path, log: Path, steps_log: Pa
     return int(out.strip().split(";")[0])
 
 
-def wait_for(condition, what: str, proc: subprocess.Popen, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the train command ended or timed out before {what}: {proc.communicate()}")
-        time.sleep(0.2)
-
-
 def test_train_on_a_slurm_worker_resumes_after_its_job_is_cancelled(slurm_cluster, tmp_path):
     images, labels = write_tiles(tmp_path / "lab", [f"t{i}" for i in range(4)])
     preload, steps1, steps2 = tmp_path / "log_steps.py", tmp_path / "steps1.log", tmp_path / "steps2.log"
@@ -70,7 +61,7 @@ def test_train_on_a_slurm_worker_resumes_after_its_job_is_cancelled(slurm_cluste
                                   str(labels), "--out", str(out), "--steps", "10", *SMALL, "--set", "data.val=[t3]",
                                   "--set", "tune_postprocess=false", "--scheduler", address],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-        wait_for(lambda: (out / "last.pt").exists() and len(steps1.read_text().split()) >= 4, "a checkpoint", train)
+        wait_until(lambda: (out / "last.pt").exists() and len(steps1.read_text().split()) >= 4, train, "a checkpoint", poll_s=0.2)
         slurm_cluster.run("scancel", str(first))
         submit_worker(slurm_cluster, address, preload, tmp_path / "worker2.log", steps2)
         stdout, stderr = train.communicate(timeout=300)
