@@ -112,7 +112,7 @@ def test_adapt_configs_exist_for_every_method_and_share_one_base():
 
     for method in METHODS:
         cfg = resolve_config(TrainConfig, adapt_config_path(method))
-        assert cfg.init == "bundled" and cfg.bf16 is False
+        assert cfg.init == "bundled" and cfg.bf16 is None  # auto: fp32 where bf16 is not native
         assert cfg.semi_supervised == (method != "supervised")
     assert (REPO / "configs" / "adapt").resolve() == adapt_config_path("ircr").parent
 

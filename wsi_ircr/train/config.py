@@ -21,6 +21,9 @@ weighs the same in the inside term (else every pixel does, so large nuclei domin
 automatic weight that makes MIAC's gradient norm r times the supervised loss's, re-measured
 every ``miac_scale_every`` steps (before the ramp-up, which still applies);
 ``miac_start_step`` MIAC's own ramp-up starts at max(``unsup_start_step``, this).
+``mt_confidence`` c > 0 keeps only pixels where the teacher's confidence |2 p - 1| >= c in the
+Mean Teacher term. ``anchor_weight`` a > 0 adds a * sum (theta - theta_0)^2 (L2-SP), a pull of the
+student towards the ``init`` weights theta_0 against drift when adapting without labels.
 ``ema_weights``: validate and ship the EMA of the weights (the teacher, kept in every run)
 instead of the student; semi-supervised runs always ship the teacher.
 ``checkpoint_every`` n > 0 also saves last.pt every n steps between validations (0: only at
@@ -156,6 +159,8 @@ class TrainConfig:
     ema_alpha: float = 0.95
     ema_weights: bool = False
     mt_weight: float = 0.0
+    mt_confidence: float = 0.0
+    anchor_weight: float = 0.0
     miac_weight: float = 0.0
     piac_weight: float = 0.0
     rampup_steps: int = 500
@@ -204,8 +209,11 @@ class TrainConfig:
             raise ValueError(f"miac_temperature must be > 0, got {self.miac_temperature}")
         if self.miac_np == "off" and not self.miac_hv:
             raise ValueError("miac_np=off with miac_hv=false leaves MIAC nothing to compare; set miac_weight=0 instead")
-        if not 0.0 <= self.miac_confidence < 1.0:
-            raise ValueError(f"miac_confidence must be in [0, 1), got {self.miac_confidence}")
+        for name in ("miac_confidence", "mt_confidence"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.anchor_weight < 0:
+            raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
         if self.miac_grad_ratio < 0 or self.miac_scale_every < 1 or self.miac_start_step < 0:
             raise ValueError("miac_grad_ratio and miac_start_step must be >= 0, miac_scale_every >= 1")
         if not 0 <= self.scale_jitter <= 0.4:

@@ -122,6 +122,7 @@ class Trainer:
         self.best = {"aji": -1.0, "step": 0}
         self.history: list[dict] = []
         self.amp = native_bf16(self.device) if cfg.bf16 is None else cfg.bf16
+        self.anchors = [p.detach().clone() for p in self.student.parameters()] if cfg.anchor_weight > 0 else None  # L2-SP: the start
         self.say: Callable[[str], None] = say_on_stderr  # where progress lines go
 
     def state(self) -> dict:
@@ -208,7 +209,9 @@ class Trainer:
         s_out = {k: v.float() for k, v in s_out.items()}
         parts = {}
         if "mt" in terms:
-            parts["mt"] = torch.mean((torch.softmax(s_out["np"], 1) - torch.softmax(t_out["np"], 1)) ** 2) + torch.mean((s_out["hv"] - t_out["hv"]) ** 2)
+            from wsi_ircr.train.losses import mean_teacher_loss
+
+            parts["mt"] = mean_teacher_loss(s_out, t_out, cfg.mt_confidence)
         if "miac" in terms or "piac" in terms:
             t_inst = _instances(t_out, cfg)
         if "miac" in terms:
@@ -270,6 +273,12 @@ class Trainer:
         loss = sup
         for name, term in terms.items():
             loss = loss + weights[name] * term
+        if self.anchors is not None:
+            from wsi_ircr.train.losses import anchor_l2
+
+            anchor = anchor_l2(list(self.student.parameters()), self.anchors)
+            record["anchor"] = float(anchor.detach())
+            loss = loss + cfg.anchor_weight * anchor
         self.opt.zero_grad(set_to_none=True)
         if loss.requires_grad:  # False only without labelled tiles before the unsupervised terms start
             loss.backward()
@@ -457,6 +466,9 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
                         "or start from a model (init) with a semi-supervised config and unlabelled tiles")
     if progress:
         say(f"data: {len(data.labelled)} labelled, {len(data.unlabelled)} unlabelled, {len(data.val)} validation tiles")
+    if cfg.anchor_weight > 0 and start is None:
+        raise UserError(f"anchor_weight={cfg.anchor_weight:g} pulls the weights towards the starting model, and there is none; "
+                        "set init (train --init MODEL) or anchor_weight=0")
     priors = start_priors(data, start, cfg)
     lineage = run_lineage(cfg, start, data, base_dir) if start is not None else None
     trainer = Trainer(cfg, out_dir, data, priors, start, lineage)

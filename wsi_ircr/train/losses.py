@@ -132,3 +132,29 @@ def teacher_confidence(teacher_out: dict[str, torch.Tensor], teacher_temperature
     """|2 p_t - 1| of the teacher's (temperature-scaled) nucleus probability: float (N, H, W) in [0, 1]."""
     p_t = torch.softmax(teacher_out["np"].detach() / teacher_temperature, dim=1)[:, 1]
     return (2.0 * p_t - 1.0).abs()
+
+
+def mean_teacher_loss(s_out: dict[str, torch.Tensor], t_out: dict[str, torch.Tensor], confidence: float = 0.0) -> torch.Tensor:
+    """Squared teacher-student difference of the NP softmax and the HV maps (Mean Teacher).
+
+    Args:
+        s_out, t_out: student and teacher outputs, ``np`` (N, 2, H, W) logits and ``hv`` (N, 2, H, W).
+        confidence: c in [0, 1); c > 0 keeps only pixels where the teacher is sure,
+            |2 p - 1| >= c with p its nucleus probability, and averages over those (0 if none).
+
+    Returns:
+        scalar: mean over the kept pixels of the NP term plus the HV term.
+    """
+    s_prob, t_prob = torch.softmax(s_out["np"], 1), torch.softmax(t_out["np"], 1)
+    np_sq = ((s_prob - t_prob) ** 2).mean(1)
+    hv_sq = ((s_out["hv"] - t_out["hv"]) ** 2).mean(1)
+    if confidence <= 0:
+        return np_sq.mean() + hv_sq.mean()
+    keep = ((2.0 * t_prob[:, 1] - 1.0).abs() >= confidence).to(np_sq.dtype)
+    return ((np_sq + hv_sq) * keep).sum() / keep.sum().clamp_min(1.0)
+
+
+def anchor_l2(params: list[torch.Tensor], anchors: list[torch.Tensor]) -> torch.Tensor:
+    """L2-SP: sum over every parameter of (theta - theta_0)^2, the squared distance of the
+    weights ``params`` from the starting weights ``anchors`` (same shapes, no gradient)."""
+    return sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
