@@ -11,7 +11,7 @@ from wsi_ircr.errors import UserError
 from wsi_ircr.model.checkpoint import load_checkpoint
 from wsi_ircr.train.config import DataConfig, TrainConfig
 from wsi_ircr.train.data import load_train_data
-from wsi_ircr.train.loop import Trainer, train
+from wsi_ircr.train.loop import Trainer, recalibrate_bn, train
 from wsi_ircr.train.losses import anchor_l2, mean_teacher_loss
 
 
@@ -54,7 +54,8 @@ def test_anchor_is_zero_at_the_start_and_pulls_back_along_the_displacement():
     assert torch.allclose(params[0].grad, torch.full((3, 4), 1.0)) and torch.equal(params[1].grad, torch.zeros(5))
 
 
-@pytest.mark.parametrize("field, value", [("anchor_weight", -0.1), ("mt_confidence", 1.0), ("mt_confidence", -0.2)])
+@pytest.mark.parametrize("field, value", [("anchor_weight", -0.1), ("mt_confidence", 1.0), ("mt_confidence", -0.2),
+                                          ("bn_recalibrate_crops", -1)])
 def test_bad_anchor_settings_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
@@ -84,3 +85,33 @@ def test_an_anchor_without_a_starting_model_is_one_error(cohort, tmp_path):
     with pytest.raises(UserError, match="anchor_weight") as e:
         train(cfg, tmp_path / "run", progress=False)
     assert "\n" not in str(e.value) and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_recalibrated_batchnorm_statistics_are_the_plain_average_of_the_batches():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3))
+    torch.nn.init.eye_(net[0].weight.view(3, 3))
+    torch.nn.init.zeros_(net[0].bias)
+    net[1].running_mean.fill_(50.0)
+    batches = [torch.full((2, 3, 4, 4), 1.0), torch.full((2, 3, 4, 4), 3.0), torch.full((2, 3, 4, 4), 8.0)]
+    recalibrate_bn(net, iter(batches))
+    assert torch.allclose(net[1].running_mean, torch.full((3,), 4.0)) and net[1].momentum == 0.1 and not net.training
+
+
+def test_validation_recalibrates_the_shipped_network_without_touching_the_training_crops(cohort, tmp_path):
+    start = load_checkpoint(cohort["model"])
+    data = load_train_data(DataConfig(unlabelled=str(cohort["unlabelled"])))
+    runs = {}
+    for crops in (0, 8):
+        cfg = TrainConfig(init=str(cohort["model"]), arch="lite-s", mt_weight=1.0, crop_px=32, device="cpu", unlabelled_batch_size=2,
+                          bn_recalibrate_crops=crops)
+        trainer = Trainer(cfg, tmp_path / str(crops), data, start.priors, start)
+        trainer.say = lambda line: None
+        trainer.train_step()
+        trainer.validate_and_save(progress=False)
+        runs[crops] = (trainer, dict(trainer.teacher.named_buffers()), trainer.rng.bit_generator.state)
+    plain, recal = runs[0], runs[8]
+    assert plain[2] == recal[2]  # the same training crops follow
+    means = [k for k in plain[1] if k.endswith("running_mean")]
+    assert means and not all(torch.allclose(plain[1][k], recal[1][k]) for k in means)
+    saved = load_checkpoint(tmp_path / "8" / "best.pt").model_state
+    assert all(torch.equal(saved[k], recal[1][k]) for k in means)

@@ -51,6 +51,8 @@ VARIANTS = {  # study rows with settings the adapt configs do not have: name -> 
     "ema995": ["ema_alpha=0.995"],  # a slower teacher
     "ema999": ["ema_alpha=0.999"],
     "conf0.6": ["mt_confidence=0.6"],  # Mean Teacher term only where the teacher's |2p - 1| >= 0.6
+    "bnre": ["bn_recalibrate_crops=64"],  # precise BatchNorm statistics of the shipped teacher (64 crops)
+    "bnre+anchor0.1": ["bn_recalibrate_crops=64", "anchor_weight=0.1"],
 }
 
 def plan(steps: int, long: int) -> list[tuple[str, int, int, int]]:

@@ -24,6 +24,10 @@ every ``miac_scale_every`` steps (before the ramp-up, which still applies);
 ``mt_confidence`` c > 0 keeps only pixels where the teacher's confidence |2 p - 1| >= c in the
 Mean Teacher term. ``anchor_weight`` a > 0 adds a * sum (theta - theta_0)^2 (L2-SP), a pull of the
 student towards the ``init`` weights theta_0 against drift when adapting without labels.
+``bn_recalibrate_crops`` n > 0: before each validation (and so in every saved model) the shipped
+network's BatchNorm statistics are re-estimated as the plain average over n crops of the
+unlabelled (else labelled) tiles, instead of the momentum average of the last few training
+batches (strongly augmented, 4 crops each when adapting).
 ``ema_weights``: validate and ship the EMA of the weights (the teacher, kept in every run)
 instead of the student; semi-supervised runs always ship the teacher.
 ``checkpoint_every`` n > 0 also saves last.pt every n steps between validations (0: only at
@@ -161,6 +165,7 @@ class TrainConfig:
     mt_weight: float = 0.0
     mt_confidence: float = 0.0
     anchor_weight: float = 0.0
+    bn_recalibrate_crops: int = 0
     miac_weight: float = 0.0
     piac_weight: float = 0.0
     rampup_steps: int = 500
@@ -220,8 +225,8 @@ class TrainConfig:
             raise ValueError(f"scale_jitter must be in [0, 0.4], got {self.scale_jitter}")
         if self.strong_strength < 0 or self.labelled_strength < 0:
             raise ValueError("strong_strength and labelled_strength must be >= 0")
-        if min(self.unlabelled_batch_size, self.rampup_steps, self.threads, self.checkpoint_every) < 0:
-            raise ValueError("unlabelled_batch_size, rampup_steps, threads and checkpoint_every must be >= 0")
+        if min(self.unlabelled_batch_size, self.rampup_steps, self.threads, self.checkpoint_every, self.bn_recalibrate_crops) < 0:
+            raise ValueError("unlabelled_batch_size, rampup_steps, threads, checkpoint_every and bn_recalibrate_crops must be >= 0")
 
     @property
     def model_mpp(self) -> float:

@@ -13,7 +13,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +70,24 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float)
         t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
     for t, s in zip(teacher.buffers(), student.buffers()):
         t.copy_(s)
+
+
+@torch.no_grad()
+def recalibrate_bn(net: torch.nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Precise BatchNorm: every BatchNorm's running mean and variance of ``net`` become the
+    plain average over ``batches`` (each float (N, 3, H, W)) seen in training mode, instead of
+    the momentum average over the last training steps; ``net`` is left in eval mode."""
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    net.train()
+    for x in batches:
+        net(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    net.eval()
 
 
 def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -324,8 +342,21 @@ class Trainer:
         """last.pt: the student and everything needed to continue from this step."""
         save_checkpoint(self.out_dir / "last.pt", self.checkpoint(self.student, with_state=True, metrics=metrics))
 
+    def recalibrate(self, net: torch.nn.Module) -> None:
+        """``bn_recalibrate_crops`` crops of the unlabelled tiles (else the labelled ones), drawn
+        with their own seed (seed, step) so the training crops stay the same, re-estimate ``net``'s
+        BatchNorm statistics (``recalibrate_bn``)."""
+        cfg = self.cfg
+        tiles = self.data.unlabelled if len(self.data.unlabelled) else self.data.labelled
+        sampler = CropSampler(tiles, cfg.crop_px, np.random.default_rng([cfg.seed, self.step]))
+        batch = max(cfg.unlabelled_batch_size, cfg.batch_size)
+        sizes = [min(batch, cfg.bn_recalibrate_crops - i) for i in range(0, cfg.bn_recalibrate_crops, batch)]
+        recalibrate_bn(net, (_to_tensor(sampler.sample(n)["image"], self.device) for n in sizes))
+
     def validate_and_save(self, progress: bool) -> None:
         net = self.eval_net()
+        if self.cfg.bn_recalibrate_crops:
+            self.recalibrate(net)
         metrics = validate(net, self.data.val, self.cfg, self.device) if len(self.data.val) else {}
         entry = {"step": self.step, **{k: float(v) for k, v in metrics.items()}}
         self.history.append(entry)
