@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,11 @@ from wsi_ircr.errors import UserError
 from wsi_ircr.slide.config import SegmentConfig
 from wsi_ircr.slide.plan import ClusterSize, ExecutionPlan, resolve_plan, torch_threads_per_task
 
+# distributed always starts a scheduler's HTTP server (health and metrics routes; the dashboard
+# too unless told not to), by default on port 8787 of the scheduler's own address: without the
+# dashboard and on a free port of 127.0.0.1 it clashes with no other scheduler and opens nothing
+# to the network.
+SCHEDULER_HTTP = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
 CONNECT_TIMEOUT_S = 10  # how long a client tries to reach an existing scheduler (--scheduler)
 SLURM_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cluster" / "slurm.yaml"
 
@@ -153,12 +157,9 @@ class LocalBackend:
         from distributed import Client, LocalCluster
 
         resources = {"GPU": plan.threads_per_worker} if plan.device == "cuda" else None
-        with warnings.catch_warnings():
-            # the scheduler's HTTP server moves off a busy port 8787 with a warning on stderr
-            warnings.filterwarnings("ignore", message="Port .* is already in use")
-            cluster = LocalCluster(n_workers=plan.workers, threads_per_worker=plan.threads_per_worker,
-                                   processes=plan.workers > 1, dashboard_address=None, resources=resources,
-                                   silence_logs=logging.CRITICAL)
+        cluster = LocalCluster(n_workers=plan.workers, threads_per_worker=plan.threads_per_worker,
+                               processes=plan.workers > 1, dashboard_address=None, scheduler_kwargs=SCHEDULER_HTTP,
+                               resources=resources, silence_logs=logging.CRITICAL)
         with cluster, Client(cluster) as client:
             yield client
 
@@ -266,8 +267,8 @@ def slurm_job_options(slurm: SlurmConfig) -> dict:
 
 def slurm_cluster(slurm: SlurmConfig):
     """A dask-jobqueue ``SLURMCluster`` (not scaled yet) for ``slurm``."""
-    return _jobqueue().SLURMCluster(**slurm_job_options(slurm), dashboard_address=None,
-                                    scheduler_options={"dashboard_address": None}, silence_logs="error")
+    return _jobqueue().SLURMCluster(**slurm_job_options(slurm), scheduler_options=dict(SCHEDULER_HTTP),
+                                    silence_logs="error")
 
 
 def slurm_job_script(slurm: SlurmConfig, scheduler: str = "tcp://SCHEDULER:PORT") -> str:
