@@ -1,6 +1,7 @@
 """Validate a checkpoint's network per precision and engine on the CPU, and record what is proven.
 
-    python pipelines/validate_precision.py wsi_ircr/weights/ircr-monuseg-lite-m.pt [--write]
+    python pipelines/validate_precision.py wsi_ircr/weights/ircr-monuseg-lite-m.pt \
+        --data ../shared/data/monuseg-train [--write]
 
 Kumar validation protocol (benchmarks/recipe.md): the 4 Kumar validation tiles of the MoNuSeg
 training set (``meta.json``'s ``kumar_split.val``; never the test tiles), segmented at
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 import time
 from pathlib import Path
 
@@ -29,17 +30,21 @@ from wsi_ircr.model.checkpoint import load_checkpoint, save_checkpoint
 from wsi_ircr.model.inference import Predictor
 from wsi_ircr.model.precision import AJI_TOLERANCE
 
-DATA = Path(os.environ.get("WSI_IRCR_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data" / "monuseg-train"
 TILES_MPP = 0.25
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--data", type=Path, default=DATA, help="MoNuSeg training set (images/, labels/, meta.json).")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="MoNuSeg training set folder (images/, labels/, meta.json), e.g. ../shared/data/monuseg-train.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--write", action="store_true", help="Record the int8 result in the checkpoint.")
     args = parser.parse_args()
+    if not (args.data / "meta.json").is_file():
+        print(f"error: --data {args.data}: no meta.json there; pass the MoNuSeg training set folder "
+              "(images/, labels/, meta.json)", file=sys.stderr)
+        sys.exit(2)
     torch.set_num_threads(args.threads)
     stems = json.loads((args.data / "meta.json").read_text())["kumar_split"]["val"]
     tiles = [(read_image(args.data / "images" / f"{s}.tif"), read_label(args.data / "labels" / f"{s}.png")) for s in stems]
