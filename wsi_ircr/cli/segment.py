@@ -32,9 +32,12 @@ from wsi_ircr.cli.options import precision_option, resolve_segment_config, slide
               help="Segment only inside these regions: annotations exported from QuPath as GeoJSON (one slide).")
 @click.option("--min-area-um2", type=float, help="Leave out nuclei smaller than this (um^2; default 0 = keep all).")
 @click.option("--min-score", type=float, help="Leave out nuclei whose score (mean nucleus probability) is lower.")
+@click.option("--scratch", "scratch_dir", metavar="DIR",
+              help="Keep the tile stores on node-local disk DIR instead of OUT/<stem>/ (a cache, removed when the "
+                   "slide ends); $VARS are expanded on each worker: quote them, e.g. --scratch '$TMPDIR'.")
 def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, halo_px, no_tissue_mask, model,
             overwrite, quiet, device, tta, precision, workers, scheduler, cluster, cluster_config, outputs, cells_um,
-            roi, min_area_um2, min_score):
+            roi, min_area_um2, min_score, scratch_dir):
     """Segment every nucleus of SLIDES (files, or folders of slides OpenSlide reads) into
     OUT/<stem>/, as one task graph over all slides.
 
@@ -49,7 +52,7 @@ def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, h
     Examples:
       wsi-ircr segment slide.svs -o out/
       wsi-ircr segment slides/ --list more.txt -o out/ --scheduler tcp://head:8786 --device cuda
-      wsi-ircr segment slides/ -o out/ --cluster slurm --cluster-config my_slurm.yaml
+      wsi-ircr segment slides/ -o out/ --cluster slurm --cluster-config my_slurm.yaml --scratch '$TMPDIR'
     """
     from wsi_ircr.errors import UserError
     from wsi_ircr.progress import CohortProgress, note
@@ -66,7 +69,7 @@ def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, h
         tissue_mask=False if no_tissue_mask else None, tta=None if tta is None else int(tta), precision=precision,
         outputs=None if outputs is None else tuple(filter(None, (o.strip() for o in outputs.split(",")))),
         min_area_um2=min_area_um2, min_score=min_score, roi=None if roi is None else str(roi),
-        cells_um=cells_um,
+        cells_um=cells_um, scratch_dir=scratch_dir,
     )
     paths = collect_slides(slides, list_file)
     if config.roi and len(paths) > 1:

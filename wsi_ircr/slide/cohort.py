@@ -184,6 +184,10 @@ class _Cohort:
         self.t_command = time.perf_counter()
         self.report = CohortReport(table=self.table.path)
         self.execution = plan
+        if config.scratch_dir and plan.backend == "local":  # the workers are this machine: check it now
+            from wsi_ircr.slide.scratch import expand_scratch
+
+            expand_scratch(config.scratch_dir)
         self.events: queue.Queue = queue.Queue()
         self.active: list[SlideRun] = []
         self.planning: deque = deque()  # futures of _Planned, in slide order
@@ -211,7 +215,7 @@ class _Cohort:
         """Open and plan ``slide`` and prepare its run folder (in the planner thread: touches
         only this slide's files); what to do with it is decided by ``_admit``."""
         from wsi_ircr.slide.reader import open_slide
-        from wsi_ircr.slide.store import create_tile_store
+        from wsi_ircr.slide.scratch import prepare_store
         from wsi_ircr.slide.tasks import SlideJob, load_result, result_path
 
         t_start = time.perf_counter()
@@ -226,22 +230,21 @@ class _Cohort:
             plan = plan_slide(reader, self.config, self.model.mpp)
             seconds = {"plan_tissue": time.perf_counter() - t_start}
             resumed = folder.prepare(key, self.overwrite)
-            store = create_tile_store(folder.store_path, plan.grid, plan.tiles, fingerprint=plan.fingerprint,
-                                      slide_name=slide.name, overwrite=self.overwrite)
-            stored = store.n_done
             folder.work_dir.mkdir(parents=True, exist_ok=True)
+            store_path, store_spec, stored = prepare_store(folder, plan, slide.name, self.config.scratch_dir,
+                                                           self.overwrite)
             results = TileResults({}, {}, {})
             pending = []
-            for i, tile in enumerate(store.tiles):
+            for i, tile in enumerate(plan.tiles):  # the store's tiles, in its order
                 if result_path(folder.work_dir, tile).exists():
                     saved = load_result(folder.work_dir, tile)
                     results.counts[tile], results.dropped[tile] = saved.count, saved.dropped
+                    results.unreadable.update(saved.unreadable_xywh)
                 else:
                     pending.append(i)
-            results.reused = len(store.tiles) - len(pending)
-            job = SlideJob(str(slide), self.config.mpp, plan.fingerprint, str(folder.store_path),
-                           str(folder.work_dir), self.model.path, self.model.hash, self.execution,
-                           self.config.cells_um)
+            results.reused = len(plan.tiles) - len(pending)
+            job = SlideJob(str(slide), self.config.mpp, plan.fingerprint, store_path, str(folder.work_dir),
+                           self.model.path, self.model.hash, self.execution, self.config.cells_um, store_spec)
         except Exception as e:  # noqa: BLE001 - any slide may fail alone
             if reader is not None:
                 reader.close()
@@ -293,9 +296,23 @@ class _Cohort:
                                   self.execution, run.results, run.seconds, run.resumed, run.stored, run.t_start, run.rss_mb)
         future.add_done_callback(lambda f, run=run: self.events.put(("export", run, f)))
 
+    def _drop_scratch(self, run: SlideRun) -> None:
+        """Remove every worker's node-local copy of the slide's tile store (``scratch_dir``),
+        its spec first: a task of the slide still running creates no new copy."""
+        if run.job.store_spec:
+            from wsi_ircr.slide.scratch import remove_scratch_store
+
+            Path(run.job.store_spec).unlink(missing_ok=True)
+            try:
+                self.client.run(remove_scratch_store, run.job.store_path, on_error="ignore")
+            except Exception as e:  # noqa: BLE001 - a cache left behind fails no slide
+                self.echo(f"warning: {run.slide}: its tile stores on scratch were not all removed "
+                          f"({' '.join(str(e).split())})", True)
+
     def _exported(self, run: SlideRun, future) -> None:
         self.exports -= 1
         run.reader.close()
+        self._drop_scratch(run)
         try:
             summary = future.result()
         except Exception as e:  # noqa: BLE001
@@ -345,6 +362,7 @@ class _Cohort:
         except Exception as e:  # noqa: BLE001 - e.g. the future was cancelled
             error = e
         self._abandon(run)
+        self._drop_scratch(run)
         self._fail(run.slide, error, run.t_start)
 
     def _abandon(self, run: SlideRun) -> None:

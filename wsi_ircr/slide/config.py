@@ -55,6 +55,10 @@ class SegmentConfig:
         written (``wsi_ircr.slide.roi``; one slide per command).
     min_area_um2 / min_score: nuclei smaller than this area or with a lower score are left
         out of every output (0 = keep all; README: what each trades).
+    scratch_dir: keep each slide's tile store on node-local disk instead of ``OUT/<stem>/``:
+        a folder whose ``~`` and ``$VARS`` are expanded on each worker when its task runs
+        (e.g. ``$TMPDIR``); a cache each node recreates from the slide where it is missing,
+        removed when the slide ends (``wsi_ircr.slide.scratch``; ``segment`` only, null = off).
 
     The ``auto`` / ``0`` rules are applied in one place, ``wsi_ircr.slide.plan.resolve_plan``.
     """
@@ -86,6 +90,7 @@ class SegmentConfig:
     roi: str | None = None
     min_area_um2: float = 0.0
     min_score: float = 0.0
+    scratch_dir: str | None = None
 
     def __post_init__(self):
         if self.core_px < 64 or self.core_px % 16:
@@ -100,6 +105,8 @@ class SegmentConfig:
             raise ValueError(f"cells_um must be >= 0, got {self.cells_um}")
         if self.min_area_um2 < 0 or not 0 <= self.min_score <= 1:
             raise ValueError(f"min_area_um2 must be >= 0 and min_score in [0, 1], got {self.min_area_um2}, {self.min_score}")
+        if self.scratch_dir is not None and not self.scratch_dir.strip():
+            raise ValueError("scratch_dir must be a folder (e.g. '$TMPDIR') or null")
         if self.tissue_mpp <= 0 or self.max_nucleus_um <= 0:
             raise ValueError("tissue_mpp and max_nucleus_um must be > 0")
         if self.batch_tiles < 1 or min(self.workers, self.threads_per_worker, self.torch_threads, self.overlay_crops,

@@ -266,7 +266,9 @@ class TileResults:
     counts / dropped: instances kept / dropped at the halo per tile; seconds: task seconds
     per stage; worker_rss_mb: largest worker resident memory at the end of one of its tasks;
     reused: tiles whose result an earlier, interrupted run had saved; ran: the (device,
-    precision, torch threads, engine) tasks reported running with (``BatchReport.ran``).
+    precision, torch threads, engine) tasks reported running with (``BatchReport.ran``);
+    unreadable: level-0 (x, y, w, h) boxes of broken slide tiles the tiles met (saved
+    results included); stores: ``host:path`` of the node-local stores tasks used.
     """
 
     counts: dict[Tile, int]
@@ -275,6 +277,8 @@ class TileResults:
     worker_rss_mb: float = 0.0
     reused: int = 0
     ran: set = field(default_factory=set)
+    unreadable: set = field(default_factory=set)
+    stores: set = field(default_factory=set)
 
     def add(self, report) -> None:
         """Fold in one task's ``BatchReport``."""
@@ -285,6 +289,9 @@ class TileResults:
         self.worker_rss_mb = max(self.worker_rss_mb, report.rss_mb)
         if report.ran:
             self.ran.add(tuple(report.ran))
+        self.unreadable |= report.unreadable
+        if report.store:
+            self.stores.add(report.store)
 
 
 def summarise(plan: SlidePlan, folder: RunFolder, model: ModelInfo, config: SegmentConfig, execution: ExecutionPlan,
@@ -307,7 +314,7 @@ def summarise(plan: SlidePlan, folder: RunFolder, model: ModelInfo, config: Segm
         "tissue_area_mm2": area,
         "tiles": {"total": plan.grid.n_tiles, "segmented": len(plan.tiles), "tile_px": plan.grid.tile_px,
                   "core_px": plan.grid.core_px, "halo_px": plan.grid.halo_px, "reused_from_store": stored,
-                  "reused_results": results.reused},
+                  "reused_results": results.reused, "scratch_stores": sorted(results.stores)},
         "nuclei": n_nuclei,
         "nuclei_per_mm2": n_nuclei / area if area > 0 else 0.0,
         "nuclei_dropped_at_halo": int(sum(results.dropped.values())),
@@ -317,7 +324,8 @@ def summarise(plan: SlidePlan, folder: RunFolder, model: ModelInfo, config: Segm
         "task_seconds": {k: round(v, 3) for k, v in results.seconds.items()},
         "peak_rss_mb": {"driver": round(driver_rss_mb, 1), "workers": round(results.worker_rss_mb, 1)},
         "resumed": resumed,
-        "outputs": {**files, "overlay": "overlay.png", "tissue": "tissue.png", "tile_store": STORE_DIR},
+        "outputs": {**files, "overlay": "overlay.png", "tissue": "tissue.png",
+                    "tile_store": None if config.scratch_dir else STORE_DIR},  # scratch: on the worker nodes
         "model": model.description,
         "execution": {**asdict(execution), "ran": [dict(zip(("device", "precision", "torch_threads", "engine"), r))
                                                    for r in sorted(results.ran)]},
@@ -334,10 +342,8 @@ def finish_slide(reader: SlideReader, plan: SlidePlan, folder: RunFolder, model:
 
     ``seconds`` holds the stages timed so far, ``t_start`` is ``time.perf_counter()`` when
     the slide started and ``rss_mb`` the driver's largest resident memory seen so far for it."""
-    from wsi_ircr.slide.store import stored_unreadable
-
     def unreadable() -> dict:
-        boxes = plan.unreadable_xywh | stored_unreadable(folder.store_path) | unreadable_boxes(reader)
+        boxes = plan.unreadable_xywh | results.unreadable | unreadable_boxes(reader)
         return unreadable_report(boxes, plan.tissue.area_mm2, plan.slide_mpp)
 
     check_unreadable(plan, unreadable(), config.max_unreadable_fraction)

@@ -25,7 +25,7 @@ WORK_DIR = "work"
 # hash) and how the final export looks; they change neither the tile store nor the
 # per-tile results that a resumed run reuses.
 NOT_IN_RUN_KEY = ("model", "device", "outputs", "batch_tiles", "task_tiles", "post_threads", "workers", "threads_per_worker",
-                  "torch_threads", "tasks_in_flight", "gzip", "overlay_crops", "max_unreadable_fraction")
+                  "torch_threads", "tasks_in_flight", "gzip", "overlay_crops", "max_unreadable_fraction", "scratch_dir")
 
 
 def run_stem(slide_path: str | Path) -> str:

@@ -177,6 +177,8 @@ class TileInstances:
             is smaller than they are).
         cell_polygons / cell_features: with cells (``wsi_ircr.slide.cells``), the n cell
             outlines (target pixel-edge (x, y)) and ``cells.cell_features``; else None / {}.
+        unreadable_xywh: level-0 (x, y, width, height) boxes of broken slide tiles the
+            tile's read met (left white), recorded with the result for the slide's summary.
     """
 
     tile: Tile
@@ -188,6 +190,7 @@ class TileInstances:
     dropped: int = 0
     cell_polygons: list[Polygon] | None = None
     cell_features: dict[str, np.ndarray] = field(default_factory=dict)
+    unreadable_xywh: tuple = ()
 
 
 def tile_instances(owned: np.ndarray, grid: TileGrid, tile: Tile, image: np.ndarray | None = None,

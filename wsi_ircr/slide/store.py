@@ -153,10 +153,10 @@ class TileStore:
         except FileNotFoundError:
             return []
 
-    def unreadable_mask(self, i: int) -> np.ndarray | None:
+    def unreadable_mask(self, i: int, boxes=None) -> np.ndarray | None:
         """bool (tile_px, tile_px): pixels of tile ``i`` left white where the slide was unreadable
-        (None: all read)."""
-        boxes = self.unreadable(i)
+        (None: all read); ``boxes``: ``unreadable(i)`` if already read."""
+        boxes = self.unreadable(i) if boxes is None else boxes
         if not boxes:
             return None
         return unreadable_mask(boxes, self.grid.origin_xy(self.tiles[i]), (self.tile_px, self.tile_px), self.grid.scale)
@@ -170,6 +170,8 @@ class TileStore:
         pixels = read_at_mpp(reader, origin, size_rc, self.grid.mpp)
         boxes = [b for b in sorted(unreadable_boxes(reader))
                  if unreadable_mask([b], origin, size_rc, self.grid.scale) is not None]
+        if not _metadata_path(self.path).exists():  # removed while the tile was read: leave no half store
+            raise UserError(f"{self.path}: the tile store was removed while tile {i} was read")
         if boxes:
             pixels[unreadable_mask(boxes, origin, size_rc, self.grid.scale)] = 255
             (self.path / UNREADABLE_DIR).mkdir(exist_ok=True)
@@ -203,6 +205,24 @@ def _mismatch(path: Path, attrs: dict, expected: dict) -> str | None:
     return None
 
 
+def is_tile_store(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a tile store (its metadata written: a store is created atomically)."""
+    return _read_attributes(Path(path)) is not None
+
+
+def store_attributes(grid: TileGrid, tiles: Sequence[Tile], *, fingerprint: str, slide_name: str) -> dict:
+    """The attributes of the store of ``tiles`` (grid (row, col)) of ``grid``, as JSON values."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "grid": grid.to_dict(),
+        "mpp": grid.mpp,
+        "slide_name": slide_name,
+        "slide_fingerprint": fingerprint,
+        "tiles": [[int(r), int(c)] for r, c in tiles],
+    }
+
+
 def create_tile_store(
     path: str | os.PathLike,
     grid: TileGrid,
@@ -221,15 +241,7 @@ def create_tile_store(
     from zarr.codecs import ZstdCodec
 
     path = Path(path)
-    expected = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "grid": grid.to_dict(),
-        "mpp": grid.mpp,
-        "slide_name": slide_name,
-        "slide_fingerprint": fingerprint,
-        "tiles": [[int(r), int(c)] for r, c in tiles],
-    }
+    expected = store_attributes(grid, tiles, fingerprint=fingerprint, slide_name=slide_name)
     if path.exists():
         attrs = _read_attributes(path)
         empty_dir = path.is_dir() and not any(path.iterdir())
@@ -253,14 +265,6 @@ def create_tile_store(
         group.attrs.update(expected)
     log.info("%s: new tile store, %d tiles of %d px at %g mpp", path, n, tp, grid.mpp)
     return TileStore(path)
-
-
-def stored_unreadable(store_path: str | os.PathLike) -> set[tuple[int, int, int, int]]:
-    """Every level-0 box the tile reads of the store at ``store_path`` found unreadable."""
-    folder = Path(store_path) / UNREADABLE_DIR
-    if not folder.is_dir():
-        return set()
-    return {tuple(b) for p in folder.glob("*.json") for b in json.loads(p.read_text())}
 
 
 @functools.lru_cache(maxsize=8)

@@ -144,6 +144,9 @@ class SlideJob:
     slide_path / mpp / fingerprint: the slide, its mpp override (None: metadata) and the
         driver's ``reader.fingerprint()``.
     store_path / results_dir: the run's tile store and per-tile results folder.
+    store_spec: with a node-local store (``scratch_dir``), the store's attributes in the run
+        folder, from which a worker creates its copy; ``store_path`` is then the scratch
+        template its node expands (``wsi_ircr.slide.scratch``). None: ``store_path`` is shared.
     model_path / model_hash: the checkpoint (None: bundled) and the file hash the driver saw.
     plan: the execution plan (device, precision, batch, post-processing threads, ...).
     cells_um: grow a cell of up to this many um around every nucleus (0 = nuclei only).
@@ -158,19 +161,23 @@ class SlideJob:
     model_hash: str
     plan: ExecutionPlan
     cells_um: float = 0.0
+    store_spec: str | None = None
 
 
 @dataclass
 class BatchReport:
     """What a task did: instances and dropped nuclei per tile, seconds per stage (summed
     over its tiles), the worker process's resident memory (MiB), the larger of after the
-    network and at the end, and what the network ran with."""
+    network and at the end, what the network ran with, the level-0 (x, y, w, h) boxes of
+    broken slide tiles its tiles met and, for a node-local store, ``host:path`` of it."""
 
     counts: dict[Tile, int] = field(default_factory=dict)
     dropped: dict[Tile, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     rss_mb: float = 0.0
     ran: tuple = ()  # (device, precision, torch CPU threads, engine) the task's network ran with
+    unreadable: set = field(default_factory=set)
+    store: str | None = None
 
 
 def _rss_mb() -> float:
@@ -211,11 +218,17 @@ def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop")
     from wsi_ircr.slide.store import TileStore, write_tile
     from wsi_ircr.slide.stream import Stage, stream
 
-    store = TileStore.open(job.store_path)
+    if job.store_spec:
+        from wsi_ircr.slide.scratch import node_store_name, open_scratch_store
+
+        store = open_scratch_store(job.store_path, job.store_spec)
+    else:
+        store = TileStore.open(job.store_path)
     plan = job.plan
     predictor = get_predictor(job.model_path, job.model_hash, plan.device, plan.tta, plan.postprocess, plan.precision,
                               plan.engine)
-    report = BatchReport(seconds={"read_decode": 0.0, "tile_load": 0.0, "inference": 0.0, "postprocess": 0.0})
+    report = BatchReport(seconds={"read_decode": 0.0, "tile_load": 0.0, "inference": 0.0, "postprocess": 0.0},
+                         store=node_store_name(store.path) if job.store_spec else None)
 
     def load(batch: list[int]):
         images, unreadable = [], []
@@ -225,9 +238,10 @@ def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop")
                 images.append(store.read(i))
                 report.seconds["tile_load"] += time.perf_counter() - t0
             else:
-                images.append(write_tile(job.store_path, i, get_reader(job.slide_path, job.mpp, job.fingerprint)))
+                images.append(write_tile(store.path, i, get_reader(job.slide_path, job.mpp, job.fingerprint)))
                 report.seconds["read_decode"] += time.perf_counter() - t0
-            unreadable.append(store.unreadable_mask(i))
+            boxes = tuple(tuple(int(v) for v in b) for b in store.unreadable(i))
+            unreadable.append((boxes, store.unreadable_mask(i, boxes)))
         return batch, np.stack(images), unreadable
 
     def infer(item):
@@ -242,9 +256,12 @@ def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop")
         done = []
         for k, i in enumerate(batch):
             tile = store.tiles[i]
+            boxes, mask = unreadable[k]
             instances = segment_tile(images[k], predictor, store.grid, tile, maps=(prob[k], None if hv is None else hv[k]),
                                      labels=None if labels is None else labels[k], on_truncated=on_truncated,
-                                     unreadable=unreadable[k], cell_px=job.cells_um / store.grid.mpp)
+                                     unreadable=mask, cell_px=job.cells_um / store.grid.mpp)
+            instances.unreadable_xywh = boxes  # kept with the result: the store may be on another node
+            report.unreadable.update(boxes)
             with atomic_open(result_path(job.results_dir, tile), "wb") as f:
                 pickle.dump(instances, f, protocol=pickle.HIGHEST_PROTOCOL)
             done.append((tile, instances.count, instances.dropped))
