@@ -5,6 +5,7 @@ a local run's. Skipped, saying why, where SLURM cannot be installed or started."
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 import time
@@ -87,14 +88,17 @@ def test_a_cohort_on_real_slurm_jobs_equals_a_local_run(slurm_cluster, cohort, l
 
 def test_a_worker_job_cancelled_mid_cohort_changes_no_nucleus(slurm_cluster, cohort, local_run, tmp_path):
     """``scancel`` of a running worker job once the first tiles are saved: its tasks run again on
-    the other job or a new one, the command ends normally and the nuclei are a local run's."""
+    the other job or a new one, the command ends normally and the nuclei are a local run's. The
+    tile stores are on per-job scratch (``--scratch .../$SLURM_JOB_ID``, as a node's local disk):
+    the job that takes over builds its own from the slide."""
     slides, model = cohort
     before = set(slurm_cluster.queue())
-    out = tmp_path / "out"
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
     config = slurm_config(tmp_path / "slurm.yaml")
     proc = subprocess.Popen([sys.executable, "-m", "wsi_ircr", "segment", str(slides), "-o", str(out), "--model",
                              str(model), *TILES, "--set", "batch_tiles=1", "--cluster", "slurm", "--cluster-config",
-                             str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(config), "--scratch", f"{scratch}/$SLURM_JOB_ID"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
         running: list[int] = []
@@ -110,8 +114,12 @@ def test_a_worker_job_cancelled_mid_cohort_changes_no_nucleus(slurm_cluster, coh
             proc.kill()
     assert proc.returncode == 0, (stdout, stderr, slurm_cluster.logs())
     assert stdout.startswith("3 of 3 slides done"), stdout
+    jobs = {str(j) for j in slurm_cluster.queue() if j not in before}
     for stem in ("a", "b", "c"):
         assert (out / stem / "nuclei.csv").read_bytes() == (local_run / stem / "nuclei.csv").read_bytes(), stem
+        stores = json.loads((out / stem / "summary.json").read_text())["tiles"]["scratch_stores"]
+        used = {Path(s.split(":", 1)[1]).relative_to(scratch).parts[0] for s in stores}
+        assert used and used <= jobs and not (out / stem / "tiles.zarr").exists(), (stem, stores, jobs)
     deadline = time.monotonic() + 30
     while running[0] not in slurm_cluster.finished() and time.monotonic() < deadline:
         time.sleep(0.5)
