@@ -222,6 +222,7 @@ def test_interrupted_run_resumes_to_the_same_result(runs, slides, random_model, 
     stages alone) resumes with other execution settings and writes the reference GeoJSON."""
     from wsi_ircr.slide.cluster import client_size
     from wsi_ircr.slide.plan import resolve_plan
+    from wsi_ircr.slide.pipeline import forward_boxes
     from wsi_ircr.slide.tasks import SlideJob, segment_batch
 
     config = small_config(model=str(random_model))
@@ -232,7 +233,8 @@ def test_interrupted_run_resumes_to_the_same_result(runs, slides, random_model, 
     job = SlideJob(str(slides["svs"]), None, plan.fingerprint, str(store.path), str(folder.work_dir), info.path,
                    info.hash, resolve_plan(config, client_size(client)))
     folder.work_dir.mkdir()
-    segment_batch(job, half)
+    boxes = forward_boxes(plan, store.tiles)  # what the cohort passes: glass is not forwarded
+    segment_batch(job, half, [boxes[i] for i in half])
     # the task's saved result is segment_tile's, called directly
     from wsi_ircr.model.checkpoint import load_checkpoint
     from wsi_ircr.model.inference import Predictor
@@ -240,7 +242,7 @@ def test_interrupted_run_resumes_to_the_same_result(runs, slides, random_model, 
     from wsi_ircr.slide.tasks import load_result
 
     direct = segment_tile(store.read(0), Predictor(load_checkpoint(random_model), device="cpu"), store.grid,
-                          store.tiles[0])
+                          store.tiles[0], box=boxes[0])
     saved = load_result(folder.work_dir, store.tiles[0])
     assert saved.count == direct.count > 0
     np.testing.assert_allclose(saved.centroid_rc, direct.centroid_rc, atol=1e-6)

@@ -23,7 +23,8 @@ from pathlib import Path
 from wsi_ircr.errors import UserError
 from wsi_ircr.io.atomic import atomic_open
 from wsi_ircr.slide.config import SegmentConfig
-from wsi_ircr.slide.pipeline import ModelInfo, SlidePlan, TileResults, driver_rss_mb, finish_slide, plan_slide
+from wsi_ircr.slide.pipeline import (ModelInfo, SlidePlan, TileResults, driver_rss_mb, finish_slide, forward_boxes,
+                                     plan_slide)
 from wsi_ircr.slide.plan import ExecutionPlan
 from wsi_ircr.slide.run_folder import RunFolder, run_key, run_stem
 
@@ -149,6 +150,7 @@ class SlideRun:
     seconds: dict
     t_start: float
     rss_mb: float
+    boxes: list  # per tile of the store: the box of its window the network runs on (``crop``)
     in_flight: int = 0
     t_tiles: float | None = None
 
@@ -214,6 +216,7 @@ class _Cohort:
     def _plan(self, slide: Path) -> _Planned:
         """Open and plan ``slide`` and prepare its run folder (in the planner thread: touches
         only this slide's files); what to do with it is decided by ``_admit``."""
+        from wsi_ircr.slide.crop import box_area
         from wsi_ircr.slide.reader import open_slide
         from wsi_ircr.slide.scratch import prepare_store
         from wsi_ircr.slide.tasks import SlideJob, load_result, result_path
@@ -243,6 +246,8 @@ class _Cohort:
                 else:
                     pending.append(i)
             results.reused = len(plan.tiles) - len(pending)
+            boxes = forward_boxes(plan, plan.tiles, self.config.skip_glass)
+            pending.sort(key=lambda i: -box_area(boxes[i]))  # the largest first: the last tasks are the shortest
             job = SlideJob(str(slide), self.config.mpp, plan.fingerprint, store_path, str(folder.work_dir),
                            self.model.path, self.model.hash, self.execution, self.config.cells_um, store_spec)
         except Exception as e:  # noqa: BLE001 - any slide may fail alone
@@ -250,7 +255,7 @@ class _Cohort:
                 reader.close()
             return _Planned(slide, t_start, error=e)
         run = SlideRun(slide, folder, reader, plan, job, resumed, stored, _batches(pending, self.execution.task_tiles),
-                       results, seconds, t_start, driver_rss_mb())
+                       results, seconds, t_start, driver_rss_mb(), boxes)
         return _Planned(slide, t_start, run=run)
 
     def _admit(self, planned: _Planned) -> None:
@@ -340,7 +345,7 @@ class _Cohort:
         from wsi_ircr.slide.tasks import segment_batch
 
         batch = run.batches.popleft()
-        future = self.client.submit(segment_batch, run.job, batch, key=f"segment-{self.token}-{run.folder.stem}-{batch[0]}",
+        future = self.client.submit(segment_batch, run.job, batch, [run.boxes[i] for i in batch], key=f"segment-{self.token}-{run.folder.stem}-{batch[0]}",
                                     resources=self.execution.task_resources, pure=False)
         self.futures[future] = (run, batch)
         run.in_flight += 1

@@ -19,6 +19,9 @@ class SegmentConfig:
         instance belongs to the tile whose core holds its centroid, so the halo must exceed
         the largest nucleus (``max_nucleus_um``) for every nucleus to be seen whole.
     tissue_mask / tissue_mpp: detect tissue at this low resolution and skip empty tiles.
+    skip_glass: run the network on each tile's box around the tissue mask (plus 64 px of
+        context; ``wsi_ircr.slide.crop``), not on the glass of the rest of the tile; false =
+        every tile whole.
     tta: test-time augmentation: the network's maps are averaged over this many of the 8
         flips / transposes of each tile (1, 2, 4 or 8; the network's cost grows in proportion).
     batch_tiles: tiles per forward batch of the network.
@@ -72,6 +75,7 @@ class SegmentConfig:
     max_nucleus_um: float = 16.0
     tissue_mask: bool = True
     tissue_mpp: float = 8.0
+    skip_glass: bool = True
     batch_tiles: int = 2
     task_tiles: int = 0
     post_threads: int = 0

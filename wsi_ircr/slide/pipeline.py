@@ -115,6 +115,14 @@ def plan_slide(reader: SlideReader, config: SegmentConfig, model_mpp: float) -> 
                      grid.tissue_tiles(tissue), reader.bounds_offset_xy, frozenset(unreadable_boxes(reader)), regions)
 
 
+def forward_boxes(plan: SlidePlan, tiles: list[Tile], skip_glass: bool = True) -> list[tuple[int, int, int, int]]:
+    """Per tile of ``tiles``: the box of its read window the network runs on (``crop.tissue_box``
+    of the plan's tissue mask or regions; the whole window when ``skip_glass`` is off)."""
+    from wsi_ircr.slide.crop import full_box, tissue_boxes
+
+    return tissue_boxes(plan.grid, plan.tissue, tiles) if skip_glass else [full_box(plan.grid)] * len(tiles)
+
+
 def unreadable_report(boxes_xywh, tissue_area_mm2: float, slide_mpp: float) -> dict:
     """``summary.json``'s ``unreadable``: the level-0 boxes of broken slide tiles, how many, their
     area (union, mm^2) and that area as a fraction of the tissue area (at most 1)."""

@@ -201,8 +201,10 @@ def write_tiles(store_path: str, indices: list[int], slide_path: str, mpp: float
     return BatchReport(seconds={"read_decode": time.perf_counter() - t0}, rss_mb=_rss_mb())
 
 
-def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop") -> BatchReport:
-    """Tiles ``indices`` of the job's store, streamed in forward batches of ``job.plan.batch_tiles``.
+def segment_batch(job: SlideJob, indices: list[int], boxes: list | None = None, on_truncated: str = "drop") -> BatchReport:
+    """Tiles ``indices`` of the job's store, streamed in forward batches of ``job.plan.batch_tiles``;
+    ``boxes``: per tile, the (r0, c0, r1, c1) of its window the network runs on
+    (``crop.tissue_box``; None = every window whole).
 
     Stages (``wsi_ircr.slide.stream``, overlapping, bounded queues): load each tile (from the
     store, or read from the slide and stored once: a rerun reuses it) -> the network (and,
@@ -214,6 +216,7 @@ def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop")
     reads), ``inference``, ``postprocess``.
     """
     from wsi_ircr.io.atomic import atomic_open
+    from wsi_ircr.slide.crop import full_box, predict_in_boxes
     from wsi_ircr.slide.segmentation import segment_tile
     from wsi_ircr.slide.store import TileStore, write_tile
     from wsi_ircr.slide.stream import Stage, stream
@@ -229,6 +232,7 @@ def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop")
                               plan.engine)
     report = BatchReport(seconds={"read_decode": 0.0, "tile_load": 0.0, "inference": 0.0, "postprocess": 0.0},
                          store=node_store_name(store.path) if job.store_spec else None)
+    box_of = dict(zip(indices, boxes or [full_box(store.grid)] * len(indices)))
 
     def load(batch: list[int]):
         images, unreadable = [], []
@@ -247,21 +251,22 @@ def segment_batch(job: SlideJob, indices: list[int], on_truncated: str = "drop")
     def infer(item):
         batch, images, unreadable = item
         _with_cpu_threads(predictor)  # torch's CPU threads are set per calling thread
-        prob, hv, labels = predictor.predict_batch(images)
+        outputs = predict_in_boxes(predictor, images, [box_of[i] for i in batch])
         report.rss_mb = max(report.rss_mb, _rss_mb())  # images and maps of a batch or two are held here
-        return batch, images, unreadable, prob, hv, labels
+        return batch, images, unreadable, outputs
 
     def post(item):
-        batch, images, unreadable, prob, hv, labels = item
+        batch, images, unreadable, outputs = item
         done = []
         for k, i in enumerate(batch):
             tile = store.tiles[i]
-            boxes, mask = unreadable[k]
-            instances = segment_tile(images[k], predictor, store.grid, tile, maps=(prob[k], None if hv is None else hv[k]),
-                                     labels=None if labels is None else labels[k], on_truncated=on_truncated,
-                                     unreadable=mask, cell_px=job.cells_um / store.grid.mpp)
-            instances.unreadable_xywh = boxes  # kept with the result: the store may be on another node
-            report.unreadable.update(boxes)
+            broken, mask = unreadable[k]
+            prob, hv, labels = outputs[k]
+            instances = segment_tile(images[k], predictor, store.grid, tile, maps=(prob, hv), labels=labels,
+                                     on_truncated=on_truncated, unreadable=mask,
+                                     cell_px=job.cells_um / store.grid.mpp, box=box_of[i])
+            instances.unreadable_xywh = broken  # kept with the result: the store may be on another node
+            report.unreadable.update(broken)
             with atomic_open(result_path(job.results_dir, tile), "wb") as f:
                 pickle.dump(instances, f, protocol=pickle.HIGHEST_PROTOCOL)
             done.append((tile, instances.count, instances.dropped))
