@@ -148,6 +148,20 @@ def test_two_workers_each_with_its_own_scratch_give_the_same_nuclei(cohort, two_
     assert all(d.is_dir() for d in scratch) and left_in(scratch[0]) == left_in(scratch[1]) == []
 
 
+def test_a_scratch_unusable_on_the_workers_fails_the_slide_in_one_line(cohort, two_nodes, tmp_path):
+    """The driver cannot see a remote worker's environment: the worker's line names the folder,
+    the variable and its host, in the output and cohort.csv; nothing is left in the output folder
+    but the unfinished run."""
+    slides, model = cohort
+    client, _ = two_nodes
+    cfg = config(model, scratch_dir="$WSI_IRCR_SCRATCH_UNSET/tiles")
+    report = segment_slides(slides, tmp_path, cfg, client, model_info(cfg))
+    error = report.failed[slides[0]]
+    assert "scratch_dir $WSI_IRCR_SCRATCH_UNSET/tiles" in error and "$WSI_IRCR_SCRATCH_UNSET is not set there" in error
+    assert "\n" not in error and error in (tmp_path / "cohort.csv").read_text()
+    assert not (tmp_path / "c" / "tiles.zarr").exists() and not (tmp_path / "c" / "summary.json").exists()
+
+
 def test_a_scratch_store_gone_between_attempts_is_rebuilt_to_the_same_nuclei(cohort, two_nodes, reference, tmp_path,
                                                                              monkeypatch):
     """Attempt 1 fails on a late tile of c (a task on an in-process worker): its results so far
