@@ -83,6 +83,28 @@ def _remove_small(labels: np.ndarray, min_px: int) -> np.ndarray:
     return labels
 
 
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_fill_holes(mask)`` of bool (H, W) (background 4-connected to the border stays),
+    by one labelling of the background instead of an iterated erosion (3x faster on a tile)."""
+    background, n = ndi.label(~mask)
+    if n == 0:
+        return mask
+    hole = np.ones(n + 1, bool)
+    hole[0] = False
+    hole[np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])] = False
+    return mask | hole[background]
+
+
+def open_3x3(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_opening(mask, structure=np.ones((3, 3)))`` of bool (H, W) (outside the image
+    = False), as shifted ANDs then ORs (7x faster on a tile)."""
+    p = np.pad(mask, 1)
+    eroded = p[:-2] & p[1:-1] & p[2:]
+    eroded = np.pad(eroded[:, :-2] & eroded[:, 1:-1] & eroded[:, 2:], 1)
+    dilated = eroded[:-2] | eroded[1:-1] | eroded[2:]
+    return dilated[:, :-2] | dilated[:, 1:-1] | dilated[:, 2:]
+
+
 def _relabel_sequential(labels: np.ndarray) -> np.ndarray:
     ids = np.flatnonzero(np.bincount(labels.ravel()))
     ids = ids[ids > 0]
@@ -123,12 +145,12 @@ def instances_from_maps(np_prob: np.ndarray, hv: np.ndarray, config: PostProcess
     fg = np_prob >= config.np_threshold
     if not fg.any():
         return np.zeros(np_prob.shape, np.int32)
-    fg = ndi.binary_fill_holes(fg)
+    fg = fill_holes(fg)
     fg = _remove_small(ndi.label(fg)[0], px["min_area_px"]) > 0
     energy = boundary_energy(hv, px["smooth_sigma_px"])
     radius = np.hypot(hv[0], hv[1])
     markers = fg & (energy < px["edge_threshold"]) & (radius < config.marker_radius)
-    markers = ndi.binary_opening(markers, structure=np.ones((3, 3), bool))
+    markers = open_3x3(markers)
     markers = _remove_small(ndi.label(markers)[0], px["min_marker_px"])
     labels = watershed(energy + radius * 0.05, markers=markers, mask=fg)
     unreached = fg & (labels == 0)
