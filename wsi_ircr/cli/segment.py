@@ -87,7 +87,7 @@ def segment(slides, list_file, out_root, config_path, overrides, mpp, core_px, h
         else:
             click.echo(line, err=True)
 
-    with open_cluster(config, backend, info) as (client, plan):
+    with open_cluster(config, backend, info, preload=True) as (client, plan):
         with CohortProgress(len(paths), enabled=not quiet) as progress:
             report = segment_slides(paths, out_root, config, client, info, overwrite=overwrite, progress=progress,
                                     echo=echo, plan=plan)

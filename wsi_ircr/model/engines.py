@@ -216,14 +216,17 @@ class EngineNetwork:
 
         return run
 
-    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        import torch
-
-        threads = torch.get_num_threads()
+    def prepare(self, threads: int):
+        """The engine's runner for ``threads`` CPU threads, made now unless it already is."""
         with self._lock:
             if self._runner is None or threads != self._threads:
                 self._runner, self._threads = self._make(threads), threads
-            runner = self._runner
+            return self._runner
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        import torch
+
+        runner = self.prepare(torch.get_num_threads())
         np_logits, hv = runner(np.ascontiguousarray(x.detach().float().cpu().numpy()))
         return {"np": torch.from_numpy(np.asarray(np_logits)), "hv": torch.from_numpy(np.asarray(hv))}
 

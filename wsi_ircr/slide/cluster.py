@@ -103,18 +103,26 @@ class WorkerSetup(WorkerPlugin):
     not know) = the worker's own ``--nthreads``, so a node of N processes started with
     ``dask worker --nworkers N`` (each ``cores / N`` threads, Dask's default) is never
     oversubscribed. ``torch_threads`` > 0 fixes the threads per task instead.
+
+    ``preload``: (model path or None, model hash, plan): the worker loads that model's
+    predictor in a background thread as soon as it starts (``tasks.preload_predictor``), so
+    the first tile task does not wait for it while the driver plans the first slide.
     """
 
     name = "wsi-ircr-worker-setup"
 
-    def __init__(self, cores_per_process: int | None = None, gpu_per_process: bool = False, torch_threads: int = 0):
+    def __init__(self, cores_per_process: int | None = None, gpu_per_process: bool = False, torch_threads: int = 0,
+                 preload: tuple | None = None):
         self.cores_per_process = cores_per_process
         self.gpu_per_process = gpu_per_process
         self.torch_threads = torch_threads
+        self.preload = preload
 
     @classmethod
-    def for_plan(cls, plan: ExecutionPlan) -> WorkerSetup:
-        return cls(plan.cores_per_worker or None, plan.gpu_per_process, plan.torch_threads)
+    def for_plan(cls, plan: ExecutionPlan, model=None) -> WorkerSetup:
+        """The plugin of ``plan``; ``model`` (a ``pipeline.ModelInfo``): preload its predictor."""
+        preload = None if model is None else (model.path, model.hash, plan)
+        return cls(plan.cores_per_worker or None, plan.gpu_per_process, plan.torch_threads, preload)
 
     def setup(self, worker) -> None:
         from wsi_ircr.slide import tasks
@@ -128,6 +136,11 @@ class WorkerSetup(WorkerPlugin):
             suffix = str(worker.name).rsplit("-", 1)[-1]
             if visible and suffix.isdigit():  # dask worker --nworkers N names its processes <name>-0 .. -N-1
                 os.environ["CUDA_VISIBLE_DEVICES"] = visible[int(suffix) % len(visible)]
+        if self.preload is not None:
+            import threading
+
+            threading.Thread(target=tasks.preload_predictor, args=self.preload, name="wsi-ircr-preload",
+                             daemon=True).start()
 
 
 class LocalBackend:
@@ -369,10 +382,11 @@ def backend_for(config: SegmentConfig, scheduler: str | None = None, cluster: st
 
 
 @contextmanager
-def open_cluster(config: SegmentConfig, backend=None, checkpoint=None):
+def open_cluster(config: SegmentConfig, backend=None, checkpoint=None, preload: bool = False):
     """``(client, plan)``: the plan resolved from ``config`` and what ``backend`` (default: a
     local cluster) gives, then its workers started with the ``WorkerSetup`` plugin.
-    ``checkpoint``: the loaded model (its metadata may decide the precision)."""
+    ``checkpoint``: the loaded model, a ``pipeline.ModelInfo`` (its metadata may decide the
+    precision); ``preload``: every worker loads its predictor as soon as it starts."""
     backend = backend or LocalBackend(config)
     size = backend.size()
     try:
@@ -381,7 +395,7 @@ def open_cluster(config: SegmentConfig, backend=None, checkpoint=None):
         getattr(backend, "close", lambda: None)()  # a backend that connected in size()
         raise
     with backend.start(plan) as client:
-        client.register_plugin(WorkerSetup.for_plan(plan), name=WorkerSetup.name)
+        client.register_plugin(WorkerSetup.for_plan(plan, checkpoint if preload else None), name=WorkerSetup.name)
         yield client, plan
 
 

@@ -24,7 +24,7 @@ from wsi_ircr.errors import UserError
 from wsi_ircr.io.atomic import atomic_open
 from wsi_ircr.slide.config import SegmentConfig
 from wsi_ircr.slide.pipeline import (ModelInfo, SlidePlan, TileResults, driver_rss_mb, finish_slide, forward_boxes,
-                                     plan_slide)
+                                     plan_slide, start_overlay)
 from wsi_ircr.slide.plan import ExecutionPlan
 from wsi_ircr.slide.run_folder import RunFolder, run_key, run_stem
 
@@ -151,6 +151,7 @@ class SlideRun:
     t_start: float
     rss_mb: float
     boxes: list  # per tile of the store: the box of its window the network runs on (``crop``)
+    overlay: tuple  # pipeline.start_overlay's (canvas, on_tile), made while planning
     in_flight: int = 0
     t_tiles: float | None = None
 
@@ -250,12 +251,15 @@ class _Cohort:
             pending.sort(key=lambda i: -box_area(boxes[i]))  # the largest first: the last tasks are the shortest
             job = SlideJob(str(slide), self.config.mpp, plan.fingerprint, store_path, str(folder.work_dir),
                            self.model.path, self.model.hash, self.execution, self.config.cells_um, store_spec)
+            t = time.perf_counter()
+            overlay = start_overlay(reader, plan)  # here, not after the last tile: the export is the run's tail
+            seconds["overlay"] = time.perf_counter() - t
         except Exception as e:  # noqa: BLE001 - any slide may fail alone
             if reader is not None:
                 reader.close()
             return _Planned(slide, t_start, error=e)
         run = SlideRun(slide, folder, reader, plan, job, resumed, stored, _batches(pending, self.execution.task_tiles),
-                       results, seconds, t_start, driver_rss_mb(), boxes)
+                       results, seconds, t_start, driver_rss_mb(), boxes, overlay)
         return _Planned(slide, t_start, run=run)
 
     def _admit(self, planned: _Planned) -> None:
@@ -298,7 +302,8 @@ class _Cohort:
         run.seconds["tiles_wall"] = time.perf_counter() - (run.t_tiles or time.perf_counter())
         self.exports += 1
         future = self.pool.submit(finish_slide, run.reader, run.plan, run.folder, self.model, self.config,
-                                  self.execution, run.results, run.seconds, run.resumed, run.stored, run.t_start, run.rss_mb)
+                                  self.execution, run.results, run.seconds, run.resumed, run.stored, run.t_start, run.rss_mb,
+                                  run.overlay)
         future.add_done_callback(lambda f, run=run: self.events.put(("export", run, f)))
 
     def _drop_scratch(self, run: SlideRun) -> None:

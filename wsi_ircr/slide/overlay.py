@@ -29,10 +29,11 @@ WindowXY = tuple[int, int, int, int]
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write a uint8 (h, w) or (h, w, 3) array as a PNG, atomically; returns the path."""
+    """Write a uint8 (h, w) or (h, w, 3) array as a PNG, atomically; returns the path. zlib level
+    3: the sample slide's overlay in half the time of the default 6, 6 % larger."""
     path = Path(path)
     with atomic_open(path, "wb") as f:
-        Image.fromarray(np.ascontiguousarray(image)).save(f, format="PNG")
+        Image.fromarray(np.ascontiguousarray(image)).save(f, format="PNG", compress_level=3)
     return path
 
 

@@ -344,20 +344,21 @@ def summarise(plan: SlidePlan, folder: RunFolder, model: ModelInfo, config: Segm
 
 def finish_slide(reader: SlideReader, plan: SlidePlan, folder: RunFolder, model: ModelInfo, config: SegmentConfig,
                  execution: ExecutionPlan, results: TileResults, seconds: dict[str, float], resumed: bool, stored: int, t_start: float,
-                 rss_mb: float = 0.0) -> dict:
+                 rss_mb: float = 0.0, overlay: tuple | None = None) -> dict:
     """Stages after the tile tasks: export, previews, then ``summary.json`` (the run is
     finished from that moment) and returns the summary.
 
     ``seconds`` holds the stages timed so far, ``t_start`` is ``time.perf_counter()`` when
-    the slide started and ``rss_mb`` the driver's largest resident memory seen so far for it."""
+    the slide started and ``rss_mb`` the driver's largest resident memory seen so far for it;
+    ``overlay``: ``start_overlay``'s result when it was made earlier (while the tiles ran)."""
     def unreadable() -> dict:
         boxes = plan.unreadable_xywh | results.unreadable | unreadable_boxes(reader)
         return unreadable_report(boxes, plan.tissue.area_mm2, plan.slide_mpp)
 
     check_unreadable(plan, unreadable(), config.max_unreadable_fraction)
     t = time.perf_counter()
-    canvas, draw_tile = start_overlay(reader, plan)
-    seconds["overlay"] = time.perf_counter() - t
+    canvas, draw_tile = overlay or start_overlay(reader, plan)
+    seconds["overlay"] = seconds.get("overlay", 0.0) + time.perf_counter() - t
     t = time.perf_counter()
     files, n, centroids_xy = export_nuclei(plan, results.counts, folder.work_dir, folder.path, folder.stem, config,
                                            namespace=f"{plan.fingerprint}:{model.hash}", on_tile=draw_tile)

@@ -8,6 +8,7 @@ written atomically, so a rerun skips what is already there.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import threading
@@ -21,6 +22,7 @@ from wsi_ircr.errors import UserError
 from wsi_ircr.slide.grid import Tile
 from wsi_ircr.slide.plan import ExecutionPlan
 
+log = logging.getLogger(__name__)
 _PREDICTORS: dict[tuple, object] = {}
 _READERS: dict[tuple, object] = {}
 _CACHE_LOCK = threading.Lock()  # tasks of one worker run in threads
@@ -100,6 +102,19 @@ def get_predictor(model_path: str | None, model_hash: str, device: str, tta: int
             del _PREDICTORS[old]
         _PREDICTORS[key] = predictor
         return _with_cpu_threads(predictor)
+
+
+def preload_predictor(model_path: str | None, model_hash: str, plan: ExecutionPlan) -> None:
+    """``get_predictor`` for ``plan`` ahead of the first task, with its engine's session made
+    for this worker's threads; an error is left for the first task to raise."""
+    try:
+        predictor = get_predictor(model_path, model_hash, plan.device, plan.tta, plan.postprocess, plan.precision,
+                                  plan.engine)
+        prepare = getattr(predictor.net, "prepare", None)  # an engine's session (wsi_ircr.model.engines)
+        if prepare is not None:
+            prepare(cpu_threads())
+    except Exception as e:  # noqa: BLE001 - the first task raises it again, with the slide's name
+        log.debug("preloading the model failed: %s", e)
 
 
 def _with_cpu_threads(predictor):
