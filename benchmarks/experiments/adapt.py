@@ -255,16 +255,20 @@ def table(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["target"], r["method"], r["labelled"], r["steps"]), []).append(r)
-    lines = ["| target | method | labelled tiles | seeds | steps | min / run | val AJI | test AJI | test Dice | test PQ | test F1 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (target, method, labelled, _), rs in groups.items():
+    lines = ["| target | method | labelled tiles | seeds | steps | min / run | val AJI (kept step) | val AJI (last step) "
+             "| test AJI | test Dice | test PQ | test F1 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = list(TARGETS)
+    for (target, method, labelled, _), rs in sorted(groups.items(), key=lambda kv: order.index(kv[0][0])):
         def stat(split_: str, key: str) -> str:
             v = [r[split_][key] for r in rs]
             return f"{np.mean(v):.3f}" + (f" ± {np.std(v):.3f}" if len(v) > 1 else "")
 
         seeds = ",".join(str(r["seed"]) for r in rs) if rs[0]["seed"] is not None else "-"
+        last = [r["val_history"][-1]["aji"] for r in rs if r.get("val_history")]
+        last_text = (f"{np.mean(last):.3f}" + (f" ± {np.std(last):.3f}" if len(last) > 1 else "")) if last else stat("val", "aji")
         lines.append(f"| {target} | {method} | {labelled} | {seeds} | {rs[0]['steps']} | {np.mean([r['minutes'] for r in rs]):.1f} "
-                     f"| {stat('val', 'aji')} | {stat('test', 'aji')} | {stat('test', 'dice')} | {stat('test', 'pq')} | {stat('test', 'f1')} |")
+                     f"| {stat('val', 'aji')} | {last_text} | {stat('test', 'aji')} | {stat('test', 'dice')} | {stat('test', 'pq')} | {stat('test', 'f1')} |")
     return "\n".join(lines)
 
 
