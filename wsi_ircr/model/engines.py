@@ -40,6 +40,8 @@ CALIBRATION_IMAGE = Path(__file__).resolve().parent.parent / "weights" / "calibr
 CALIBRATION_MPP = 0.499  # the sample slide's level 0
 CALIBRATION_CROP_PX = 256  # the image is a 2 x 2 mosaic of crops this size
 _OPSET = 17
+NOT_EXPORTABLE = ("an engine runs a checkpoint file's export (its hash keys the cache): save this in-memory checkpoint "
+                  "with save_checkpoint and load it, or use engine torch and precision fp32 or bf16")
 
 
 def installed_engines() -> list[str]:
@@ -82,8 +84,7 @@ def _recipe_key(precision: str) -> str:
 def graph_path(checkpoint: Checkpoint, precision: str) -> Path:
     """The cached ONNX graph of ``checkpoint`` at ``precision`` (fp32 or int8), built on first use."""
     if not checkpoint.model_hash:
-        raise UserError("an engine exports a checkpoint file (its hash keys the cache): save this in-memory checkpoint "
-                        "with save_checkpoint and load it, or use engine torch")
+        raise UserError(NOT_EXPORTABLE)
     folder = cache_dir() / "onnx"
     path = folder / f"{checkpoint.model_hash}-{precision}-{_recipe_key(precision)}.onnx"
     if path.exists():

@@ -106,9 +106,7 @@ class Predictor:
         self.model_hash = checkpoint.model_hash
         self.postprocess_backend = choose_backend(self.device, postprocess_backend)
         self.precision = resolve_precision(precision, self.device, checkpoint)
-        if engine == "auto" and not checkpoint.model_hash and self.precision != "int8":
-            engine = "torch"  # engines export a checkpoint file, keyed by its hash; this one is in memory only
-        self.engine = resolve_engine(self.precision, self.device, engine)
+        self.engine = resolve_engine(self.precision, self.device, engine, exportable=bool(checkpoint.model_hash))
         if self.engine == "torch":
             self.net = checkpoint.build().to(self.device).to(memory_format=torch.channels_last)
         else:

@@ -128,17 +128,23 @@ def resolve_precision(requested: str, device: torch.device, checkpoint: Checkpoi
     return "fp32"
 
 
-def resolve_engine(precision: str, device: torch.device, requested: str = "auto") -> str:
+def resolve_engine(precision: str, device: torch.device, requested: str = "auto", exportable: bool = True) -> str:
     """What runs ``precision`` on ``device``: ``torch``, or an engine of the ``cpu-fast`` extra
     (``engines.ENGINES``). ``auto``: on the CPU, fp32 and int8 run in the preferred installed
-    engine (fp32 there matches torch to about 1e-5), everything else in torch. int8 needs an engine."""
-    from wsi_ircr.model.engines import ENGINES, require_engine
+    engine (fp32 there matches torch to about 1e-5), everything else in torch. int8 needs an engine.
+
+    ``exportable``: whether the network comes from a checkpoint file (engines run its export,
+    cached by the file's hash); an in-memory one runs in torch under ``auto``, and an engine
+    asked for it is a ``UserError``."""
+    from wsi_ircr.model.engines import ENGINES, NOT_EXPORTABLE, require_engine
 
     if requested not in ("auto", "torch", *ENGINES):
         raise UserError(f"engine {requested!r}: expected one of auto, torch, {', '.join(ENGINES)}")
     engine_ok = device.type == "cpu" and precision in ("fp32", "int8")
+    if not exportable and (requested not in ("auto", "torch") or precision == "int8"):
+        raise UserError(NOT_EXPORTABLE)
     if requested == "auto":
-        preferred = int8_engine() if engine_ok else None
+        preferred = int8_engine() if engine_ok and exportable else None
         if preferred is not None:
             return preferred
         requested = "torch"
