@@ -101,7 +101,7 @@ def test_summary_records_the_plan_and_what_ran(tmp_path, capfd):
     summary = json.loads(Path(tmp_path / "out" / "he" / "summary.json").read_text())
     execution = summary["execution"]
     assert (execution["device"], execution["precision"], execution["backend"]) == ("cpu", "fp32", "local")
-    assert execution["threads_per_worker"] == 1 and execution["task_tiles"] == summary["config"]["batch_tiles"]
+    assert execution["threads_per_worker"] == 1 and execution["task_tiles"] == execution["batch_tiles"] == 1
     assert execution["ran"] == [{"device": "cpu", "precision": "fp32", "torch_threads": execution["torch_threads"],
                                  "engine": execution["engine"]}]
     assert summary["config"]["device"] == "auto"  # the request stays beside what ran

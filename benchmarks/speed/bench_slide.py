@@ -202,7 +202,7 @@ def run_one(side: int, device: str, sets: list[str], folder: Path, forward_tiles
     if child.returncode != 0:
         fail(f"{' '.join(cmd)} exited with {child.returncode}")
     summary = json.loads((out / slide.stem / "summary.json").read_text())
-    forward_s, timed, tile_px = bare_forward_seconds(out / slide.stem / "tiles.zarr", device, summary["config"]["batch_tiles"],
+    forward_s, timed, tile_px = bare_forward_seconds(out / slide.stem / "tiles.zarr", device, summary["execution"]["batch_tiles"],
                                                      forward_tiles)
     n_tiles = summary["tiles"]["segmented"]
     area_mpx = side * side / 1e6

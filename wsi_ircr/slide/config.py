@@ -24,7 +24,9 @@ class SegmentConfig:
         every tile whole.
     tta: test-time augmentation: the network's maps are averaged over this many of the 8
         flips / transposes of each tile (1, 2, 4 or 8; the network's cost grows in proportion).
-    batch_tiles: tiles per forward batch of the network.
+    batch_tiles: tiles per forward batch of the network (0 = 1 on the CPU, where a small
+        working set per forward stays in the process's heap instead of being paged in anew
+        every batch: ``wsi_ircr.slide.memory``; 2 on CUDA).
     task_tiles: tiles per tile task, streamed through load -> network -> post-processing
         in forward batches (0 = ``batch_tiles`` on the CPU, where concurrent tasks keep
         every core busy; 8 x ``batch_tiles`` on CUDA, where one task feeds the GPU).
@@ -76,7 +78,7 @@ class SegmentConfig:
     tissue_mask: bool = True
     tissue_mpp: float = 8.0
     skip_glass: bool = True
-    batch_tiles: int = 2
+    batch_tiles: int = 0
     task_tiles: int = 0
     post_threads: int = 0
     postprocess: Literal["auto", "skimage", "torch"] = "auto"
@@ -113,7 +115,7 @@ class SegmentConfig:
             raise ValueError("scratch_dir must be a folder (e.g. '$TMPDIR') or null")
         if self.tissue_mpp <= 0 or self.max_nucleus_um <= 0:
             raise ValueError("tissue_mpp and max_nucleus_um must be > 0")
-        if self.batch_tiles < 1 or min(self.workers, self.threads_per_worker, self.torch_threads, self.overlay_crops,
-                                       self.tasks_in_flight, self.task_tiles, self.post_threads) < 0:
-            raise ValueError("batch_tiles must be >= 1; workers, threads_per_worker, torch_threads, tasks_in_flight, "
-                             "task_tiles, post_threads, overlay_crops >= 0")
+        if min(self.batch_tiles, self.workers, self.threads_per_worker, self.torch_threads, self.overlay_crops,
+               self.tasks_in_flight, self.task_tiles, self.post_threads) < 0:
+            raise ValueError("batch_tiles, workers, threads_per_worker, torch_threads, tasks_in_flight, "
+                             "task_tiles, post_threads, overlay_crops must be >= 0")

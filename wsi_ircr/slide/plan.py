@@ -130,7 +130,8 @@ def resolve_plan(config: SegmentConfig, size: ClusterSize, checkpoint=None) -> E
 
     device = resolve_device(config.device, size)
     cuda = device == "cuda"
-    task_tiles = config.task_tiles or config.batch_tiles * (8 if cuda else 1)
+    batch_tiles = config.batch_tiles or (2 if cuda else 1)
+    task_tiles = config.task_tiles or batch_tiles * (8 if cuda else 1)
     post_threads = config.post_threads or (4 if cuda else 1)
     cores = size.cores_per_process or 0
     torch_threads = config.torch_threads or (torch_threads_per_task(cores, size.threads_per_process) if cores else 0)
@@ -140,6 +141,6 @@ def resolve_plan(config: SegmentConfig, size: ClusterSize, checkpoint=None) -> E
         backend=size.backend, device=device, precision=precision, engine=plan_engine(config.engine, precision, device, size),
         postprocess=choose_backend(torch.device(device), config.postprocess), tta=config.tta,
         workers=size.processes, threads_per_worker=size.threads_per_process, cores_per_worker=cores,
-        torch_threads=torch_threads, gpu_per_process=size.gpu_per_process, batch_tiles=config.batch_tiles,
+        torch_threads=torch_threads, gpu_per_process=size.gpu_per_process, batch_tiles=batch_tiles,
         task_tiles=task_tiles, post_threads=post_threads, tasks_in_flight=in_flight,
     )
