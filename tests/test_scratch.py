@@ -23,9 +23,9 @@ from wsi_ircr.slide.run_folder import RunFolder
 from wsi_ircr.slide.scratch import SCRATCH_SUBDIR, expand_scratch, open_scratch_store, prepare_store, scratch_template
 
 pytestmark = pytest.mark.openslide
-# 1-thread tasks, 1-tile batches (tasks spread over workers); the broken tile is a quarter of c's tissue
+# 1-thread torch fp32 tasks, 1-tile batches (tasks spread over workers); the broken tile is a quarter of c's tissue
 SMALL = {"core_px": 256, "halo_px": 32, "max_nucleus_um": 8.0, "threads_per_worker": 1, "torch_threads": 1,
-         "batch_tiles": 1, "max_unreadable_fraction": 0.5}
+         "batch_tiles": 1, "max_unreadable_fraction": 0.5, "engine": "torch", "precision": "fp32"}
 BOX = (256, 256, 256, 256)  # level-0 x, y, w, h of c.tiff's broken tile
 
 
@@ -109,6 +109,8 @@ def two_nodes(tmp_path_factory):
     ``$WSI_IRCR_SCRATCH`` differ, as two nodes' local disks do."""
     from distributed import Client, Nanny, Scheduler, SpecCluster
 
+    from wsi_ircr.slide.cluster import WorkerSetup
+
     root = tmp_path_factory.mktemp("nodes")
     scratch = [root / "node0", root / "node1"]
     workers = {i: {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1", "env": {"WSI_IRCR_SCRATCH": str(d)},
@@ -118,16 +120,20 @@ def two_nodes(tmp_path_factory):
                                                "dashboard_address": "127.0.0.1:0"}}
     with SpecCluster(workers=workers, scheduler=scheduler, silence_logs=50) as cluster, Client(cluster) as client:
         client.wait_for_workers(2, timeout=60)
+        client.register_plugin(WorkerSetup(torch_threads=1), name=WorkerSetup.name)  # as open_cluster does
         yield client, scratch
 
 
 @pytest.fixture(scope="module")
-def reference(cohort, two_nodes, tmp_path_factory) -> Path:
-    """The cohort segmented on the two workers with the stores in the output folder."""
+def reference(cohort, tmp_path_factory) -> Path:
+    """The cohort segmented with the store in the output folder (by this process's worker
+    threads: 1 torch thread per task gives every cluster's nuclei)."""
+    from wsi_ircr.slide.cluster import local_client
+
     slides, model = cohort
-    client, _ = two_nodes
     out = tmp_path_factory.mktemp("reference")
-    report = segment_slides(slides, out, config(model), client, model_info(config(model)))
+    with local_client(config(model)) as client:
+        report = segment_slides(slides, out, config(model), client, model_info(config(model)))
     assert report.done == slides, report.failed
     return out
 
