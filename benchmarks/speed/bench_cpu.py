@@ -195,7 +195,7 @@ def main() -> None:
             for v in slide_variants:
                 out = Path(tmp) / f"{r}-{v[0]}-{v[1]}-{v[2]}"
                 before = reference_rate(ref_net, ref_x)
-                wall, peak, summary = run_slide(*v, out)
+                wall, peak, summary = run_slide(v[0], v[1], out, v[2])
                 local_rate = (before + reference_rate(ref_net, ref_x)) / 2
                 walls[v].append(wall)
                 ref_mpx[v].append(wall * local_rate)
