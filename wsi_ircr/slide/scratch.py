@@ -30,6 +30,7 @@ from wsi_ircr.slide.run_folder import STORE_DIR, RunFolder
 
 SCRATCH_SUBDIR = "wsi-ircr"
 SPEC_FILE = "tile_store.json"
+_VARIABLE = re.compile(r"\$\{?(\w+)")  # a $VAR or ${VAR} of scratch_dir
 _LOCK = threading.Lock()  # tasks of one worker process run in threads
 _CHECKED: dict[tuple[str, int], int] = {}  # (store path, spec mtime_ns) -> mtime_ns of the store's metadata
 
@@ -45,7 +46,7 @@ def expand_scratch(scratch_dir: str) -> Path:
     expanded = _expand(scratch_dir)
     where = f"scratch_dir {scratch_dir}" + (f" (= {expanded})" if expanded != scratch_dir else "")
     where += f" on {socket.gethostname()}"
-    unset = re.search(r"\$\{?(\w+)", expanded)
+    unset = _VARIABLE.search(expanded)
     if unset:
         raise UserError(f"{where}: ${unset.group(1)} is not set there; use a variable the worker nodes set "
                         "(e.g. $TMPDIR) or a folder")
@@ -152,7 +153,7 @@ def describe_store(scratch_dir: str | None) -> str:
     if not scratch_dir:
         return (f"OUT/<stem>/{STORE_DIR} on the shared output folder (scratch_dir / --scratch puts them on "
                 "node-local disk)")
-    variables = sorted(set(re.findall(r"\$\{?(\w+)", scratch_dir)))
+    variables = sorted(set(_VARIABLE.findall(scratch_dir)))
     return (f"node-local {Path(scratch_dir) / SCRATCH_SUBDIR / '<stem>-<id>' / STORE_DIR} on each worker"
             + (f" (${', $'.join(variables)} expanded there when its task runs)" if variables else "")
             + "; a cache recreated from the slide where missing, removed when the slide ends; results stay in OUT")

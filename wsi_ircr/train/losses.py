@@ -150,7 +150,7 @@ def mean_teacher_loss(s_out: dict[str, torch.Tensor], t_out: dict[str, torch.Ten
     hv_sq = ((s_out["hv"] - t_out["hv"]) ** 2).mean(1)
     if confidence <= 0:
         return np_sq.mean() + hv_sq.mean()
-    keep = ((2.0 * t_prob[:, 1] - 1.0).abs() >= confidence).to(np_sq.dtype)
+    keep = (teacher_confidence(t_out) >= confidence).to(np_sq.dtype)
     return ((np_sq + hv_sq) * keep).sum() / keep.sum().clamp_min(1.0)
 
 
