@@ -238,16 +238,53 @@ def adapted(target: str, method: str, labelled: int, seed: int, steps: int, fold
         cpu = run(cmd + (["--resume"] if resumed else []))
         cpu = None if resumed else cpu  # the CPU time of a whole run only
     metrics = json.loads((REPO / out / "metrics.json").read_text())
-    last = metrics["best"]["val"]  # the validated step model.pt holds (the last one when validated once)
-    test = evaluate(str(out / "model.pt"), folders["test"], out / "test.json", TARGETS[target]["mpp"])
+    kept, last = metrics["best"]["val"], metrics["history"][-1]  # model.pt holds the best validated step
+    mpp = TARGETS[target]["mpp"]
+    test = evaluate(str(out / "model.pt"), folders["test"], out / "test.json", mpp)
+    if last["step"] == kept["step"]:
+        test_last = test
+    else:  # what a user without labelled validation tiles gets: the teacher at the last step
+        last_model(out)
+        test_last = evaluate(str(out / "last_model.pt"), folders["test"], out / "test_last.json", mpp)
     return {"name": name, "target": target, "method": method, "labelled": labelled,
             "seed": seed, "steps": steps, "minutes": round(metrics["train_seconds"] / 60, 1),
             "cpu_minutes": None if cpu is None else round(cpu / 60, 1), "load": load_average(),
             "resumed": resumed,  # minutes then count the last stretch only
-            "val": {k: round(last[k], 4) for k in ("aji", "dice", "pq", "f1")}, "test": test,
+            "val": {k: round(kept[k], 4) for k in ("aji", "dice", "pq", "f1")}, "test": test,
+            "kept_step": kept["step"], "val_last": {k: round(last[k], 4) for k in ("aji", "dice", "pq", "f1")},
+            "test_last": test_last,
             "val_history": [{k: round(h[k], 4) if k != "step" else h[k] for k in ("step", "aji", "dice", "pq")}
                             for h in metrics["history"]],
             "command": " ".join(cmd)}
+
+
+def last_model(out: Path) -> Path:
+    """``out/last_model.pt``: the network ``adapt`` ships (the teacher, EMA of the weights) at the
+    last step, taken from ``out/last.pt`` (the run's state at its last step)."""
+    from dataclasses import replace
+
+    from wsi_ircr.model.checkpoint import load_checkpoint, save_checkpoint
+
+    path = REPO / out / "last_model.pt"
+    if not path.exists():
+        ckpt = load_checkpoint(REPO / out / "last.pt")
+        save_checkpoint(path, replace(ckpt, model_state=ckpt.train_state["teacher"], train_state=None))
+    return path
+
+
+def kept_is_last(row: dict) -> bool:
+    """Whether a row's kept (best-validated: the first step with the highest AJI) step is its last."""
+    history = row.get("val_history") or []
+    if not history:
+        return True
+    best = max(h["aji"] for h in history)
+    return next(h["step"] for h in history if h["aji"] == best) == history[-1]["step"]
+
+
+def test_last(row: dict) -> dict | None:
+    """Test scores of the last step: recorded (rows run since session 3), else the kept step's
+    when that was the last step (the same model), else unknown (None)."""
+    return row.get("test_last") or (row["test"] if kept_is_last(row) else None)
 
 
 def table(rows: list[dict]) -> str:
@@ -256,8 +293,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         groups.setdefault((r["target"], r["method"], r["labelled"], r["steps"]), []).append(r)
     lines = ["| target | method | labelled tiles | seeds | steps | min / run | val AJI (kept step) | val AJI (last step) "
-             "| test AJI | test Dice | test PQ | test F1 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| test AJI | test Dice | test PQ | test F1 | test AJI (last step) | test Dice (last step) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = list(TARGETS)
     for (target, method, labelled, _), rs in sorted(groups.items(), key=lambda kv: order.index(kv[0][0])):
         def stat(split_: str, key: str) -> str:
@@ -267,8 +304,16 @@ def table(rows: list[dict]) -> str:
         seeds = ",".join(str(r["seed"]) for r in rs) if rs[0]["seed"] is not None else "-"
         last = [r["val_history"][-1]["aji"] for r in rs if r.get("val_history")]
         last_text = (f"{np.mean(last):.3f}" + (f" ± {np.std(last):.3f}" if len(last) > 1 else "")) if last else stat("val", "aji")
+        def last_stat(key: str) -> str:
+            v = [t[key] for t in map(test_last, rs) if t is not None]
+            if not v:
+                return "-"
+            return (f"{np.mean(v):.3f}" + (f" ± {np.std(v):.3f}" if len(v) > 1 else "")
+                    + (f" ({len(v)} of {len(rs)})" if len(v) < len(rs) else ""))
+
         lines.append(f"| {target} | {method} | {labelled} | {seeds} | {rs[0]['steps']} | {np.mean([r['minutes'] for r in rs]):.1f} "
-                     f"| {stat('val', 'aji')} | {last_text} | {stat('test', 'aji')} | {stat('test', 'dice')} | {stat('test', 'pq')} | {stat('test', 'f1')} |")
+                     f"| {stat('val', 'aji')} | {last_text} | {stat('test', 'aji')} | {stat('test', 'dice')} | {stat('test', 'pq')} "
+                     f"| {stat('test', 'f1')} | {last_stat('aji')} | {last_stat('dice')} |")
     return "\n".join(lines)
 
 
