@@ -155,6 +155,79 @@ def test_adapt_with_a_few_labels_fits_priors_and_validates(cohort, tmp_path, cap
     assert model.priors != load_checkpoint(cohort["model"]).priors
 
 
+def test_default_method_is_ircr_with_priors_else_mean_teacher_with_a_one_line_notice(cohort, tmp_path, capsys):
+    code, _, err = run_cli(adapt_argv(cohort, tmp_path / "with_priors", 1), capsys)
+    assert code == 0, err
+    assert load_checkpoint(tmp_path / "with_priors" / "model.pt").meta["lineage"]["method"] == "ircr"
+    assert "priors" not in err
+    bare = start_checkpoint(tmp_path / "bare.pt", with_priors=False)
+    argv = adapt_argv(cohort, tmp_path / "bare", 1, "--quiet")
+    argv[argv.index(str(cohort["model"]))] = str(bare)
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert load_checkpoint(tmp_path / "bare" / "model.pt").meta["lineage"]["method"] == "mean_teacher"
+    assert len(err.strip().splitlines()) == 1 and "no morphology priors" in err and "mean_teacher" in err
+    code, _, err = run_cli(argv[:-1] + ["--images", str(cohort["images"]), "--labels", str(cohort["labels"]), "--overwrite"], capsys)
+    assert code == 0, err  # labelled instance tiles give PIAC its priors: IRCR again
+    assert load_checkpoint(tmp_path / "bare" / "model.pt").meta["lineage"]["method"] == "ircr"
+
+
+# --- binary masks as labels (--labels-kind binary) --------------------------------------------
+
+
+def binary_masks(cohort) -> Path:
+    """The cohort's labelled tiles' masks as 0/255 PNGs (no instance identities)."""
+    from PIL import Image
+
+    from wsi_ircr.io.images import read_label
+
+    masks = cohort["root"] / "masks"
+    masks.mkdir(exist_ok=True)
+    for path in sorted(cohort["labels"].iterdir()):
+        Image.fromarray(((read_label(path) > 0) * 255).astype(np.uint8)).save(masks / path.name)
+    return masks
+
+
+def test_binary_labels_train_the_np_branch_only_and_validate_on_connected_components(cohort):
+    from scipy import ndimage
+
+    from wsi_ircr.io.images import read_label
+    from wsi_ircr.train.config import DataConfig
+    from wsi_ircr.train.data import CropSampler
+
+    masks = binary_masks(cohort)
+    data = load_train_data(DataConfig(images=str(cohort["images"]), labels=str(masks), labels_kind="binary", val=("t2",)))
+    assert data.labelled.binary == [True, True] and all(lab.max() == 1 for lab in data.labelled.labels)
+    expected, n = ndimage.label(read_label(masks / "t2.png") > 0)
+    assert n > 1 and np.array_equal(data.val.labels[0], expected)  # scored on connected components, not one blob
+    batch = CropSampler(data.labelled, 32, np.random.default_rng(0)).sample(3)
+    assert np.all(batch["hv_valid"] == 0) and np.all(batch["valid"] == 1)  # the HV loss is off, the NP loss on
+    instances = load_train_data(DataConfig(images=str(cohort["images"]), labels=str(cohort["labels"]), val=("t2",)))
+    assert not instances.labelled.partial and instances.labelled.labels[0].max() > 1
+
+
+def test_adapt_with_binary_labels_keeps_the_checkpoint_priors_and_chooses_by_dice(cohort, tmp_path, capsys):
+    out = tmp_path / "adapted"
+    argv = adapt_argv(cohort, out, 2, "--images", str(cohort["images"]), "--labels", str(binary_masks(cohort)),
+                      "--labels-kind", "binary", "--set", "data.val=[t2]")
+    code, stdout, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert "data: 2 labelled, 4 unlabelled, 1 validation tiles" in err and "Dice" in stdout
+    model = load_checkpoint(out / "model.pt")
+    assert model.priors == load_checkpoint(cohort["model"]).priors  # masks carry no nucleus shapes to fit
+    assert model.meta["lineage"]["method"] == "ircr"
+    history = model.meta["metrics"]["history"]
+    assert model.meta["metrics"]["val"]["dice"] == max(h["dice"] for h in history)
+
+
+def test_binary_labels_refuse_postprocess_tuning_on_validation_tiles():
+    from wsi_ircr.train.config import DataConfig
+
+    with pytest.raises(ValueError, match="tune_postprocess"):
+        TrainConfig(data=DataConfig(labels_kind="binary", val=("a",)), tune_postprocess=True)
+    assert TrainConfig(data=DataConfig(labels_kind="binary"), tune_postprocess=True).selection_metric == "dice"
+
+
 def test_adapt_resume_continues_where_it_stopped(cohort, tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(adapt_argv(cohort, tmp_path / "full", 4), capsys)
     assert code == 0, err
@@ -185,6 +258,7 @@ def test_adapt_resume_continues_where_it_stopped(cohort, tmp_path, capsys, monke
     ("no_mpp", "--mpp is required"),
     ("mpp_mismatch", "the checkpoint's mpp is 0.25"),
     ("labels_alone", "--images and --labels go together"),
+    ("kind_alone", "--labels-kind binary describes --labels"),
 ])
 def test_adapt_errors_are_one_line_and_write_nothing(cohort, tmp_path, capsys, case, words):
     out = tmp_path / "adapted"
@@ -202,6 +276,8 @@ def test_adapt_errors_are_one_line_and_write_nothing(cohort, tmp_path, capsys, c
         argv += ["--set", "mpp=0.5"]
     elif case == "labels_alone":
         argv += ["--labels", str(cohort["labels"])]
+    elif case == "kind_alone":
+        argv += ["--labels-kind", "binary"]
     code, _, err = run_cli(argv, capsys)
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
@@ -233,6 +309,6 @@ def test_adapt_on_the_sample_slide_from_the_bundled_model(tmp_path, capsys):
     lineage = model.meta["lineage"]
     assert lineage["init"] == {"name": "bundled:ircr-monuseg-lite-m.pt", "hash": bundled.model_hash}
     assert lineage["data"]["unlabelled_slides"] == ["cmu-1-small-region"] and lineage["data"]["unlabelled_tiles"] == 2
-    assert lineage["method"] == "mean_teacher" and model.priors == bundled.priors  # the default without labels
+    assert lineage["method"] == "ircr" and model.priors == bundled.priors  # the default: the bundled model carries priors
     assert not any(np.array_equal(model.model_state[k].numpy(), v.numpy()) for k, v in bundled.model_state.items()
                    if v.is_floating_point() and v.ndim == 4)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 METHODS = ("ircr", "mean_teacher", "supervised")
+LABELS_KINDS = ("instances", "binary")
 
 
 @click.command()
@@ -16,13 +17,18 @@ METHODS = ("ircr", "mean_teacher", "supervised")
 @click.option("--slide-mpp", type=float, help="Level-0 um/px of the --unlabelled-slides (overrides or replaces their metadata).")
 @click.option("--unlabelled", "unlabelled_dir", type=click.Path(path_type=Path), help="Folder of unlabelled RGB tiles (needs --mpp).")
 @click.option("--images", "images_dir", type=click.Path(path_type=Path), help="Folder of labelled RGB tiles, if you have a few (needs --labels, --mpp).")
-@click.option("--labels", "labels_dir", type=click.Path(path_type=Path), help="Folder of their instance label maps, same stems.")
+@click.option("--labels", "labels_dir", type=click.Path(path_type=Path),
+              help="Folder of their label maps, same stems: instance maps, or nucleus masks with --labels-kind binary.")
+@click.option("--labels-kind", type=click.Choice(LABELS_KINDS),
+              help="instances (default) or binary: masks train only the nucleus-probability branch, validation tiles "
+                   "are scored on their connected components (touching nuclei merge) and the kept step is chosen by Dice.")
 @click.option("--mpp", type=float, help="um/px of the --unlabelled and --images tiles (0.25 at 40x, 0.5 at 20x).")
 @click.option("--model", "model", metavar="MODEL", default="bundled", show_default=True,
               help="Checkpoint to start from; it sets the architecture, mpp and post-processing.")
 @click.option("--method", type=click.Choice(METHODS),
               help="ircr (Mean Teacher + MIAC + PIAC), mean_teacher, or supervised (the labelled tiles only); "
-                   "default: ircr with --images/--labels, else mean_teacher (what won on validation, benchmarks/adapt.md).")
+                   "default: ircr (what won on validation, benchmarks/adapt.md), or mean_teacher when --model carries "
+                   "no morphology priors for PIAC and no labelled instance tiles are given.")
 @click.option("--steps", type=int, help="Optimisation steps (default: the method's config, sized for ~30 min on 2 CPU cores).")
 @click.option("--seed", type=int, help="Random seed (crops, augmentation, which slide tiles).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (auto: CUDA if available).")
@@ -30,7 +36,7 @@ METHODS = ("ircr", "mean_teacher", "supervised")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out folder that already holds a run.")
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
-def adapt(out_dir, unlabelled_slides, slide_mpp, unlabelled_dir, images_dir, labels_dir, mpp, model, method, steps, seed,
+def adapt(out_dir, unlabelled_slides, slide_mpp, unlabelled_dir, images_dir, labels_dir, labels_kind, mpp, model, method, steps, seed,
           device, overrides, resume, overwrite, quiet):
     """Adapt a model to your slides: student and teacher start from --model and learn from
     unlabelled tissue of your cohort (and a few labelled tiles, if you have them).
@@ -46,19 +52,23 @@ def adapt(out_dir, unlabelled_slides, slide_mpp, unlabelled_dir, images_dir, lab
       wsi-ircr adapt --unlabelled tiles/ --images few/ --labels few_masks/ --mpp 0.5 --method ircr --out runs/adapted
       wsi-ircr segment cohort/slide1.svs --model runs/adapted/model.pt --out results/
     """
-    from wsi_ircr.cli.train import init_value, prepare_out_dir
+    from wsi_ircr.cli.train import init_value, prepare_out_dir, validated
     from wsi_ircr.config import resolve_config
     from wsi_ircr.errors import UserError
     from wsi_ircr.train.config import TrainConfig, adapt_config_path, complete_from_init
     from wsi_ircr.train.loop import train as run_training
 
-    method = method or default_method(images_dir)
-    check_inputs(unlabelled_slides, unlabelled_dir, images_dir, labels_dir, mpp, method)
+    if method is None:
+        method, why = default_method(model, images_dir is not None and labels_kind != "binary")
+        if why:
+            click.echo(why, err=True)
+    check_inputs(unlabelled_slides, unlabelled_dir, images_dir, labels_dir, mpp, method, labels_kind)
     base_dir = Path.cwd()
     explicit = {
         "init": init_value(model),
         "data.images": images_dir and str(images_dir.resolve()),
         "data.labels": labels_dir and str(labels_dir.resolve()),
+        "data.labels_kind": labels_kind,
         "data.unlabelled": unlabelled_dir and str(unlabelled_dir.resolve()),
         "data.unlabelled_slides": [str(Path(p).absolute()) for p in unlabelled_slides] if unlabelled_slides else None,
         "data.slide_mpp": slide_mpp,
@@ -73,18 +83,25 @@ def adapt(out_dir, unlabelled_slides, slide_mpp, unlabelled_dir, images_dir, lab
         raise UserError(f"--method {method}: the --set overrides switch every unsupervised term off; use --method supervised")
     prepare_out_dir(out_dir, resume, overwrite)
     summary = run_training(cfg, out_dir, base_dir=base_dir, resume=resume, progress=not quiet)
-    best = summary["best"]
-    val = f"val AJI {best['aji']:.4f}" if best["aji"] >= 0 else "no validation tiles: the last step"
-    click.echo(f"model: {out_dir / 'model.pt'} ({method} from {model}, step {best['step']}, {val}, "
+    val = validated(summary["best"], "no validation tiles: the last step")
+    click.echo(f"model: {out_dir / 'model.pt'} ({method} from {model}, step {summary['best']['step']}, {val}, "
                f"{summary['train_seconds'] / 60:.1f} min)")
 
 
-def default_method(images_dir: Path | None) -> str:
-    """The method that won on the study's validation tiles: IRCR with a few labelled tiles, Mean Teacher without."""
-    return "ircr" if images_dir is not None else "mean_teacher"
+def default_method(model: str, instance_labels: bool) -> tuple[str, str | None]:
+    """The method that won on the study's validation tiles, IRCR, when PIAC has morphology priors
+    (from ``instance_labels`` tiles or the ``model`` checkpoint); else Mean Teacher, with the
+    one-line reason to show."""
+    from wsi_ircr.model.checkpoint import load_checkpoint
+    from wsi_ircr.train.config import init_checkpoint_path
+
+    if instance_labels or load_checkpoint(init_checkpoint_path(model, Path.cwd())).priors is not None:
+        return "ircr", None
+    return "mean_teacher", (f"--model {model} carries no morphology priors for PIAC and no labelled instance tiles are given: "
+                            "adapting with --method mean_teacher")
 
 
-def check_inputs(unlabelled_slides, unlabelled_dir, images_dir, labels_dir, mpp, method) -> None:
+def check_inputs(unlabelled_slides, unlabelled_dir, images_dir, labels_dir, mpp, method, labels_kind=None) -> None:
     """One-line UserErrors for missing or inconsistent inputs, before anything is written."""
     from wsi_ircr.errors import UserError
 
@@ -96,6 +113,8 @@ def check_inputs(unlabelled_slides, unlabelled_dir, images_dir, labels_dir, mpp,
                         "or --unlabelled DIR --mpp X (a folder of RGB tiles)")
     if (images_dir is None) != (labels_dir is None):
         raise UserError("--images and --labels go together: pass both folders (tiles and their instance maps) or neither")
+    if labels_kind is not None and labels_dir is None:
+        raise UserError(f"--labels-kind {labels_kind} describes --labels, and none are given; pass --images DIR --labels DIR or drop it")
     for option, folder in (("--unlabelled", unlabelled_dir), ("--images", images_dir), ("--labels", labels_dir)):
         if folder is not None and not folder.is_dir():
             raise UserError(f"{option} {folder}: not a folder; pass a folder of tiles")

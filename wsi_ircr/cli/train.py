@@ -12,6 +12,8 @@ import click
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Run folder: checkpoints, config, metrics.")
 @click.option("--images", help="Folder of labelled RGB tiles (overrides data.images).")
 @click.option("--labels", help="Folder of instance label maps, same stems (overrides data.labels).")
+@click.option("--labels-kind", type=click.Choice(["instances", "binary"]),
+              help="binary: --labels are nucleus masks (NP branch only; validation on connected components, best step by Dice).")
 @click.option("--unlabelled", help="Folder of unlabelled RGB tiles (overrides data.unlabelled).")
 @click.option("--init", "init", metavar="MODEL",
               help="Start student and teacher from this checkpoint ('bundled': the packaged model); it sets arch, mpp, post-processing.")
@@ -28,7 +30,7 @@ import click
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out folder that already holds a run.")
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
-def train(config_path, out_dir, images, labels, unlabelled, init, unlabelled_slides, mpp, labelled_fraction, seed, steps, device,
+def train(config_path, out_dir, images, labels, labels_kind, unlabelled, init, unlabelled_slides, mpp, labelled_fraction, seed, steps, device,
           overrides, scheduler, resume, overwrite, quiet):
     """Train a model; writes OUT/model.pt (best on validation), best.pt, last.pt and metrics.json.
 
@@ -50,6 +52,7 @@ def train(config_path, out_dir, images, labels, unlabelled, init, unlabelled_sli
     explicit = {
         "data.images": images and str(Path(images).resolve()),
         "data.labels": labels and str(Path(labels).resolve()),
+        "data.labels_kind": labels_kind,
         "data.unlabelled": unlabelled and str(Path(unlabelled).resolve()),
         "init": init and init_value(init),
         "data.unlabelled_slides": [str(Path(p).absolute()) for p in unlabelled_slides] if unlabelled_slides else None,
@@ -71,9 +74,15 @@ def train(config_path, out_dir, images, labels, unlabelled, init, unlabelled_sli
                                    echo=lambda line: quiet or click.echo(line, err=True))
     else:
         summary = run_training(cfg, out_dir, base_dir=base_dir, resume=resume, progress=not quiet)
-    best = summary["best"]
-    val = f"val AJI {best['aji']:.4f}" if best["aji"] >= 0 else "no validation tiles: last step"
-    click.echo(f"model: {out_dir / 'model.pt'} (step {best['step']}, {val}, {summary['train_seconds'] / 60:.1f} min)")
+    val = validated(summary["best"], "no validation tiles: last step")
+    click.echo(f"model: {out_dir / 'model.pt'} (step {summary['best']['step']}, {val}, {summary['train_seconds'] / 60:.1f} min)")
+
+
+def validated(best: dict, without: str) -> str:
+    """The kept step's validation scores for the closing line (``without``: no validation tiles)."""
+    if best["aji"] < 0:
+        return without
+    return f"val AJI {best['aji']:.4f}" + (f" Dice {best['dice']:.4f}" if "dice" in best else "")
 
 
 def init_value(init: str) -> str:

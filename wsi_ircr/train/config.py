@@ -90,6 +90,10 @@ class DataConfig:
     """Where the tiles are and which of them are labelled, validation or excluded.
 
     images/labels: folders of RGB tiles and instance maps with the same stems.
+    labels_kind: ``instances`` (instance maps: NP and HV are trained) or ``binary`` (nucleus
+        masks, any non-zero value a nucleus: only the NP branch learns from the labelled tiles,
+        validation tiles are scored on their connected components, so touching nuclei merge,
+        and the best validated step is chosen by Dice instead of AJI).
     unlabelled: optional folder of extra RGB tiles (no labels).
     include: if not empty, only these stems of ``images`` are used (e.g. a training pool).
     val: stems held out for checkpoint selection (never trained on).
@@ -113,6 +117,7 @@ class DataConfig:
 
     images: str = ""
     labels: str = ""
+    labels_kind: Literal["instances", "binary"] = "instances"
     unlabelled: str | None = None
     include: tuple[str, ...] = ()
     val: tuple[str, ...] = ()
@@ -219,6 +224,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.anchor_weight < 0:
             raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
+        if self.data.labels_kind == "binary" and self.tune_postprocess and self.data.val:
+            raise ValueError("data.labels_kind=binary: tune_postprocess needs instance labels on the validation tiles; "
+                             "set tune_postprocess=false")
         if self.miac_grad_ratio < 0 or self.miac_scale_every < 1 or self.miac_start_step < 0:
             raise ValueError("miac_grad_ratio and miac_start_step must be >= 0, miac_scale_every >= 1")
         if not 0 <= self.scale_jitter <= 0.4:
@@ -232,6 +240,11 @@ class TrainConfig:
     def model_mpp(self) -> float:
         """The network's operating resolution (um/px): ``mpp``, or the tiles' ``data.mpp`` when null."""
         return self.data.mpp if self.mpp is None else self.mpp
+
+    @property
+    def selection_metric(self) -> str:
+        """The validation score that picks the kept step: Dice with binary labels, else AJI."""
+        return "dice" if self.data.labels_kind == "binary" else "aji"
 
     @property
     def semi_supervised(self) -> bool:

@@ -111,6 +111,8 @@ def load_train_data(cfg: DataConfig, base_dir: Path = Path("."), model_mpp: floa
     (None: no resampling); validation tiles stay at ``cfg.mpp``, where their labels are.
     Without ``images`` and ``labels`` only ``unlabelled`` (and ``extra``) tiles are read.
     """
+    from scipy import ndimage
+
     from wsi_ircr.io.images import check_pair, list_images, pair_folders, read_image, read_label
 
     if bool(cfg.images) != bool(cfg.labels):
@@ -134,7 +136,11 @@ def load_train_data(cfg: DataConfig, base_dir: Path = Path("."), model_mpp: floa
     lab_stems = sorted(pool[i] for i in order[:n_lab])
     unl_stems = sorted(pool[i] for i in order[n_lab:])
 
-    def load(stems: list[str], with_labels: bool) -> TileSet:
+    binary = cfg.labels_kind == "binary"
+
+    def load(stems: list[str], with_labels: bool, components: bool = False) -> TileSet:
+        """Tiles of ``stems``; binary masks become 0/1 (training) or, ``components``, their
+        connected components (validation scoring)."""
         images, labels = [], []
         for s in stems:
             image = read_image(by_stem[s][0])
@@ -142,7 +148,11 @@ def load_train_data(cfg: DataConfig, base_dir: Path = Path("."), model_mpp: floa
             if with_labels:
                 label = read_label(by_stem[s][1])
                 check_pair(image, label, by_stem[s])
+                if binary:
+                    label = ndimage.label(label > 0)[0].astype(np.int32) if components else (label > 0).astype(np.int32)
                 labels.append(label)
+        if binary and with_labels and not components:  # NP-only tiles (TileSet.partial)
+            return TileSet(list(stems), images, labels, [None] * len(stems), [True] * len(stems))
         return TileSet(list(stems), images, labels if with_labels else None)
 
     unlabelled = load(unl_stems, with_labels=False)
@@ -154,7 +164,7 @@ def load_train_data(cfg: DataConfig, base_dir: Path = Path("."), model_mpp: floa
     labelled = _resampled(load(lab_stems, True), cfg.mpp, to_mpp)
     for source in cfg.extra:
         labelled.extend(load_source(source, base_dir, to_mpp))
-    return TrainData(labelled, _resampled(unlabelled, cfg.mpp, to_mpp), load(sorted(cfg.val), True))
+    return TrainData(labelled, _resampled(unlabelled, cfg.mpp, to_mpp), load(sorted(cfg.val), True, components=True))
 
 
 class CropSampler:

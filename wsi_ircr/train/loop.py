@@ -362,9 +362,10 @@ class Trainer:
         self.history.append(entry)
         if progress and metrics:
             self.say(f"val step {self.step}: AJI {metrics['aji']:.4f} Dice {metrics['dice']:.4f} PQ {metrics['pq']:.4f}")
-        improved = not metrics or metrics["aji"] > self.best["aji"]
+        by = self.cfg.selection_metric
+        improved = not metrics or metrics[by] > self.best.get(by, -1.0)
         if improved:
-            self.best = {"aji": float(metrics.get("aji", -1.0)), "step": self.step, "val": entry}
+            self.best = {"aji": float(metrics.get("aji", -1.0)), by: float(metrics.get(by, -1.0)), "step": self.step, "val": entry}
             save_checkpoint(self.out_dir / "best.pt", self.checkpoint(net, with_state=False, metrics={"val": entry}))
         self.save_last({"val": entry})
 
