@@ -40,8 +40,10 @@ TARGETS = {  # n_test: test tiles drawn (seed 0) where the source has no test sp
     "consep": {"folder": "consep-colorectal", "mpp": 0.25, "image_ext": ".jpg", "n_val": 3, "n_labelled": 2},
     # scale "about 40x", not stated by the source (configs/train/sources.yaml uses 0.25 too)
     "nuinsseg": {"folder": "nuinsseg-spleen", "mpp": 0.25, "image_ext": ".png", "n_val": 3, "n_labelled": 2, "n_test": 12},
-    # 0.2265-0.2547 um/px per tile; labels/ are connected components of binary masks: Dice (pixel F1) is the score
-    "cryonuseg": {"folder": "cryonuseg-frozen", "mpp": 0.24, "image_ext": ".png", "n_val": 3, "n_labelled": 2, "n_test": 10},
+    # 0.2265-0.2547 um/px per tile; labels/ are connected components of binary masks: Dice (pixel F1) is the score,
+    # and labelled rows train on them as masks (--labels-kind binary: NP branch only, kept step by validation Dice)
+    "cryonuseg": {"folder": "cryonuseg-frozen", "mpp": 0.24, "image_ext": ".png", "n_val": 3, "n_labelled": 2, "n_test": 10,
+                  "labels_kind": "binary"},
 }
 VARIANTS = {  # study rows with settings the adapt configs do not have: name -> --set items
     "": [],
@@ -191,8 +193,10 @@ def adapt_command(target: str, method: str, labelled: int, seed: int, steps: int
     if config_method != "supervised":
         cmd += ["--unlabelled", str(folders["unlabelled"])]
     folder = folders["val_labelled"] if labelled else folders["val"]
-    cmd += ["--images", str(folder / "images"), "--labels", str(folder / "labels"),
-            "--set", f"data.val=[{','.join(s['val'])}]", "--set", f"data.labelled={labelled}",
+    cmd += ["--images", str(folder / "images"), "--labels", str(folder / "labels")]
+    if labelled and spec.get("labels_kind", "instances") != "instances":  # 0-label rows: AJI chooses, as in sessions 1-2
+        cmd += ["--labels-kind", spec["labels_kind"]]
+    cmd += ["--set", f"data.val=[{','.join(s['val'])}]", "--set", f"data.labelled={labelled}",
             "--set", f"val_every={STEPS}"]  # every 40 steps: once in a 40-step row
     for item in COMMON_SETS + extra:
         cmd += ["--set", item]
