@@ -10,7 +10,7 @@ last.pt), and the table to ``benchmarks/adapt.md``.
     python -m benchmarks.experiments.adapt                       # every row of the CPU plan
     python -m benchmarks.experiments.adapt --only ircr-L0-s0      # one row
     python -m benchmarks.experiments.adapt --table                # rewrite the report's table only
-    bash benchmarks/experiments/gpu_adapt.sh                      # the GPU preset (one CUDA GPU, 15 min)
+    bash benchmarks/experiments/gpu_adapt.sh                      # the deciding rows, 3 seeds, 3 targets on one CUDA GPU
 
 CoNSeP's licence is not stated: the data is read from ../shared and adapted weights stay in runs/.
 """
@@ -73,9 +73,9 @@ PRESETS = {
     # took 4.7 s of CPU and ~9-17 s of wall time, so 40 steps a row
     "cpu": {"steps": 40, "long": 160, "sets": ["threads=2", "bf16=false", "checkpoint_every=10", "crop_px=128"],
             "results": RESULTS, "runs": RUNS},
-    # benchmarks/experiments/gpu_adapt.sh: one CUDA GPU, bf16 (native there), the adapt defaults' crops
-    "gpu": {"steps": 400, "long": 1600, "sets": ["device=cuda", "bf16=true", "checkpoint_every=100", "crop_px=192",
-                                                 "batch_size=8", "unlabelled_batch_size=8"],
+    # benchmarks/experiments/gpu_adapt.sh: one CUDA GPU, the CPU study's settings (fp32, 4 + 4 crops of 128 px,
+    # validated every 40 steps), so that its rows (--rows ...:160, in runs side by side) repeat the CPU study's
+    "gpu": {"steps": 40, "long": 160, "sets": ["device=cuda", "threads=2", "bf16=false", "checkpoint_every=10", "crop_px=128"],
             "results": REPO / "benchmarks" / "results" / "adapt-gpu.json", "runs": Path("runs/adapt-gpu")},
 }
 STEPS, PLAN, COMMON_SETS = 40, plan(40, 160), PRESETS["cpu"]["sets"]
@@ -146,7 +146,10 @@ def link_folder(root: Path, stems: list[str], target: str, with_labels: bool = T
         for stem in stems:
             link = root / sub / f"{stem}{ext}"
             if not link.exists():
-                link.symlink_to(src / sub / f"{stem}{ext}")
+                try:
+                    link.symlink_to(src / sub / f"{stem}{ext}")
+                except FileExistsError:  # made meanwhile by a study process running side by side
+                    pass
     return root
 
 
@@ -214,6 +217,20 @@ def save_rows(rows: list[dict]) -> None:
     with atomic_open(RESULTS) as f:
         json.dump(rows, f, indent=1)
         f.write("\n")
+
+
+def add_row(row: dict) -> list[dict]:
+    """Append ``row`` to the results file (replacing a row of the same target and name), reading
+    the file again under a lock so that study processes running side by side (the GPU script)
+    keep each other's rows; returns every row."""
+    import fcntl
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = [r for r in load_rows() if (r["target"], r["name"]) != (row["target"], row["name"])] + [row]
+        save_rows(rows)
+    return rows
 
 
 def row_name(method: str, labelled: int, seed: int, steps: int = STEPS) -> str:
@@ -345,6 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", nargs="*", metavar="METHOD:LABELLED:SEED:STEPS",
                         help="run these rows instead of the preset's plan, e.g. mean_teacher+anchor:0:0:160 (+VARIANT: see VARIANTS)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every command (default 2)")
+    parser.add_argument("--skip-zero-shot", action="store_true",
+                        help="do not score the bundled model first (another process running side by side does)")
     args = parser.parse_args(argv)
     use_preset(args.preset)
     use_threads(args.threads)
@@ -353,16 +372,16 @@ def main(argv: list[str] | None = None) -> None:
         PLAN = [parse_row(r) for r in args.rows]
     rows = load_rows()
     if args.table:
-        write_table(rows)
+        if args.preset == "cpu":  # the report's table is the CPU study's; --preset gpu only prints its own
+            write_table(rows)
         print(table(rows))
         return
     if not (SHARED / TARGETS[args.target]["folder"]).is_dir():
         sys.exit(f"{SHARED / TARGETS[args.target]['folder']}: not found; the study needs ../shared/data")
     folders = prepare(args.target)
     done = {(r["target"], r["name"]) for r in rows}
-    if (args.target, "zero_shot") not in done and not args.only:
-        rows.append(zero_shot(args.target, folders))
-        save_rows(rows)
+    if (args.target, "zero_shot") not in done and not args.only and not args.skip_zero_shot:
+        rows = add_row(zero_shot(args.target, folders))
         if args.preset == "cpu":
             write_table(rows)
     for method, labelled, seed, steps in PLAN:
@@ -372,8 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.until and time.strftime("%H:%M", time.gmtime()) >= args.until:
             print(f"{args.until} UTC reached; stopping before {name}", flush=True)
             break
-        rows.append(adapted(args.target, method, labelled, seed, steps, folders))
-        save_rows(rows)
+        rows = add_row(adapted(args.target, method, labelled, seed, steps, folders))
         if args.preset == "cpu":
             write_table(rows)
         print(json.dumps(rows[-1]), flush=True)
