@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from wsi_ircr.cli.options import precision_option
+from wsi_ircr.cli.options import MODEL_HELP, precision_option
 
 
 @click.command()
 @click.option("--images", "images_dir", required=True, type=click.Path(path_type=Path), help="Folder of RGB tiles (.png .tif .tiff .jpg .jpeg) at the model's mpp.")
 @click.option("--labels", "labels_dir", required=True, type=click.Path(path_type=Path), help="Folder of instance label maps with the same stems (.png .tif .tiff .npy; 0 = background).")
-@click.option("--model", "model_path", type=click.Path(path_type=Path), help="wsi-ircr checkpoint (.pt); default: the bundled model.")
+@click.option("--model", "model_path", help=MODEL_HELP)
 @click.option("--save-predictions", "save_dir", type=click.Path(path_type=Path), help="Folder for the predicted instance maps (uint16 PNG, same stems).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the mean and per-image scores and the model's path and hash to this JSON file.")
 @click.option("--mpp", type=float, help="Resolution of the tiles in um/px (default: the model's). Tiles are resampled to the model's mpp and scored on their own grid.")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+MODEL_HELP = "A bundled model, lite-m (default) or fast (distilled for CPUs: about 1/4 the work), or a wsi-ircr checkpoint (.pt)."
+
 
 def slide_options(func):
     """Options common to ``segment`` and ``tile``: inputs, output, config, resolution, tiling."""
@@ -23,7 +25,7 @@ def slide_options(func):
         click.option("--core-px", type=int, help="Tile core size in model pixels (multiple of 16)."),
         click.option("--halo", "halo_px", type=int, help="Tile halo in model pixels; must exceed the largest nucleus."),
         click.option("--no-tissue-mask", is_flag=True, help="Process every tile, not only tissue."),
-        click.option("--model", help="wsi-ircr checkpoint (.pt); default: the bundled model."),
+        click.option("--model", help=MODEL_HELP),
         click.option("--overwrite", is_flag=True,
                      help="Redo finished runs and replace mismatching ones (a matching tile store is reused)."),
         click.option("--quiet", is_flag=True, help="No progress on stderr (errors and warnings only)."),

@@ -22,11 +22,28 @@ from wsi_ircr.model.postprocess import PostProcessConfig, legacy_postprocess
 FORMAT = "wsi-ircr-checkpoint"
 VERSION = 1
 BUNDLED_NAME = "ircr-monuseg-lite-m.pt"
+BUNDLED_MODELS = {"lite-m": BUNDLED_NAME, "fast": "ircr-monuseg-fast.pt"}  # ``--model NAME`` -> file in wsi_ircr/weights
 
 
-def bundled_model_path() -> Path:
-    """Path of the model shipped inside the package (trained on MoNuSeg; CC BY-NC-SA 4.0)."""
-    return Path(__file__).resolve().parent.parent / "weights" / BUNDLED_NAME
+def bundled_model_path(name: str = "lite-m") -> Path:
+    """Path of a model shipped inside the package (``BUNDLED_MODELS``; the default lite-m was
+    trained on MoNuSeg, CC BY-NC-SA 4.0; ``fast`` is distilled from it for CPUs)."""
+    return Path(__file__).resolve().parent.parent / "weights" / BUNDLED_MODELS[name]
+
+
+def model_path(model: str | Path | None) -> Path:
+    """What ``--model`` names: None -> the default bundled model, a ``BUNDLED_MODELS`` name ->
+    its file (a file of that name is reached as ``./NAME``), anything else a checkpoint path.
+    A bare word that is neither a bundled name nor a file is a ``UserError`` listing the names."""
+    if model is None:
+        return bundled_model_path()
+    if isinstance(model, str) and model in BUNDLED_MODELS:
+        return bundled_model_path(model)
+    path = Path(model)
+    if not path.exists() and len(path.parts) == 1 and not path.suffix:
+        raise UserError(f"--model {model}: no bundled model of that name and no such file; choose one of "
+                        f"{', '.join(BUNDLED_MODELS)} or pass a checkpoint path (.pt)")
+    return path
 
 
 def portable_name(path: str | Path, root: str | Path | None = None) -> str:
@@ -134,12 +151,13 @@ def _load_reason(e: Exception) -> str:
 
 
 def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
-    """Load a checkpoint; ``None`` loads the bundled model. Not-ours files are ``UserError``s."""
+    """Load a checkpoint: a path, a bundled model's name (str, ``model_path``) or ``None`` for
+    the default bundled model. Not-ours files are ``UserError``s."""
     import torch
 
     from wsi_ircr.config import from_dict
 
-    path = Path(path) if path is not None else bundled_model_path()
+    path = model_path(path)
     if not path.exists():
         raise UserError(f"{path}: model file not found; pass --model PATH to a wsi-ircr checkpoint (.pt)")
     if path.is_dir():
