@@ -12,14 +12,16 @@ same load:
 - the bare forward of the bundled network on one segment tile (1024 x 1024 px) per variant:
   torch fp32 (NCHW and channels-last), torch bf16 (only where bf16 is native: emulated bf16
   is many times slower), and fp32 / int8 in each installed engine of the cpu-fast extra;
-  best of the rounds -> Mpx/s.
+  best of the rounds -> Mpx/s. The distilled CPU model (``--model fast``), where it is
+  bundled, adds rows ``fast ...``: torch fp32 channels-last and each engine's fp32 / int8.
 - end to end (torch fp32 and ``--slide-engines``): ``wsi-ircr segment examples/cmu-1-small-region.svs --precision P --set
   engine=E`` in a child process per variant (fresh output folder; its threads as a user
   gets them: all cores), the reference timed just before and after each, wall seconds from process
   start to exit, peak memory of the process tree, and the wall over the bare forward of what
   the run forwarded (its tiles' boxes around the tissue, ``wsi_ircr.slide.crop``) and of its
-  whole tiles, at the rates measured above. The fastest variant runs once more with whole
-  tiles (``--set skip_glass=false``).
+  whole tiles, at the rates measured above. The fastest variant of the default model runs once
+  more with whole tiles (``--set skip_glass=false``); ``--model fast`` runs torch fp32 and each
+  engine's fp32 / int8.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from benchmarks.common import CPU_FLAGS, REPO, MemorySampler, cpu_flags, load_av
 SLIDE = REPO / "examples" / "cmu-1-small-region.svs"
 RESULTS = REPO / "benchmarks" / "cpu.md"
 TILE_PX = 1024  # the segment default: 896 core + 2 x 64 halo
+FAST = "fast"  # the distilled CPU model's --model name
 
 
 def reference_network():
@@ -53,6 +56,13 @@ def reference_network():
         layers += [nn.Conv2d(a, b, 3, padding=1), nn.ReLU(inplace=True)]
     torch.manual_seed(0)
     return nn.Sequential(*layers).eval().to(memory_format=torch.channels_last)
+
+
+def student_bundled() -> bool:
+    """Whether the distilled CPU model (``--model fast``) is bundled."""
+    from wsi_ircr.model.checkpoint import bundled_model_path
+
+    return bundled_model_path(FAST).exists()
 
 
 def forward_variants(threads: int) -> dict[str, tuple[str, str, object, object]]:
@@ -82,6 +92,12 @@ def forward_variants(threads: int) -> dict[str, tuple[str, str, object, object]]
     for engine in installed_engines():
         for precision in ("fp32", "int8"):
             variants[f"{engine} {precision}"] = (precision, engine, engine_network(checkpoint, precision, engine), x)
+    if student_bundled():
+        student = load_checkpoint(FAST)
+        variants[f"{FAST} torch fp32 channels-last"] = ("fp32", "torch", student.build().to(memory_format=torch.channels_last), x_cl)
+        for engine in installed_engines():
+            for precision in ("fp32", "int8"):
+                variants[f"{FAST} {engine} {precision}"] = (precision, engine, engine_network(student, precision, engine), x)
     return variants
 
 
@@ -129,10 +145,12 @@ def forwarded_mpx(skip_glass: bool) -> float:
     return sum(map(box_area, forward_boxes(plan, plan.tiles, skip_glass))) / 1e6
 
 
-def run_slide(precision: str, engine: str, out: Path, skip_glass: bool = True) -> tuple[float, float, dict]:
-    """Wall seconds, peak MiB of the process tree and summary.json of one segment run."""
+def run_slide(precision: str, engine: str, out: Path, skip_glass: bool = True, model: str | None = None) -> tuple[float, float, dict]:
+    """Wall seconds, peak MiB of the process tree and summary.json of one segment run (``model``:
+    ``--model``, None for the default)."""
     cmd = [sys.executable, "-m", "wsi_ircr", "segment", str(SLIDE), "-o", str(out), "--quiet", "--device", "cpu",
-           "--precision", precision, "--set", f"engine={engine}", "--set", f"skip_glass={str(skip_glass).lower()}"]
+           "--precision", precision, "--set", f"engine={engine}", "--set", f"skip_glass={str(skip_glass).lower()}",
+           *(["--model", model] if model else [])]
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
     with MemorySampler(child.pid) as sampler:
@@ -182,9 +200,12 @@ def main() -> None:
     rates = {name: tile_mpx / tuned[name] for name in default_rates}  # what segment's forwards run with
     base = rates["torch fp32 channels-last"]
 
-    slide_variants = [("fp32", "torch", True)] + [(p, e, True) for n, (p, e, _, _) in variants.items()
-                                                   if e in args.slide_engines]
-    slide_variants.append((*slide_variants[-1][:2], False))  # the fastest again, on whole tiles
+    slide_variants = [("fp32", "torch", True, None)] + [(p, e, True, None) for n, (p, e, _, _) in variants.items()
+                                                         if e in args.slide_engines and not n.startswith(FAST)]
+    slide_variants.append((*slide_variants[-1][:2], False, None))  # the fastest again, on whole tiles
+    if student_bundled():
+        slide_variants += [("fp32", "torch", True, FAST)] + [(p, e, True, FAST) for n, (p, e, _, _) in variants.items()
+                                                             if e in args.slide_engines and n.startswith(FAST)]
     walls: dict[tuple, list[float]] = {v: [] for v in slide_variants}
     ref_mpx: dict[tuple, list[float]] = {v: [] for v in slide_variants}
     _, _, ref_net, ref_x = variants["reference"]
@@ -193,9 +214,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.slide_rounds):
             for v in slide_variants:
-                out = Path(tmp) / f"{r}-{v[0]}-{v[1]}-{v[2]}"
+                out = Path(tmp) / f"{r}-{v[0]}-{v[1]}-{v[2]}-{v[3]}"
                 before = reference_rate(ref_net, ref_x)
-                wall, peak, summary = run_slide(v[0], v[1], out, v[2])
+                wall, peak, summary = run_slide(*v[:2], out, *v[2:])
                 local_rate = (before + reference_rate(ref_net, ref_x)) / 2
                 walls[v].append(wall)
                 ref_mpx[v].append(wall * local_rate)
@@ -232,13 +253,14 @@ def main() -> None:
                   "|---|---|---|---|---|---|---|---|---|"]
         mpx = {skip: forwarded_mpx(skip) for skip in (True, False)}
         for v in slide_variants:
-            precision, engine, skip_glass = v
+            precision, engine, skip_glass, model = v
             summary = summaries[v]
             tiles = int(summary["tiles"]["segmented"])
-            name = "torch fp32 channels-last" if engine == "torch" else f"{engine} {precision}"
+            name = ("torch fp32 channels-last" if engine == "torch" else f"{engine} {precision}")
+            name = f"{model} {name}" if model else name
             wall = min(walls[v])
             whole_s, forwarded_s = tiles * tile_mpx / rates[name], mpx[skip_glass] / rates[name]
-            lines.append(f"| {precision}, {engine}{'' if skip_glass else ', whole tiles'} "
+            lines.append(f"| {f'--model {model}: ' if model else ''}{precision}, {engine}{'' if skip_glass else ', whole tiles'} "
                          f"| {', '.join(f'{w:.1f}' for w in walls[v])} | {min(ref_mpx[v]):.1f} | {tiles} "
                          f"| {mpx[skip_glass]:.1f} | {wall / forwarded_s:.2f} | {wall / whole_s:.2f} | {peaks[v]:.0f} "
                          f"| {summary['nuclei']} |")
