@@ -3,6 +3,9 @@
     python pipelines/package_model.py runs/bundled/model.pt wsi_ircr/weights/ircr-monuseg-lite-s.pt \
         --postprocess-from runs/recipe/final/model.pt --metrics runs/recipe/final/test.json
 
+A distillation run (``wsi_ircr.train.distill``, ``--data-note distilled``) records what its
+weights derive from: the teacher's data and its own tiles, their licences and citations.
+
 A run trained on every labelled tile has no tiles left to tune its post-processing on:
 ``--postprocess-from`` copies the thresholds that the same recipe's run with held-out
 validation tiles chose. ``--tune-images/--tune-labels [--tune-stems]`` tune on given tiles instead.
@@ -41,6 +44,19 @@ DATA_NOTE = {
         "N. Kumar et al., A Multi-Organ Nucleus Segmentation Challenge, IEEE TMI 39(5):1380-1391, 2020",
     ],
 }
+DISTILLED_NOTE = {  # the student of configs/train/distill.yaml (``--model fast``)
+    "name": "Distilled from the bundled lite-m (MoNuSeg 2018 training set, all 30 tiles) on the 12 Kumar training tiles "
+            "of MoNuSeg (with their labels), the 28 NuInsSeg human spleen and 22 CryoNuSeg training tiles (images only) "
+            "and 48 tissue tiles of the OpenSlide sample slide CMU-1-Small-Region",
+    "licence": "CC BY-NC-SA 4.0: the weights are derived from MoNuSeg (through the teacher and the Kumar tiles) and CryoNuSeg "
+               "(both CC BY-NC-SA 4.0) and NuInsSeg (CC BY 4.0) and carry their terms",
+    "citation": DATA_NOTE["citation"] + [
+        "A. Mahbod et al., NuInsSeg: A fully annotated dataset for nuclei instance segmentation in H&E-stained histological "
+        "images, Scientific Data 11:295, 2024",
+        "A. Mahbod et al., CryoNuSeg: A dataset for nuclei instance segmentation of cryosectioned H&E-stained histological "
+        "images, Computers in Biology and Medicine 132:104349, 2021",
+    ],
+}
 
 
 def main() -> None:
@@ -53,6 +69,8 @@ def main() -> None:
     parser.add_argument("--postprocess-from", type=Path, help="Checkpoint whose post-processing thresholds to copy.")
     parser.add_argument("--metrics", type=Path, help="JSON of evaluation figures to store in meta.metrics.")
     parser.add_argument("--root", type=Path, help="Record paths relative to this folder (default: the working directory).")
+    parser.add_argument("--data-note", choices=("monuseg", "distilled"), default="monuseg",
+                        help="What the weights derive from: a run of MoNuSeg tiles, or a wsi_ircr.train.distill run.")
     parser.add_argument("--meta-only", action="store_true",
                         help="Only make the source's metadata portable (no absolute paths); weights unchanged.")
     args = parser.parse_args()
@@ -78,7 +96,12 @@ def main() -> None:
         ckpt.postprocess, aji = tune_postprocess(Predictor(ckpt, device="cpu"), images, labels, mpp=ckpt.mpp)
         notes["postprocess_tuned_on"] = {"stems": [p[0] for p in pairs], "aji": aji}
         print(f"tuned on {len(pairs)} tiles: AJI {aji:.4f} {ckpt.postprocess}", file=sys.stderr)
-    ckpt.meta = {**ckpt.meta, "data": {**DATA_NOTE, "tiles": (ckpt.meta.get("data") or {}).get("labelled")}}
+    data = ckpt.meta.get("data") or {}
+    if args.data_note == "distilled":
+        note = {**DISTILLED_NOTE, "tiles": data.get("labelled", []) + data.get("other", []), "val": data.get("val")}
+    else:
+        note = {**DATA_NOTE, "tiles": data.get("labelled")}
+    ckpt.meta = {**ckpt.meta, "data": note}
     metrics = dict(ckpt.meta.get("metrics") or {})
     metrics.pop("history", None)
     metrics.update(notes)
