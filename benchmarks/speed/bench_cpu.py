@@ -1,6 +1,6 @@
 """The network on this CPU, per engine and precision, and the main job end to end, in one run.
 
-    python -m benchmarks.speed.bench_cpu [--rounds 3] [--slide-rounds 2] [--threads 2]
+    python -m benchmarks.speed.bench_cpu [--rounds 3] [--slide-rounds 2] [--threads 2] [--student MODEL]
     # appends a dated section to benchmarks/cpu.md
 
 In one process, on one machine, interleaved round by round so that every variant sees the
@@ -12,8 +12,9 @@ same load:
 - the bare forward of the bundled network on one segment tile (1024 x 1024 px) per variant:
   torch fp32 (NCHW and channels-last), torch bf16 (only where bf16 is native: emulated bf16
   is many times slower), and fp32 / int8 in each installed engine of the cpu-fast extra;
-  best of the rounds -> Mpx/s. The distilled CPU model (``--model fast``), where it is
-  bundled, adds rows ``fast ...``: torch fp32 channels-last and each engine's fp32 / int8.
+  best of the rounds -> Mpx/s. ``--student MODEL`` (default: the distilled CPU model,
+  ``--model fast``, where it is bundled) adds rows ``student ...``: torch fp32 channels-last
+  and each engine's fp32 / int8.
 - end to end (torch fp32 and ``--slide-engines``): ``wsi-ircr segment examples/cmu-1-small-region.svs --precision P --set
   engine=E`` in a child process per variant (fresh output folder; its threads as a user
   gets them: all cores), the reference timed just before and after each, wall seconds from process
@@ -43,6 +44,7 @@ SLIDE = REPO / "examples" / "cmu-1-small-region.svs"
 RESULTS = REPO / "benchmarks" / "cpu.md"
 TILE_PX = 1024  # the segment default: 896 core + 2 x 64 halo
 FAST = "fast"  # the distilled CPU model's --model name
+STUDENT = "student"  # the row prefix of the --student model
 
 
 def reference_network():
@@ -58,15 +60,16 @@ def reference_network():
     return nn.Sequential(*layers).eval().to(memory_format=torch.channels_last)
 
 
-def student_bundled() -> bool:
-    """Whether the distilled CPU model (``--model fast``) is bundled."""
-    from wsi_ircr.model.checkpoint import bundled_model_path
+def default_student() -> str | None:
+    """The distilled CPU model's name where it is bundled (``--model fast``), else None."""
+    from wsi_ircr.model.checkpoint import BUNDLED_MODELS, bundled_model_path
 
-    return bundled_model_path(FAST).exists()
+    return FAST if FAST in BUNDLED_MODELS and bundled_model_path(FAST).exists() else None
 
 
-def forward_variants(threads: int) -> dict[str, tuple[str, str, object, object]]:
-    """name -> (precision, engine, callable network, input) for every variant that runs here."""
+def forward_variants(threads: int, student: str | None = None) -> dict[str, tuple[str, str, object, object]]:
+    """name -> (precision, engine, callable network, input) for every variant that runs here;
+    ``student`` (a ``--model`` value) adds its rows, named ``student ...``."""
     import torch
 
     from wsi_ircr.model.checkpoint import load_checkpoint
@@ -92,12 +95,12 @@ def forward_variants(threads: int) -> dict[str, tuple[str, str, object, object]]
     for engine in installed_engines():
         for precision in ("fp32", "int8"):
             variants[f"{engine} {precision}"] = (precision, engine, engine_network(checkpoint, precision, engine), x)
-    if student_bundled():
-        student = load_checkpoint(FAST)
-        variants[f"{FAST} torch fp32 channels-last"] = ("fp32", "torch", student.build().to(memory_format=torch.channels_last), x_cl)
+    if student:
+        small = load_checkpoint(student)
+        variants[f"{STUDENT} torch fp32 channels-last"] = ("fp32", "torch", small.build().to(memory_format=torch.channels_last), x_cl)
         for engine in installed_engines():
             for precision in ("fp32", "int8"):
-                variants[f"{FAST} {engine} {precision}"] = (precision, engine, engine_network(student, precision, engine), x)
+                variants[f"{STUDENT} {engine} {precision}"] = (precision, engine, engine_network(small, precision, engine), x)
     return variants
 
 
@@ -161,12 +164,13 @@ def run_slide(precision: str, engine: str, out: Path, skip_glass: bool = True, m
     return wall, sampler.peak_rss_mb, json.loads((out / SLIDE.stem / "summary.json").read_text())
 
 
-def tuned_forwards(threads: int, rounds: int) -> dict[str, float]:
+def tuned_forwards(threads: int, rounds: int, student: str | None) -> dict[str, float]:
     """``time_forwards`` in a child process whose malloc is set as ``segment`` sets it
     (``wsi_ircr.slide.memory``); this process keeps glibc's defaults, so the reference workload
     (the unit) is timed as it always was."""
     done = subprocess.run([sys.executable, "-m", "benchmarks.speed.bench_cpu", "--forwards-json", "--threads",
-                           str(threads), "--rounds", str(rounds)], cwd=REPO, capture_output=True, text=True, check=True)
+                           str(threads), "--rounds", str(rounds), "--student", student or ""], cwd=REPO, capture_output=True,
+                          text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -179,33 +183,37 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--slide-engines", nargs="*", default=["onnxruntime"],
                         help="engines run end to end besides torch fp32 (default: the cpu-fast extra's)")
+    parser.add_argument("--student", default=None,
+                        help="a second model timed as 'student' rows (a --model value; path relative to the repository; "
+                             "default: fast where bundled; '' for none)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
+    args.student = default_student() if args.student is None else (args.student or None)
     if args.forwards_json:
         from wsi_ircr.slide.memory import limit_malloc_arenas
 
         limit_malloc_arenas()
         with contextlib.redirect_stdout(sys.stderr):
-            best = time_forwards(forward_variants(args.threads), args.rounds)
+            best = time_forwards(forward_variants(args.threads, args.student), args.rounds)
         print(json.dumps(best))
         return
 
     load_before = load_average()
-    variants = forward_variants(args.threads)
+    variants = forward_variants(args.threads, args.student)
     best = time_forwards(variants, args.rounds)
     ref_rate = 4 * 512 * 512 / 1e6 / best.pop("reference")
     tile_mpx = TILE_PX * TILE_PX / 1e6
     default_rates = {name: tile_mpx / s for name, s in best.items()}
-    tuned = tuned_forwards(args.threads, args.rounds)
+    tuned = tuned_forwards(args.threads, args.rounds, args.student)
     rates = {name: tile_mpx / tuned[name] for name in default_rates}  # what segment's forwards run with
     base = rates["torch fp32 channels-last"]
 
     slide_variants = [("fp32", "torch", True, None)] + [(p, e, True, None) for n, (p, e, _, _) in variants.items()
-                                                         if e in args.slide_engines and not n.startswith(FAST)]
+                                                         if e in args.slide_engines and not n.startswith(STUDENT)]
     slide_variants.append((*slide_variants[-1][:2], False, None))  # the fastest again, on whole tiles
-    if student_bundled():
-        slide_variants += [("fp32", "torch", True, FAST)] + [(p, e, True, FAST) for n, (p, e, _, _) in variants.items()
-                                                             if e in args.slide_engines and n.startswith(FAST)]
+    if args.student:
+        slide_variants += [("fp32", "torch", True, args.student)] + [
+            (p, e, True, args.student) for n, (p, e, _, _) in variants.items() if e in args.slide_engines and n.startswith(STUDENT)]
     walls: dict[tuple, list[float]] = {v: [] for v in slide_variants}
     ref_mpx: dict[tuple, list[float]] = {v: [] for v in slide_variants}
     _, _, ref_net, ref_x = variants["reference"]
@@ -231,7 +239,7 @@ def main() -> None:
         f"{machine()}; CPU flags: " + ", ".join(f"{f} {'yes' if f in have else 'no'}" for f in CPU_FLAGS.values())
         + f"; {args.threads} threads; load average (1/5/15 min) {load_before} at the start, {load_after} at the end.\n",
         f"`python -m benchmarks.speed.bench_cpu --rounds {args.rounds} --slide-rounds {args.slide_rounds} --threads {args.threads}"
-        f" --slide-engines {' '.join(args.slide_engines)}`\n",
+        f" --slide-engines {' '.join(args.slide_engines)}{f' --student {args.student}' if args.student else ''}`\n",
         f"Reference workload: **{ref_rate:.3f} Mpx/s** (best of {args.rounds}).\n",
         "Bare forwards: Mpx/s with segment's malloc settings (a child process, `wsi_ircr.slide.memory`: the "
         "figures below use these) and with glibc's defaults (this process; earlier sections).\n",
@@ -257,10 +265,10 @@ def main() -> None:
             summary = summaries[v]
             tiles = int(summary["tiles"]["segmented"])
             name = ("torch fp32 channels-last" if engine == "torch" else f"{engine} {precision}")
-            name = f"{model} {name}" if model else name
+            name = f"{STUDENT} {name}" if model else name
             wall = min(walls[v])
             whole_s, forwarded_s = tiles * tile_mpx / rates[name], mpx[skip_glass] / rates[name]
-            lines.append(f"| {f'--model {model}: ' if model else ''}{precision}, {engine}{'' if skip_glass else ', whole tiles'} "
+            lines.append(f"| {'student: ' if model else ''}{precision}, {engine}{'' if skip_glass else ', whole tiles'} "
                          f"| {', '.join(f'{w:.1f}' for w in walls[v])} | {min(ref_mpx[v]):.1f} | {tiles} "
                          f"| {mpx[skip_glass]:.1f} | {wall / forwarded_s:.2f} | {wall / whole_s:.2f} | {peaks[v]:.0f} "
                          f"| {summary['nuclei']} |")

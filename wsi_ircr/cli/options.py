@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-MODEL_HELP = "A bundled model, lite-m (default) or fast (distilled for CPUs: about 1/4 the work), or a wsi-ircr checkpoint (.pt)."
+MODEL_HELP = "A bundled model by name (lite-m, the default) or a wsi-ircr checkpoint (.pt)."
 
 
 def slide_options(func):

@@ -22,12 +22,12 @@ from wsi_ircr.model.postprocess import PostProcessConfig, legacy_postprocess
 FORMAT = "wsi-ircr-checkpoint"
 VERSION = 1
 BUNDLED_NAME = "ircr-monuseg-lite-m.pt"
-BUNDLED_MODELS = {"lite-m": BUNDLED_NAME, "fast": "ircr-monuseg-fast.pt"}  # ``--model NAME`` -> file in wsi_ircr/weights
+BUNDLED_MODELS = {"lite-m": BUNDLED_NAME}  # ``--model NAME`` -> file in wsi_ircr/weights
 
 
 def bundled_model_path(name: str = "lite-m") -> Path:
     """Path of a model shipped inside the package (``BUNDLED_MODELS``; the default lite-m was
-    trained on MoNuSeg, CC BY-NC-SA 4.0; ``fast`` is distilled from it for CPUs)."""
+    trained on MoNuSeg, CC BY-NC-SA 4.0)."""
     return Path(__file__).resolve().parent.parent / "weights" / BUNDLED_MODELS[name]
 
 
