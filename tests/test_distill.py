@@ -12,6 +12,7 @@ from PIL import Image
 from synthetic_slides import synthetic_he
 
 from wsi_ircr.config import load_config
+from wsi_ircr.errors import UserError
 from wsi_ircr.io.images import write_label_png
 from wsi_ircr.model.checkpoint import load_checkpoint
 from wsi_ircr.train.data import TileSet
@@ -125,3 +126,18 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert main(["--config", str(config_path), "--out", str(tmp_path / "r"), "--set", "arch=lite-q"]) == 2
     err = capsys.readouterr().err
     assert "unknown architecture 'lite-q'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_can_start_from_a_student_of_the_same_architecture(tmp_path):
+    from wsi_ircr.model.checkpoint import file_hash
+
+    config_path = _data(tmp_path)
+    first = load_config(DistillConfig, config_path, ["steps=2", "val_every=2"])
+    distill(first, tmp_path / "first", base_dir=tmp_path, say=lambda line: None)
+    second = load_config(DistillConfig, config_path, ["steps=2", "val_every=2", "init=first/model.pt", "lr=0.0005"])
+    distill(second, tmp_path / "second", base_dir=tmp_path, say=lambda line: None)
+    model = load_checkpoint(tmp_path / "second" / "model.pt")
+    assert model.meta["init"]["hash"] == file_hash(tmp_path / "first" / "model.pt")
+    wrong = load_config(DistillConfig, config_path, ["init=teacher.pt"])
+    with pytest.raises(UserError, match="a lite-s checkpoint cannot start a lite-m-half student; set arch=lite-s"):
+        distill(wrong, tmp_path / "third", base_dir=tmp_path, say=lambda line: None)

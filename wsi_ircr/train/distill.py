@@ -53,6 +53,8 @@ class DistillConfig:
     strength: photometric jitter of the student's view (``augment.strong_view``; 0 = none).
     scale_jitter: crops zoomed by a factor in [1 - s, 1 + s].
     teacher_tta: the teacher's maps averaged over this many flips / transposes.
+    init: start the student (and its EMA) from this checkpoint's weights (a path; null: random),
+        e.g. a second, gentler schedule after a first run.
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -68,6 +70,7 @@ class DistillConfig:
     strength: float = 0.5
     scale_jitter: float = 0.15
     teacher_tta: int = 1
+    init: str | None = None
     ema_alpha: float = 0.99
     val_every: int = 500
     checkpoint_every: int = 250
@@ -223,7 +226,7 @@ def validate(net: torch.nn.Module, val: TileSet, teacher, data_mpp: float) -> di
 class Distiller:
     """Student, its EMA, optimiser and samplers of one run; ``state`` / ``load_state`` for resume."""
 
-    def __init__(self, cfg: DistillConfig, labelled, other, maps: list[np.ndarray]):
+    def __init__(self, cfg: DistillConfig, labelled, other, maps: list[np.ndarray], start: dict | None = None):
         from wsi_ircr.model.net import build_model
         from wsi_ircr.train.loop import lr_factor
 
@@ -231,7 +234,10 @@ class Distiller:
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.student = build_model(cfg.arch).to(memory_format=torch.channels_last)
+        self.student = build_model(cfg.arch)
+        if start is not None:
+            self.student.load_state_dict(start)
+        self.student = self.student.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.student)
         for p in self.ema.parameters():
             p.requires_grad_(False)
@@ -329,11 +335,18 @@ def distill(cfg: DistillConfig, out_dir: Path, *, base_dir: Path = Path("."), re
     say(f"data: {len(labelled)} labelled, {len(other)} other, {len(val)} validation tiles")
     maps = teacher_maps(teacher, TileSet(labelled.stems + other.stems, labelled.images + other.images), cfg.teacher_tta,
                         out_dir / MAPS_FILE, say)
-    distiller = Distiller(cfg, labelled, other, maps)
+    start = None
+    if cfg.init:
+        start = load_checkpoint(init_checkpoint_path(cfg.init, base_dir))
+        if start.arch != cfg.arch:
+            raise UserError(f"{cfg.init}: a {start.arch} checkpoint cannot start a {cfg.arch} student; set arch={start.arch}")
+    distiller = Distiller(cfg, labelled, other, maps, start.model_state if start is not None else None)
     meta = {"config": portable_meta(to_dict(cfg)), "versions": versions(),
             "data": {"labelled": labelled.stems, "other": other.stems, "val": val.stems},
             "teacher": {"name": f"{BUNDLED_INIT}:{BUNDLED_NAME}" if teacher_path is None else portable_name(teacher_path),
                         "hash": teacher.model_hash, "arch": teacher.arch}}
+    if start is not None:
+        meta["init"] = {"name": portable_name(start.path), "hash": start.model_hash}
     if resume:
         ckpt = load_checkpoint(last)
         saved = ckpt.meta.get("config")
