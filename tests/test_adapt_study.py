@@ -48,7 +48,9 @@ def test_last_model_is_the_teacher_of_last_pt(tmp_path, monkeypatch):
 
 def test_add_row_keeps_the_rows_other_processes_wrote_and_replaces_a_rerun(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "RESULTS", tmp_path / "adapt.json")
+    monkeypatch.setattr(study, "REPO", tmp_path)  # the lock goes to REPO/runs/...
     study.add_row({"target": "consep", "name": "a", "v": 1})
     study.save_rows(study.load_rows() + [{"target": "consep", "name": "b", "v": 2}])  # another process's row
     rows = study.add_row({"target": "consep", "name": "a", "v": 3})
     assert sorted((r["name"], r["v"]) for r in rows) == [("a", 3), ("b", 2)] and rows == study.load_rows()
+    assert (tmp_path / study.RUNS / "adapt.lock").exists()

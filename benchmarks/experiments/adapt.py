@@ -225,8 +225,9 @@ def add_row(row: dict) -> list[dict]:
     keep each other's rows; returns every row."""
     import fcntl
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+    lock_path = REPO / RUNS / f"{RESULTS.stem}.lock"  # under runs/: not tracked
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = [r for r in load_rows() if (r["target"], r["name"]) != (row["target"], row["name"])] + [row]
         save_rows(rows)
