@@ -172,6 +172,16 @@ def test_default_method_is_ircr_with_priors_else_mean_teacher_with_a_one_line_no
     assert load_checkpoint(tmp_path / "bare" / "model.pt").meta["lineage"]["method"] == "ircr"
 
 
+def test_adapt_takes_a_bundled_model_by_name(cohort, tmp_path, capsys):
+    argv = adapt_argv(cohort, tmp_path / "by_name", 1, "--quiet")
+    argv[argv.index(str(cohort["model"]))] = "lite-m"
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    model, bundled = load_checkpoint(tmp_path / "by_name" / "model.pt"), load_checkpoint()
+    assert model.meta["lineage"]["init"] == {"name": "wsi_ircr/weights/ircr-monuseg-lite-m.pt", "hash": bundled.model_hash}
+    assert model.arch == bundled.arch
+
+
 # --- binary masks as labels (--labels-kind binary) --------------------------------------------
 
 

@@ -86,10 +86,12 @@ def validated(best: dict, without: str) -> str:
 
 
 def init_value(init: str) -> str:
-    """``--init``/``--model`` as a config value: ``bundled`` as is, a path made absolute."""
+    """``--init``/``--model`` as a config value: ``bundled`` and bundled models' names as they
+    are, a path made absolute."""
+    from wsi_ircr.model.checkpoint import BUNDLED_MODELS
     from wsi_ircr.train.config import BUNDLED_INIT
 
-    return init if init == BUNDLED_INIT else str(Path(init).resolve())
+    return init if init == BUNDLED_INIT or init in BUNDLED_MODELS else str(Path(init).resolve())
 
 
 def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:

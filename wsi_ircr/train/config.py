@@ -253,9 +253,14 @@ class TrainConfig:
 
 
 def init_checkpoint_path(init: str, base_dir: Path) -> Path | None:
-    """The file ``init`` names (relative paths against ``base_dir``); None for the bundled model."""
+    """The file ``init`` names (a bundled model's name, as ``--model NAME``, or a path, relative
+    ones against ``base_dir``); None for the default bundled model."""
+    from wsi_ircr.model.checkpoint import BUNDLED_MODELS, bundled_model_path
+
     if init == BUNDLED_INIT:
         return None
+    if init in BUNDLED_MODELS:
+        return bundled_model_path(init)
     path = Path(init).expanduser()
     return path if path.is_absolute() else base_dir / path
 
