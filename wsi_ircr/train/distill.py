@@ -266,7 +266,7 @@ class Distiller:
 
     def train_step(self) -> dict[str, float]:
         from wsi_ircr.train.augment import strong_view
-        from wsi_ircr.train.loop import _to_tensor, ema_update
+        from wsi_ircr.train.loop import _to_tensor, ema_update, optimiser_step
         from wsi_ircr.train.losses import instance_loss
 
         cfg = self.cfg
@@ -290,11 +290,7 @@ class Distiller:
                                 torch.from_numpy(lab["hv"]))
             record["sup"] = float(sup.detach())
             loss = loss + cfg.sup_weight * sup
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 5.0)
-        self.opt.step()
-        self.sched.step()
+        optimiser_step(self.opt, self.sched, self.student, loss)
         ema_update(self.ema, self.student, cfg.ema_alpha)
         self.step += 1
         record["loss"] = float(loss.detach())

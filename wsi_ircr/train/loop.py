@@ -73,6 +73,18 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float)
 
 
 @torch.no_grad()
+def optimiser_step(opt: torch.optim.Optimizer, sched, model: torch.nn.Module, loss: torch.Tensor,
+                   max_grad_norm: float = 5.0) -> None:
+    """One update of ``model`` from ``loss`` (gradient norm clipped); the schedule always advances,
+    the weights only when ``loss`` has a gradient."""
+    opt.zero_grad(set_to_none=True)
+    if loss.requires_grad:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        opt.step()
+    sched.step()
+
+
 def recalibrate_bn(net: torch.nn.Module, batches: Iterable[torch.Tensor]) -> None:
     """Precise BatchNorm: every BatchNorm's running mean and variance of ``net`` become the
     plain average over ``batches`` (each float (N, 3, H, W)) seen in training mode, instead of
@@ -297,12 +309,8 @@ class Trainer:
             anchor = anchor_l2(list(self.student.parameters()), self.anchors)
             record["anchor"] = float(anchor.detach())
             loss = loss + cfg.anchor_weight * anchor
-        self.opt.zero_grad(set_to_none=True)
-        if loss.requires_grad:  # False only without labelled tiles before the unsupervised terms start
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), 5.0)
-            self.opt.step()
-        self.sched.step()
+        # loss has no gradient only without labelled tiles before the unsupervised terms start
+        optimiser_step(self.opt, self.sched, self.student, loss)
         ema_update(self.teacher, self.student, cfg.ema_alpha)
         self.step += 1
         record["loss"] = float(loss.detach())
