@@ -139,8 +139,16 @@ class WorkerSetup(WorkerPlugin):
         if self.preload is not None:
             import threading
 
-            threading.Thread(target=tasks.preload_predictor, args=self.preload, name="wsi-ircr-preload",
-                             daemon=True).start()
+            self._preloading = threading.Thread(target=tasks.preload_predictor, args=self.preload,
+                                                name="wsi-ircr-preload", daemon=True)
+            self._preloading.start()
+
+    def teardown(self, worker) -> None:
+        """Wait for the preload thread: a daemon thread still inside torch when the process
+        exits is killed mid-call, and the C++ runtime aborts the process (exit status -6)."""
+        preloading = getattr(self, "_preloading", None)
+        if preloading is not None:
+            preloading.join()
 
 
 class LocalBackend:
