@@ -20,7 +20,9 @@ everything else unchanged:
 
 The checkpoint written keeps weights, architecture, mpp, post-processing thresholds, PIAC
 priors and metadata (training config, data description with licence and citation,
-metrics); no optimiser or teacher state.
+metrics, ``packaged_from``: the source file's name and hash); no optimiser or teacher state.
+``--weights-dtype float16`` stores the weights in half precision (half the file; loaded as
+float32): validate the packaged file's precisions (``pipelines/validate_precision.py``) after.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import sys
 from pathlib import Path
 
 from wsi_ircr.io.images import pair_folders, read_image, read_label
-from wsi_ircr.model.checkpoint import load_checkpoint, portable_meta, portable_name, save_checkpoint
+from wsi_ircr.model.checkpoint import WEIGHTS_DTYPES, load_checkpoint, portable_meta, portable_name, save_checkpoint
 from wsi_ircr.model.inference import Predictor
 from wsi_ircr.train.tune import tune_postprocess
 
@@ -71,6 +73,8 @@ def main() -> None:
     parser.add_argument("--root", type=Path, help="Record paths relative to this folder (default: the working directory).")
     parser.add_argument("--data-note", choices=("monuseg", "distilled"), default="monuseg",
                         help="What the weights derive from: a run of MoNuSeg tiles, or a wsi_ircr.train.distill run.")
+    parser.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default="float32",
+                        help="Store the weights in this precision (float16: half the file, cast back to float32 on load).")
     parser.add_argument("--meta-only", action="store_true",
                         help="Only make the source's metadata portable (no absolute paths); weights unchanged.")
     args = parser.parse_args()
@@ -101,7 +105,9 @@ def main() -> None:
         note = {**DISTILLED_NOTE, "tiles": data.get("labelled", []) + data.get("other", []), "val": data.get("val")}
     else:
         note = {**DATA_NOTE, "tiles": data.get("labelled")}
-    ckpt.meta = {**ckpt.meta, "data": note}
+    ckpt.meta = {**ckpt.meta, "data": note,
+                 "packaged_from": {"checkpoint": portable_name(args.source, args.root), "hash": ckpt.model_hash,
+                                   "weights_dtype": args.weights_dtype}}
     metrics = dict(ckpt.meta.get("metrics") or {})
     metrics.pop("history", None)
     metrics.update(notes)
@@ -110,7 +116,7 @@ def main() -> None:
     ckpt.meta["metrics"] = metrics
     ckpt.meta = portable_meta(ckpt.meta, args.root)
     ckpt.train_state = None
-    digest = save_checkpoint(args.target, ckpt)
+    digest = save_checkpoint(args.target, ckpt, weights_dtype=args.weights_dtype)
     print(f"{args.target}: {args.target.stat().st_size / 1e6:.1f} MB, hash {digest}")
 
 

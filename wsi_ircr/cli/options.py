@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
-MODEL_HELP = "A bundled model by name (lite-m, the default) or a wsi-ircr checkpoint (.pt)."
+from wsi_ircr.model.checkpoint import bundled_names_help
+
+MODEL_HELP = f"A bundled model by name, {bundled_names_help()}, or a wsi-ircr checkpoint (.pt)."
 
 
 def slide_options(func):

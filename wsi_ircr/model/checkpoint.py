@@ -5,7 +5,11 @@ A checkpoint is a ``torch.save`` dict (loadable with ``weights_only=True``)::
     {"format": "wsi-ircr-checkpoint", "version": 1, "arch": "lite-s",
      "model": state_dict, "mpp": 0.25, "postprocess": {...}, "priors": {...} | None,
      "meta": {"config": ..., "data": ..., "metrics": ..., "versions": ...},
-     "train_state": {...} | None}   # optimiser, teacher, step: only in resumable files
+     "train_state": {...} | None,   # optimiser, teacher, step: only in resumable files
+     "weights_dtype": "float16"}    # only in files whose weights are stored in half precision
+
+Weights stored in float16 (``save_checkpoint(..., weights_dtype="float16")``, for bundled
+files: half the size) are cast back to float32 on load; the file hash names the stored file.
 """
 
 from __future__ import annotations
@@ -14,21 +18,31 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wsi_ircr.errors import UserError
-from wsi_ircr.model.postprocess import PostProcessConfig, legacy_postprocess
+
+if TYPE_CHECKING:
+    from wsi_ircr.model.postprocess import PostProcessConfig
 
 FORMAT = "wsi-ircr-checkpoint"
 VERSION = 1
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"  # the package's bundled models
 BUNDLED_NAME = "ircr-monuseg-lite-m.pt"
-BUNDLED_MODELS = {"lite-m": BUNDLED_NAME}  # ``--model NAME`` -> file in wsi_ircr/weights
+BUNDLED_MODELS = {"lite-m": BUNDLED_NAME}  # ``--model NAME`` -> file in WEIGHTS_DIR; the first is the default
+WEIGHTS_DTYPES = ("float32", "float16")  # how ``save_checkpoint`` may store the network's floating-point tensors
 
 
 def bundled_model_path(name: str = "lite-m") -> Path:
     """Path of a model shipped inside the package (``BUNDLED_MODELS``; the default lite-m was
     trained on MoNuSeg, CC BY-NC-SA 4.0)."""
-    return Path(__file__).resolve().parent.parent / "weights" / BUNDLED_MODELS[name]
+    return WEIGHTS_DIR / BUNDLED_MODELS[name]
+
+
+def bundled_names_help() -> str:
+    """The bundled models' names for option help, the default marked: 'lite-m (the default), fast'."""
+    names = list(BUNDLED_MODELS)
+    return ", ".join([f"{names[0]} (the default)", *names[1:]])
 
 
 def model_path(model: str | Path | None) -> Path:
@@ -91,6 +105,7 @@ class Checkpoint:
     train_state: dict | None = None
     path: Path | None = None
     model_hash: str = ""
+    weights_dtype: str = "float32"  # how the file stored the weights (loaded as float32 either way)
 
     def build(self):
         from wsi_ircr.model.net import build_model
@@ -111,13 +126,37 @@ class Checkpoint:
             "arch": self.arch,
             "mpp": self.mpp,
             "postprocess": dataclasses.asdict(self.postprocess),
+            "weights_dtype": self.weights_dtype,
             "data": self.meta.get("data"),
             "metrics": self.meta.get("metrics"),
         }
 
 
-def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> str:
-    """Write ``checkpoint`` atomically to ``path``; return the file hash."""
+def stored_weights(state: dict, weights_dtype: str) -> dict:
+    """``state`` (name -> tensor) on the CPU with its floating-point tensors in ``weights_dtype``
+    (``WEIGHTS_DTYPES``); integer tensors (BatchNorm's batch counts) unchanged. A weight that
+    overflows float16 is a ValueError naming it."""
+    import torch
+
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
+    dtype = getattr(torch, weights_dtype)
+    out = {}
+    for name, value in state.items():
+        value = value.detach().cpu()
+        if value.is_floating_point():
+            cast = value.to(dtype)
+            if bool(torch.isfinite(value).all()) and not bool(torch.isfinite(cast).all()):
+                raise ValueError(f"{name}: values beyond the range of {weights_dtype} (max |w| {value.abs().max().item():.3g})")
+            value = cast
+        out[name] = value
+    return out
+
+
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint, *, weights_dtype: str = "float32") -> str:
+    """Write ``checkpoint`` atomically to ``path``, its network's floating-point tensors stored in
+    ``weights_dtype`` (``float16``: half the file, for bundled models; not for resumable
+    files, whose ``train_state`` stays as it is); return the file hash."""
     import torch
 
     from wsi_ircr.io.atomic import atomic_path
@@ -126,13 +165,15 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> str:
         "format": FORMAT,
         "version": VERSION,
         "arch": checkpoint.arch,
-        "model": {k: v.detach().cpu() for k, v in checkpoint.model_state.items()},
+        "model": stored_weights(checkpoint.model_state, weights_dtype),
         "mpp": float(checkpoint.mpp),
         "postprocess": dataclasses.asdict(checkpoint.postprocess),
         "priors": checkpoint.priors,
         "meta": checkpoint.meta,
         "train_state": checkpoint.train_state,
     }
+    if weights_dtype != "float32":
+        payload["weights_dtype"] = weights_dtype
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return file_hash(Path(path))
@@ -156,6 +197,7 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     import torch
 
     from wsi_ircr.config import from_dict
+    from wsi_ircr.model.postprocess import PostProcessConfig, legacy_postprocess
 
     path = model_path(path)
     if not path.exists():
@@ -176,6 +218,8 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
                         f"network was trained at: retrain it with 'wsi-ircr train' (data.mpp / mpp)")
     try:
         arch, model_state, mpp = str(payload["arch"]), dict(payload["model"]), float(mpp)
+        weights_dtype = str(payload.get("weights_dtype", "float32"))
+        model_state = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in model_state.items()}
         postprocess = legacy_postprocess(dict(payload["postprocess"]), mpp)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: damaged wsi-ircr checkpoint (bad or missing field {e}); train or download it again") from None
@@ -189,4 +233,5 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
         train_state=payload.get("train_state"),
         path=path,
         model_hash=file_hash(path),
+        weights_dtype=weights_dtype,
     )
