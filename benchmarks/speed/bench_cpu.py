@@ -15,14 +15,17 @@ same load:
   best of the rounds -> Mpx/s. ``--student MODEL`` (default: the distilled CPU model,
   ``--model fast``, where it is bundled) adds rows ``student ...``: torch fp32 channels-last
   and each engine's fp32 / int8.
-- end to end (torch fp32 and ``--slide-engines``): ``wsi-ircr segment examples/cmu-1-small-region.svs --precision P --set
-  engine=E`` in a child process per variant (fresh output folder; its threads as a user
-  gets them: all cores), the reference timed just before and after each, wall seconds from process
-  start to exit, peak memory of the process tree, and the wall over the bare forward of what
-  the run forwarded (its tiles' boxes around the tissue, ``wsi_ircr.slide.crop``) and of its
-  whole tiles, at the rates measured above. The fastest variant of the default model runs once
-  more with whole tiles (``--set skip_glass=false``); ``--model fast`` runs torch fp32 and each
-  engine's fp32 / int8.
+- end to end (torch fp32, torch bf16 where bf16 is native, and ``--slide-engines``):
+  ``wsi-ircr segment examples/cmu-1-small-region.svs --precision P --set engine=E`` in a child
+  process per variant (fresh output folder; its threads as a user gets them: all cores), the
+  reference timed just before and after each, wall seconds from process start to exit, peak
+  memory of the process tree, and the wall over the bare forward of what the run forwarded (its
+  tiles' boxes around the tissue, ``wsi_ircr.slide.crop``) and of its whole tiles, at the rates
+  measured above. The last engine variant of the default model runs once more with whole tiles
+  (``--set skip_glass=false``). Two rows are the README's command as a user runs it, no
+  precision or engine given (``auto``; the row names what it chose): as installed here, and
+  with the cpu-fast extra hidden (its packages made unimportable in the child), where it is
+  installed. ``--model fast`` runs torch fp32 and each engine's fp32 / int8.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -45,6 +49,32 @@ RESULTS = REPO / "benchmarks" / "cpu.md"
 TILE_PX = 1024  # the segment default: 896 core + 2 x 64 halo
 FAST = "fast"  # the distilled CPU model's --model name
 STUDENT = "student"  # the row prefix of the --student model
+CPU_FAST_MODULES = ("onnx", "onnxruntime", "openvino")  # what the cpu-fast extra installs (hidden for the 'no extra' row)
+
+
+class SlideVariant(NamedTuple):
+    """One end-to-end run: ``--precision``, ``--set engine=``, skip glass, ``--model`` (None:
+    the default) and whether the cpu-fast extra's packages stay importable."""
+
+    precision: str
+    engine: str
+    skip_glass: bool = True
+    model: str | None = None
+    cpu_fast: bool = True
+
+    def label(self) -> str:
+        return "-".join(map(str, self))
+
+
+def hide_cpu_fast(folder: Path) -> dict[str, str]:
+    """Environment for a child Python in which the cpu-fast extra's packages cannot be imported
+    (as if not installed): a ``sitecustomize`` in ``folder``, first on PYTHONPATH, marks them
+    absent in ``sys.modules`` (``find_spec`` gives None, ``import`` raises ImportError)."""
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in CPU_FAST_MODULES))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
 
 
 def reference_network():
@@ -148,14 +178,21 @@ def forwarded_mpx(skip_glass: bool) -> float:
     return sum(map(box_area, forward_boxes(plan, plan.tiles, skip_glass))) / 1e6
 
 
-def run_slide(precision: str, engine: str, out: Path, skip_glass: bool = True, model: str | None = None) -> tuple[float, float, dict]:
-    """Wall seconds, peak MiB of the process tree and summary.json of one segment run (``model``:
-    ``--model``, None for the default)."""
-    cmd = [sys.executable, "-m", "wsi_ircr", "segment", str(SLIDE), "-o", str(out), "--quiet", "--device", "cpu",
-           "--precision", precision, "--set", f"engine={engine}", "--set", f"skip_glass={str(skip_glass).lower()}",
-           *(["--model", model] if model else [])]
+def segment_command(v: SlideVariant, out: Path) -> list[str]:
+    """The ``wsi-ircr segment`` command line of ``v`` (``auto`` precision and engine: the
+    README's command as a user types it, neither option given)."""
+    return [sys.executable, "-m", "wsi_ircr", "segment", str(SLIDE), "-o", str(out), "--quiet",
+            *(["--device", "cpu", "--precision", v.precision] if v.precision != "auto" else []),
+            *(["--set", f"engine={v.engine}"] if v.engine != "auto" else []),
+            *(["--set", "skip_glass=false"] if not v.skip_glass else []), *(["--model", v.model] if v.model else [])]
+
+
+def run_slide(v: SlideVariant, out: Path) -> tuple[float, float, dict]:
+    """Wall seconds, peak MiB of the process tree and summary.json of one segment run."""
+    cmd = segment_command(v, out)
+    env = None if v.cpu_fast else hide_cpu_fast(out.parent / f"no-cpu-fast-{out.name}")
     t0 = time.perf_counter()
-    child = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
+    child = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, env=env)
     with MemorySampler(child.pid) as sampler:
         code = child.wait()
     wall = time.perf_counter() - t0
@@ -172,6 +209,39 @@ def tuned_forwards(threads: int, rounds: int, student: str | None) -> dict[str, 
                            str(threads), "--rounds", str(rounds), "--student", student or ""], cwd=REPO, capture_output=True,
                           text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def slide_variant_list(variants: dict, slide_engines: list[str], student: str | None) -> list[SlideVariant]:
+    """The end-to-end runs: torch fp32, torch bf16 where native (a ``variants`` row), each of
+    ``slide_engines``' precisions, the last of those on whole tiles, the default (``auto``) with
+    and, where the extra is installed, without the cpu-fast extra, and the student's runs."""
+    from wsi_ircr.model.engines import installed_engines
+
+    runs = [SlideVariant("fp32", "torch")]
+    runs += [SlideVariant(p, e) for n, (p, e, _, _) in variants.items() if n == "torch bf16 channels-last"]
+    runs += [SlideVariant(p, e) for n, (p, e, _, _) in variants.items() if e in slide_engines and not n.startswith(STUDENT)]
+    runs.append(runs[-1]._replace(skip_glass=False))  # again, on whole tiles
+    runs.append(SlideVariant("auto", "auto"))
+    if installed_engines():
+        runs.append(SlideVariant("auto", "auto", cpu_fast=False))
+    if student:
+        runs += [SlideVariant("fp32", "torch", model=student)] + [
+            SlideVariant(p, e, model=student) for n, (p, e, _, _) in variants.items() if e in slide_engines and n.startswith(STUDENT)]
+    return runs
+
+
+def forward_name(precision: str, engine: str, model: str | None) -> str:
+    """The bare-forward row that a run of ``precision`` in ``engine`` ran (torch: channels-last)."""
+    name = f"torch {precision} channels-last" if engine == "torch" else f"{engine} {precision}"
+    return f"{STUDENT} {name}" if model else name
+
+
+def slide_row_name(v: SlideVariant, precision: str, engine: str) -> str:
+    """'fp32, torch', 'student: int8, onnxruntime', 'int8, onnxruntime, whole tiles', or for the
+    default 'default (auto: bf16, torch)' / 'default without the cpu-fast extra (auto: ...)'."""
+    if v.precision == "auto":
+        return f"default{'' if v.cpu_fast else ' without the cpu-fast extra'} (auto: {precision}, {engine})"
+    return f"{'student: ' if v.model else ''}{precision}, {engine}{'' if v.skip_glass else ', whole tiles'}"
 
 
 def main() -> None:
@@ -208,23 +278,18 @@ def main() -> None:
     rates = {name: tile_mpx / tuned[name] for name in default_rates}  # what segment's forwards run with
     base = rates["torch fp32 channels-last"]
 
-    slide_variants = [("fp32", "torch", True, None)] + [(p, e, True, None) for n, (p, e, _, _) in variants.items()
-                                                         if e in args.slide_engines and not n.startswith(STUDENT)]
-    slide_variants.append((*slide_variants[-1][:2], False, None))  # the fastest again, on whole tiles
-    if args.student:
-        slide_variants += [("fp32", "torch", True, args.student)] + [
-            (p, e, True, args.student) for n, (p, e, _, _) in variants.items() if e in args.slide_engines and n.startswith(STUDENT)]
-    walls: dict[tuple, list[float]] = {v: [] for v in slide_variants}
-    ref_mpx: dict[tuple, list[float]] = {v: [] for v in slide_variants}
+    slide_variants = slide_variant_list(variants, args.slide_engines, args.student)
+    walls: dict[SlideVariant, list[float]] = {v: [] for v in slide_variants}
+    ref_mpx: dict[SlideVariant, list[float]] = {v: [] for v in slide_variants}
     _, _, ref_net, ref_x = variants["reference"]
-    peaks: dict[tuple, float] = {}
-    summaries: dict[tuple, dict] = {}
+    peaks: dict[SlideVariant, float] = {}
+    summaries: dict[SlideVariant, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.slide_rounds):
             for v in slide_variants:
-                out = Path(tmp) / f"{r}-{v[0]}-{v[1]}-{v[2]}-{v[3]}"
+                out = Path(tmp) / f"{r}-{v.label()}"
                 before = reference_rate(ref_net, ref_x)
-                wall, peak, summary = run_slide(*v[:2], out, *v[2:])
+                wall, peak, summary = run_slide(v, out)
                 local_rate = (before + reference_rate(ref_net, ref_x)) / 2
                 walls[v].append(wall)
                 ref_mpx[v].append(wall * local_rate)
@@ -261,16 +326,16 @@ def main() -> None:
                   "|---|---|---|---|---|---|---|---|---|"]
         mpx = {skip: forwarded_mpx(skip) for skip in (True, False)}
         for v in slide_variants:
-            precision, engine, skip_glass, model = v
             summary = summaries[v]
             tiles = int(summary["tiles"]["segmented"])
-            name = ("torch fp32 channels-last" if engine == "torch" else f"{engine} {precision}")
-            name = f"{STUDENT} {name}" if model else name
+            ran = summary.get("execution") or {}
+            precision, engine = ran.get("precision", v.precision), ran.get("engine", v.engine)  # what auto chose
+            name = forward_name(precision, engine, v.model)
             wall = min(walls[v])
-            whole_s, forwarded_s = tiles * tile_mpx / rates[name], mpx[skip_glass] / rates[name]
-            lines.append(f"| {'student: ' if model else ''}{precision}, {engine}{'' if skip_glass else ', whole tiles'} "
+            whole_s, forwarded_s = tiles * tile_mpx / rates[name], mpx[v.skip_glass] / rates[name]
+            lines.append(f"| {slide_row_name(v, precision, engine)} "
                          f"| {', '.join(f'{w:.1f}' for w in walls[v])} | {min(ref_mpx[v]):.1f} | {tiles} "
-                         f"| {mpx[skip_glass]:.1f} | {wall / forwarded_s:.2f} | {wall / whole_s:.2f} | {peaks[v]:.0f} "
+                         f"| {mpx[v.skip_glass]:.1f} | {wall / forwarded_s:.2f} | {wall / whole_s:.2f} | {peaks[v]:.0f} "
                          f"| {summary['nuclei']} |")
     section = "\n".join(lines) + "\n"
     print(section)
