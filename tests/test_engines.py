@@ -83,6 +83,30 @@ def test_the_export_is_cached_per_model_and_written_once(engine_cache, tmp_path)
     assert set(out) == {"np", "hv"} and torch.allclose(out["hv"], ref["hv"], atol=1e-4)
 
 
+@needs_engine
+def test_a_cached_graph_runs_without_importing_onnx(engine_cache, tmp_path):
+    """The cache key reads package versions from their metadata (the same strings as
+    ``__version__``, so keys made before still match); onnx is imported only to build a graph."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import onnx
+    import onnxruntime
+    from model_fixtures import signal_checkpoint
+
+    assert (engines.package_version("onnx"), engines.package_version("onnxruntime")) == (onnx.__version__, onnxruntime.__version__)
+    model = signal_checkpoint(tmp_path / "a.pt", synthetic_he((64, 64), n_nuclei=4, seed=1)[0])
+    built = engines.graph_path(load_checkpoint(model), "fp32")
+    code = ("import json, sys, torch; from wsi_ircr.model.checkpoint import load_checkpoint; from wsi_ircr.model import engines; "
+            f"net = engines.engine_network(load_checkpoint({str(model)!r}), 'fp32', 'onnxruntime'); "
+            "out = net(torch.rand(1, 3, 32, 32)); print(json.dumps([str(net.path), 'onnx' in sys.modules, list(out['np'].shape)]))")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "WSI_IRCR_CACHE": str(engine_cache)},
+                          capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [str(built), False, [1, 2, 32, 32]]
+
+
 def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("WSI_IRCR_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

@@ -68,14 +68,23 @@ def cache_dir() -> Path:
     return Path(base) / "wsi-ircr"
 
 
+def package_version(name: str) -> str:
+    """``name.__version__`` from the installed distribution's metadata, without importing the
+    package (``onnx`` takes a second or more to import, needed only to build a graph); the
+    import where no distribution of that name is installed (e.g. ``onnxruntime-gpu``)."""
+    from importlib import import_module, metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return import_module(name).__version__
+
+
 def _recipe_key(precision: str) -> str:
     """Short hash of what makes the graph: torch (exporter), onnx, onnxruntime (quantizer),
     the recipe number and, for int8, the calibration image."""
-    import onnx
-    import onnxruntime
-    import torch
-
-    parts = [f"recipe{RECIPE}", f"torch{torch.__version__}", f"onnx{onnx.__version__}", f"ort{onnxruntime.__version__}"]
+    parts = [f"recipe{RECIPE}", f"torch{package_version('torch')}", f"onnx{package_version('onnx')}",
+             f"ort{package_version('onnxruntime')}"]
     if precision == "int8":
         parts.append(hashlib.sha256(CALIBRATION_IMAGE.read_bytes()).hexdigest()[:16])
     return hashlib.sha256("-".join(parts).encode()).hexdigest()[:12]
