@@ -1,12 +1,14 @@
 """Validation accuracy of the bundled model and its distilled CPU student, per precision.
 
-    python -m benchmarks.speed.distill_scores [MODEL ...] [--threads 1]   # default: lite-m fast
+    python -m benchmarks.speed.distill_scores [MODEL ...] [--threads 1] [--variants fp32]   # default: lite-m fast
 
 Each model (a bundled name or a checkpoint path) segments, in torch fp32 and in ONNX Runtime
 int8 (where the cpu-fast extra is installed), the validation tiles of recipe.md's table: the
 4 Kumar validation tiles (AJI), the 6 held-out NuInsSeg spleen tiles (AJI) and the 6 held-out
 CryoNuSeg tiles (Dice against their binary masks). Never the Kumar test tiles. Results go to
-``benchmarks/results/distill.json`` (one entry per model hash and variant) and stdout.
+``benchmarks/results/distill.json`` (one entry per model hash and variant; a checkpoint outside
+the repository is recorded by its file name and hash) and stdout. ``--variants fp32`` scores
+torch fp32 only (no int8 export and calibration).
 """
 
 from __future__ import annotations
@@ -37,13 +39,13 @@ def tiles(source: str) -> tuple[list, list, float]:
 def score(model: str, precision: str, engine: str, data: dict) -> dict:
     """Mean metrics per source of ``model`` at ``precision`` on ``engine``."""
     from wsi_ircr.metrics import mean_scores, score_instances
-    from wsi_ircr.model.checkpoint import load_checkpoint
+    from wsi_ircr.model.checkpoint import BUNDLED_MODELS, load_checkpoint, portable_name
     from wsi_ircr.model.inference import Predictor
 
     checkpoint = load_checkpoint(model)
     predictor = Predictor(checkpoint, device="cpu", precision=precision, engine=engine)
     t0 = time.time()
-    out = {"model": model, "hash": checkpoint.model_hash, "arch": checkpoint.arch, "precision": precision, "engine": engine}
+    out = {"model": model if model in BUNDLED_MODELS else portable_name(model, REPO), "hash": checkpoint.model_hash, "arch": checkpoint.arch, "precision": precision, "engine": engine}
     for source, (images, labels, mpp) in data.items():
         out[source] = mean_scores([score_instances(lab, predictor.segment_image(im, mpp)) for im, lab in zip(images, labels)])
     out["seconds"] = round(time.time() - t0, 1)
@@ -58,10 +60,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*", default=["lite-m", "fast"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", choices=("all", "fp32"), default="all",
+                        help="all: torch fp32 and, where the cpu-fast extra is installed, ONNX Runtime int8; fp32: torch fp32 only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = {source: tiles(source) for source in ("kumar", "nuinsseg", "cryonuseg")}
-    variants = [("fp32", "torch")] + ([("int8", "onnxruntime")] if "onnxruntime" in installed_engines() else [])
+    variants = [("fp32", "torch")] + ([("int8", "onnxruntime")] if "onnxruntime" in installed_engines() and args.variants == "all" else [])
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for model in args.models:
         for precision, engine in variants:
