@@ -73,8 +73,9 @@ def main() -> None:
     parser.add_argument("--root", type=Path, help="Record paths relative to this folder (default: the working directory).")
     parser.add_argument("--data-note", choices=("monuseg", "distilled"), default="monuseg",
                         help="What the weights derive from: a run of MoNuSeg tiles, or a wsi_ircr.train.distill run.")
-    parser.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default="float32",
-                        help="Store the weights in this precision (float16: half the file, cast back to float32 on load).")
+    parser.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES,
+                        help="Store the weights in this precision (float16: half the file, cast back to float32 on load; "
+                             "default: as the source stores them).")
     parser.add_argument("--meta-only", action="store_true",
                         help="Only make the source's metadata portable (no absolute paths); weights unchanged.")
     args = parser.parse_args()
@@ -107,7 +108,7 @@ def main() -> None:
         note = {**DATA_NOTE, "tiles": data.get("labelled")}
     ckpt.meta = {**ckpt.meta, "data": note,
                  "packaged_from": {"checkpoint": portable_name(args.source, args.root), "hash": ckpt.model_hash,
-                                   "weights_dtype": args.weights_dtype}}
+                                   "weights_dtype": args.weights_dtype or ckpt.weights_dtype}}
     metrics = dict(ckpt.meta.get("metrics") or {})
     metrics.pop("history", None)
     metrics.update(notes)

@@ -45,6 +45,9 @@ def test_float16_storage_halves_the_file_and_loads_as_float32(tmp_path):
         if value.is_floating_point():
             assert torch.allclose(half.model_state[name], value, rtol=1e-3, atol=1e-4), name
     half.build()  # loads into the network
+    half.meta["precision"] = {"cpu": {}}  # a rewrite of the file (validate_precision --write, package_model --meta-only)
+    save_checkpoint(path, half)
+    assert load_checkpoint(path).weights_dtype == "float16" and path.stat().st_size < 0.55 * bundled_model_path().stat().st_size
 
 
 @needs_bundled

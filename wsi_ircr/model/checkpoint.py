@@ -153,10 +153,12 @@ def stored_weights(state: dict, weights_dtype: str) -> dict:
     return out
 
 
-def save_checkpoint(path: str | Path, checkpoint: Checkpoint, *, weights_dtype: str = "float32") -> str:
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint, *, weights_dtype: str | None = None) -> str:
     """Write ``checkpoint`` atomically to ``path``, its network's floating-point tensors stored in
-    ``weights_dtype`` (``float16``: half the file, for bundled models; not for resumable
-    files, whose ``train_state`` stays as it is); return the file hash."""
+    ``weights_dtype`` (None: as the checkpoint was loaded, ``checkpoint.weights_dtype``, so a
+    rewritten file keeps its storage; ``float16``: half the file, for bundled models, not for
+    resumable files, whose ``train_state`` stays as it is); return the file hash."""
+    weights_dtype = weights_dtype or checkpoint.weights_dtype
     import torch
 
     from wsi_ircr.io.atomic import atomic_path
