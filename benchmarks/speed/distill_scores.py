@@ -7,7 +7,7 @@ int8 (where the cpu-fast extra is installed), the validation tiles of recipe.md'
 4 Kumar validation tiles (AJI), the 6 held-out NuInsSeg spleen tiles (AJI) and the 6 held-out
 CryoNuSeg tiles (Dice against their binary masks). Never the Kumar test tiles. Results go to
 ``benchmarks/results/distill.json`` (one entry per model hash and variant; a checkpoint outside
-the repository is recorded by its file name and hash) and stdout. ``--variants fp32`` scores
+the repository is recorded by its file name and hash, or by LABEL when given as LABEL=PATH) and stdout. ``--variants fp32`` scores
 torch fp32 only (no int8 export and calibration).
 """
 
@@ -37,15 +37,17 @@ def tiles(source: str) -> tuple[list, list, float]:
 
 
 def score(model: str, precision: str, engine: str, data: dict) -> dict:
-    """Mean metrics per source of ``model`` at ``precision`` on ``engine``."""
+    """Mean metrics per source of ``model`` (a ``--model`` value, or ``LABEL=PATH``) at
+    ``precision`` on ``engine``."""
     from wsi_ircr.metrics import mean_scores, score_instances
     from wsi_ircr.model.checkpoint import BUNDLED_MODELS, load_checkpoint, portable_name
     from wsi_ircr.model.inference import Predictor
 
-    checkpoint = load_checkpoint(model)
+    label, _, path = model.rpartition("=")
+    checkpoint = load_checkpoint(path)
     predictor = Predictor(checkpoint, device="cpu", precision=precision, engine=engine)
     t0 = time.time()
-    out = {"model": model if model in BUNDLED_MODELS else portable_name(model, REPO), "hash": checkpoint.model_hash, "arch": checkpoint.arch, "precision": precision, "engine": engine}
+    out = {"model": label or (path if path in BUNDLED_MODELS else portable_name(path, REPO)), "hash": checkpoint.model_hash, "arch": checkpoint.arch, "precision": precision, "engine": engine}
     for source, (images, labels, mpp) in data.items():
         out[source] = mean_scores([score_instances(lab, predictor.segment_image(im, mpp)) for im, lab in zip(images, labels)])
     out["seconds"] = round(time.time() - t0, 1)
@@ -58,7 +60,7 @@ def main() -> None:
     from wsi_ircr.model.engines import installed_engines
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="*", default=["lite-m", "fast"])
+    parser.add_argument("models", nargs="*", default=["lite-m", "fast"], help="bundled names or checkpoint paths (LABEL=PATH: recorded as LABEL)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variants", choices=("all", "fp32"), default="all",
                         help="all: torch fp32 and, where the cpu-fast extra is installed, ONNX Runtime int8; fp32: torch fp32 only")
