@@ -124,3 +124,13 @@ def test_evaluate_runs_a_registered_model_by_name(tiny_bundled, tmp_path, capsys
     assert code == 0, err
     described = json.loads(out.read_text())["model"]
     assert described["hash"] == load_checkpoint(tiny_bundled).model_hash and described["arch"] == "lite-s"
+
+
+def test_every_registered_model_is_shipped_and_loads():
+    """A BUNDLED_MODELS line without its file (or with a file its architecture does not build) fails here."""
+    from wsi_ircr.model.checkpoint import BUNDLED_MODELS
+
+    for name in BUNDLED_MODELS:
+        path = bundled_model_path(name)
+        assert path.is_file(), f"--model {name}: {path.name} is not in wsi_ircr/weights"
+        load_checkpoint(name).build()
