@@ -19,8 +19,9 @@ everything else unchanged:
         wsi_ircr/weights/ircr-monuseg-lite-m.pt --meta-only --root /path/of/the/checkout/it/was/built/in
 
 The checkpoint written keeps weights, architecture, mpp, post-processing thresholds, PIAC
-priors and metadata (training config, data description with licence and citation,
-metrics, ``packaged_from``: the source file's name and hash); no optimiser or teacher state.
+priors and metadata (training config, data description with licence and citation, the
+sources the run read with their licences, metrics, ``packaged_from``: the source file's name and
+hash); no optimiser or teacher state.
 ``--weights-dtype float16`` stores the weights in half precision (half the file; loaded as
 float32): validate the packaged file's precisions (``pipelines/validate_precision.py``) after.
 """
@@ -35,6 +36,7 @@ from pathlib import Path
 from wsi_ircr.io.images import pair_folders, read_image, read_label
 from wsi_ircr.model.checkpoint import WEIGHTS_DTYPES, load_checkpoint, portable_meta, portable_name, save_checkpoint
 from wsi_ircr.model.inference import Predictor
+from wsi_ircr.train.provenance import licences
 from wsi_ircr.train.tune import tune_postprocess
 
 DATA_NOTE = {
@@ -106,6 +108,8 @@ def main() -> None:
         note = {**DISTILLED_NOTE, "tiles": data.get("labelled", []) + data.get("other", []), "val": data.get("val")}
     else:
         note = {**DATA_NOTE, "tiles": data.get("labelled")}
+    if ckpt.meta.get("sources"):  # what the training run read (wsi_ircr.train.provenance): every dataset's licence
+        note["licences"] = licences(ckpt.meta["sources"])
     ckpt.meta = {**ckpt.meta, "data": note,
                  "packaged_from": {"checkpoint": portable_name(args.source, args.root), "hash": ckpt.model_hash,
                                    "weights_dtype": args.weights_dtype or ckpt.weights_dtype}}

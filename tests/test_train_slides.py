@@ -72,6 +72,9 @@ def test_train_with_unlabelled_slides_end_to_end(dataset, he_slide, tmp_path, ca
     unlabelled = model.meta["data"]["unlabelled"]
     assert len([s for s in unlabelled if s.startswith("he@")]) == 3 and len(unlabelled) == 3 + 3
     assert model.meta["config"]["data"]["unlabelled_slides"] == [he_slide.parent.name]  # model.pt holds no absolute path
+    slides = [s for s in model.meta["sources"] if "slides" in s]  # sources: the slide folder, no licence stated there
+    assert slides == [{"role": "unlabelled", "dataset": "/".join(he_slide.parent.parts[-2:]), "slides": he_slide.parent.name,
+                       "licence": None}]
     assert "miac=" in err and "data: 2 labelled, 6 unlabelled" in err
 
 

@@ -45,9 +45,12 @@ class TileSet:
 
 @dataclass
 class TrainData:
+    """The tiles of a run; ``sources``: where they came from (``train.provenance.describe_sources``)."""
+
     labelled: TileSet
     unlabelled: TileSet
     val: TileSet
+    sources: list[dict] = field(default_factory=list)
 
     def describe(self) -> dict:
         return {
@@ -76,8 +79,9 @@ def _resampled(tiles: TileSet, from_mpp: float, to_mpp: float) -> TileSet:
     return TileSet(tiles.stems, images, labels, ignore, tiles.binary)
 
 
-def load_source(source: SourceConfig, base_dir: Path, model_mpp: float) -> TileSet:
-    """The tiles of one extra labelled source at ``model_mpp`` (``exclude``d stems left out)."""
+def load_source(source: SourceConfig, base_dir: Path, model_mpp: float, files: list | None = None) -> TileSet:
+    """The tiles of one extra labelled source at ``model_mpp`` (``exclude``d stems left out);
+    each tile's files (image, label map, ignore mask if any) are appended to ``files``."""
     from wsi_ircr.io.images import check_pair, pair_folders, read_image, read_label
 
     all_pairs = pair_folders(_resolve(base_dir, source.images), _resolve(base_dir, source.labels))
@@ -101,6 +105,8 @@ def load_source(source: SourceConfig, base_dir: Path, model_mpp: float) -> TileS
         tiles.images.append(image)
         tiles.labels.append((label > 0).astype(np.int32) if source.kind == "binary" else label)
         tiles.ignore.append(ignore)
+        if files is not None:
+            files.append((image_path, label_path) + ((ignore_path,) if ignore is not None else ()))
     return _resampled(tiles, source.mpp, model_mpp)
 
 
@@ -110,10 +116,12 @@ def load_train_data(cfg: DataConfig, base_dir: Path = Path("."), model_mpp: floa
     Labelled and unlabelled training tiles are resampled from ``cfg.mpp`` to ``model_mpp``
     (None: no resampling); validation tiles stay at ``cfg.mpp``, where their labels are.
     Without ``images`` and ``labels`` only ``unlabelled`` (and ``extra``) tiles are read.
+    ``sources`` describes every file read (dataset, tile count, content hash, licence).
     """
     from scipy import ndimage
 
     from wsi_ircr.io.images import check_pair, list_images, pair_folders, read_image, read_label
+    from wsi_ircr.train.provenance import describe_sources
 
     if bool(cfg.images) != bool(cfg.labels):
         raise UserError("training data: set both data.images and data.labels (folders of tiles and instance maps), e.g. --images DIR --labels DIR")
@@ -156,15 +164,19 @@ def load_train_data(cfg: DataConfig, base_dir: Path = Path("."), model_mpp: floa
         return TileSet(list(stems), images, labels if with_labels else None)
 
     unlabelled = load(unl_stems, with_labels=False)
+    files = {"labelled": [by_stem[s] for s in lab_stems], "validation": [by_stem[s] for s in sorted(cfg.val)],
+             "unlabelled": [by_stem[s][:1] for s in unl_stems]}
     if cfg.unlabelled:
         for path in list_images(_resolve(base_dir, cfg.unlabelled)):
             unlabelled.stems.append(path.stem)
             unlabelled.images.append(read_image(path))
+            files["unlabelled"].append((path,))
     to_mpp = cfg.mpp if model_mpp is None else model_mpp
     labelled = _resampled(load(lab_stems, True), cfg.mpp, to_mpp)
     for source in cfg.extra:
-        labelled.extend(load_source(source, base_dir, to_mpp))
-    return TrainData(labelled, _resampled(unlabelled, cfg.mpp, to_mpp), load(sorted(cfg.val), True, components=True))
+        labelled.extend(load_source(source, base_dir, to_mpp, files["labelled"]))
+    return TrainData(labelled, _resampled(unlabelled, cfg.mpp, to_mpp), load(sorted(cfg.val), True, components=True),
+                     describe_sources(files))
 
 
 class CropSampler:

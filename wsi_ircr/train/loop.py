@@ -188,8 +188,8 @@ class Trainer:
             mpp=self.cfg.model_mpp,
             postprocess=self.cfg.postprocess,
             priors=self.priors,
-            meta={"config": to_dict(self.cfg), "data": self.data.describe(), "metrics": metrics, "versions": versions(),
-                  **({"lineage": self.lineage} if self.lineage else {})},
+            meta={"config": to_dict(self.cfg), "data": self.data.describe(), "sources": self.data.sources, "metrics": metrics,
+                  "versions": versions(), **({"lineage": self.lineage} if self.lineage else {})},
             train_state=self.state() if with_state else None,
         )
 
@@ -429,8 +429,9 @@ def run_lineage(cfg: TrainConfig, start: Checkpoint, data: TrainData, base_dir: 
 
 
 def add_slide_tiles(data: TrainData, cfg: TrainConfig, out_dir: Path, base_dir: Path) -> None:
-    """Append the tissue tiles of ``cfg.data.unlabelled_slides`` to ``data.unlabelled``
-    (stores in ``out_dir/slides``); UserError when no unsupervised term would use them."""
+    """Append the tissue tiles of ``cfg.data.unlabelled_slides`` to ``data.unlabelled`` (stores in
+    ``out_dir/slides``) and the slides to ``data.sources``; UserError when no unsupervised term would use them."""
+    from wsi_ircr.train.provenance import dataset_of
     from wsi_ircr.train.slides import load_slide_tiles
 
     d = cfg.data
@@ -439,11 +440,14 @@ def add_slide_tiles(data: TrainData, cfg: TrainConfig, out_dir: Path, base_dir: 
                         "so the slides would not be used; pass a semi-supervised config, e.g. configs/train/mean_teacher.yaml")
     if d.slide_tile_px < cfg.crop_px:
         raise UserError(f"data.slide_tile_px={d.slide_tile_px} is smaller than crop_px={cfg.crop_px}; raise it")
-    paths = [p if Path(p).is_absolute() else base_dir / p for p in d.unlabelled_slides]
+    paths = [Path(p) if Path(p).is_absolute() else base_dir / p for p in d.unlabelled_slides]
     tiles = load_slide_tiles(paths, out_dir / SLIDE_STORES, cfg.model_mpp, slide_mpp=d.slide_mpp,
                              tile_px=d.slide_tile_px, max_tiles=d.slide_tiles, seed=d.label_seed)
     data.unlabelled.stems += tiles.stems
     data.unlabelled.images += tiles.images
+    for path in paths:  # slides are not hashed (gigabytes each): their names are in data.describe()
+        name, licence = dataset_of((path if path.is_dir() else path.parent).resolve())
+        data.sources.append({"role": "unlabelled", "dataset": name, "slides": path.name, "licence": licence})
 
 
 def started_without_checkpoint(cfg: TrainConfig, out_dir: Path) -> bool:
