@@ -335,6 +335,33 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(dataset, tmp_path
     assert _history_steps(tmp_path / "full" / "model.pt") == _history_steps(out / "model.pt") == [2, 4, 6]
 
 
+def test_a_resumed_run_adds_up_the_training_seconds_of_every_process(dataset, tmp_path, capsys, monkeypatch):
+    from wsi_ircr.model.checkpoint import save_checkpoint
+    from wsi_ircr.train.loop import Trainer
+
+    out = tmp_path / "run"
+    argv = train_argv(dataset, out, 4, "--set", "tune_postprocess=false", "--set", "checkpoint_every=1", "--quiet")
+    real_step = Trainer.train_step
+
+    def interrupted(self):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    assert run_cli(argv, capsys)[0] == 130
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    last = load_checkpoint(out / "last.pt")
+    assert last.train_state["step"] == 2 and last.train_state["seconds"] > 0
+    last.train_state["seconds"] = 1e6  # as if the first process had trained for 11.6 days
+    save_checkpoint(out / "last.pt", last)
+    code, _, err = run_cli(argv + ["--resume"], capsys)
+    assert code == 0, err
+    total = json.loads((out / "metrics.json").read_text())["train_seconds"]
+    assert total > 1e6 and load_checkpoint(out / "model.pt").meta["metrics"]["train_seconds"] == total
+    assert load_checkpoint(out / "last.pt").train_state["seconds"] > 1e6
+
+
 def test_overwrite_starts_over_and_keeps_foreign_files(dataset, tmp_path, capsys):
     out = tmp_path / "run"
     argv = train_argv(dataset, out, 2, "--set", "tune_postprocess=false", "--quiet")

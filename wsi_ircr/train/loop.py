@@ -151,6 +151,8 @@ class Trainer:
         self.miac_scale: float | None = None  # automatic MIAC weight (miac_grad_ratio), None until measured
         self.best = {"aji": -1.0, "step": 0}
         self.history: list[dict] = []
+        self.seconds = 0.0  # training seconds of this run's earlier processes (a resumed run adds them up)
+        self.since: float | None = None  # when this process started training
         self.amp = native_bf16(self.device) if cfg.bf16 is None else cfg.bf16
         self.anchors = [p.detach().clone() for p in self.student.parameters()] if cfg.anchor_weight > 0 else None  # L2-SP: the start
         self.say: Callable[[str], None] = say_on_stderr  # where progress lines go
@@ -167,6 +169,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "gen": self.gen.get_state(),
             "miac_scale": self.miac_scale,
+            "seconds": self.elapsed(),
         }
 
     def load_state(self, ckpt: Checkpoint) -> None:
@@ -180,6 +183,11 @@ class Trainer:
         torch.set_rng_state(s["torch_rng"])
         self.gen.set_state(s["gen"])
         self.miac_scale = s.get("miac_scale")
+        self.seconds = float(s.get("seconds", 0.0))
+
+    def elapsed(self) -> float:
+        """Training seconds of the run so far, earlier processes included."""
+        return self.seconds + (time.time() - self.since if self.since is not None else 0.0)
 
     def checkpoint(self, net: torch.nn.Module, with_state: bool, metrics: dict | None = None) -> Checkpoint:
         return Checkpoint(
@@ -321,7 +329,7 @@ class Trainer:
         save last.pt every ``checkpoint_every``. ``stop``, asked after every step, ends the run
         early with last.pt at that step (``TrainingStopped``)."""
         cfg = self.cfg
-        t0 = time.time()
+        t0 = self.since = time.time()
         start = self.step
         running: dict[str, float] = {}
         while self.step < cfg.steps:
@@ -526,9 +534,8 @@ def train(cfg: TrainConfig, out_dir: Path, *, base_dir: Path = Path("."), resume
             say(f"resuming from step {trainer.step}")
     with atomic_open(out_dir / "config.yaml") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    t0 = time.time()
     best = trainer.run(progress, stop)
-    seconds = time.time() - t0
+    seconds = trainer.elapsed()
     final = load_checkpoint(out_dir / "best.pt")
     final.meta["metrics"] = {"val": best.get("val"), "train_seconds": seconds, "history": trainer.history}
     if cfg.tune_postprocess and len(data.val):
