@@ -496,6 +496,36 @@ def test_labelled_strength_augments_what_the_student_sees(dataset, tmp_path, str
     assert torch.equal(seen[0], raw) == (strength == 0.0)
 
 
+def test_bn_stats_labelled_keeps_the_unlabelled_crops_out_of_the_shipped_batchnorm_statistics(dataset, tmp_path):
+    """The same weights either way (training normalises with batch statistics); with
+    ``bn_stats: labelled`` the teacher's running statistics are those of the labelled passes only."""
+    from wsi_ircr.train.config import TrainConfig
+    from wsi_ircr.train.loop import Trainer, frozen_bn_stats
+
+    data_cfg = DataConfig(images=str(dataset["images"]), labels=str(dataset["labels"]), unlabelled=str(dataset["unlabelled"]),
+                          val=("t5",))
+    trainers = {}
+    for bn_stats in ("all", "labelled"):
+        cfg = TrainConfig(data=data_cfg, device="cpu", crop_px=32, batch_size=2, unlabelled_batch_size=2, mt_weight=1.0,
+                          rampup_steps=0, bn_stats=bn_stats)
+        trainers[bn_stats] = Trainer(cfg, tmp_path, load_train_data(data_cfg), priors=None)
+        trainers[bn_stats].train_step()
+    params = [dict(t.student.named_parameters()) for t in trainers.values()]
+    assert all(torch.equal(params[0][k], params[1][k]) for k in params[0])
+    teachers = [t.teacher.state_dict() for t in trainers.values()]
+    means = [k for k in teachers[0] if k.endswith("running_mean")]
+    assert means and any(not torch.equal(teachers[0][k], teachers[1][k]) for k in means)
+
+    bn = torch.nn.BatchNorm2d(3).train()
+    x = torch.randn(4, 3, 8, 8) * 3 + 1
+    with frozen_bn_stats(bn):
+        y = bn(x)
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and torch.equal(bn.running_var, torch.ones(3)) and bn.momentum == 0.1
+    assert torch.allclose(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)  # normalised by the batch's own statistics
+    bn(x)
+    assert not torch.equal(bn.running_mean, torch.zeros(3))
+
+
 @pytest.mark.parametrize("bf16", [None, False, True])
 def test_bf16_autocast_follows_the_config_or_the_cpu(dataset, tmp_path, monkeypatch, bf16):
     """``bf16: null`` trains in bf16 autocast where it is native; the weights stay fp32 either way."""

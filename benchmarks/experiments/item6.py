@@ -10,6 +10,7 @@ The folder holds links to ../shared/data, never copies:
 
     python -m benchmarks.experiments.item6 pool runs/item6/unlabelled   # links + pool.json (stems, licences)
     python -m benchmarks.experiments.item6 probe runs/item6/unlabelled  # seconds per step, IRCR against Mean Teacher
+    python -m benchmarks.experiments.item6 bn runs/item6/ircr2500/best.pt  # Kumar val AJI as saved / BatchNorm from Kumar crops
 
 then the training command of benchmarks/adapt.md ("What was not done", item 6).
 """
@@ -86,6 +87,34 @@ def probe(unlabelled: Path, steps: int, skip: int) -> dict[str, float]:
     return seconds
 
 
+def bn_check(model: Path, crops: int) -> dict[str, float]:
+    """Kumar validation AJI of ``model`` (recipe.yaml's 4 tiles, the model's post-processing) as
+    saved and with its BatchNorm statistics re-estimated on ``crops`` plain crops (no photometric
+    augmentation) of the 12 labelled Kumar tiles: how much of a semi-supervised run's validation
+    score its BatchNorm statistics (the student's, last updated on strongly augmented crops of
+    the unlabelled sources) cost on the labelled domain."""
+    import numpy as np
+    import torch
+
+    from wsi_ircr.config import resolve_config
+    from wsi_ircr.model.checkpoint import load_checkpoint
+    from wsi_ircr.train.config import TrainConfig
+    from wsi_ircr.train.data import CropSampler, load_train_data
+    from wsi_ircr.train.loop import _to_tensor, recalibrate_bn, validate
+
+    ckpt = load_checkpoint(model)
+    cfg = resolve_config(TrainConfig, CONFIG, [f"arch={ckpt.arch}", "threads=1"])
+    torch.set_num_threads(1)
+    data = load_train_data(cfg.data, CONFIG.parent, ckpt.mpp)
+    net, device = ckpt.build(), torch.device("cpu")
+    scores = {"saved": validate(net, data.val, cfg, device)["aji"]}
+    sampler = CropSampler(data.labelled, cfg.crop_px, np.random.default_rng(0))
+    recalibrate_bn(net, (_to_tensor(sampler.sample(8)["image"], device) for _ in range(0, crops, 8)))
+    scores[f"bn_kumar_{crops}"] = validate(net, data.val, cfg, device)["aji"]
+    print(json.dumps({"model": model.name, **{k: round(v, 4) for k, v in scores.items()}}))
+    return scores
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,7 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     timing.add_argument("unlabelled", type=Path, help="the pool folder (its images/ is used)")
     timing.add_argument("--steps", type=int, default=8)
     timing.add_argument("--skip", type=int, default=2)
+    bn = sub.add_parser("bn", help="Kumar val AJI as saved and with BatchNorm statistics from Kumar crops")
+    bn.add_argument("model", type=Path)
+    bn.add_argument("--crops", type=int, default=64)
     args = parser.parse_args(argv)
+    if args.command == "bn":
+        bn_check(args.model, args.crops)
+        return
     if args.command == "probe":
         probe(args.unlabelled / "images", args.steps, args.skip)
         return

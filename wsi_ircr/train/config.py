@@ -28,6 +28,11 @@ student towards the ``init`` weights theta_0 against drift when adapting without
 network's BatchNorm statistics are re-estimated as the plain average over n crops of the
 unlabelled (else labelled) tiles, instead of the momentum average of the last few training
 batches (strongly augmented, 4 crops each when adapting).
+``bn_stats``: which of the student's forward passes update the BatchNorm running statistics that
+the teacher copies and so validates and ships: ``all`` (labelled and unlabelled crops; the
+unlabelled ones come last in a step, seen in the strong view) or ``labelled`` (only the labelled
+crops, as in a supervised run; normalisation in training always uses the batch's own
+statistics, so the weights train the same either way).
 ``ema_weights``: validate and ship the EMA of the weights (the teacher, kept in every run)
 instead of the student; semi-supervised runs always ship the teacher.
 ``checkpoint_every`` n > 0 also saves last.pt every n steps between validations (0: only at
@@ -171,6 +176,7 @@ class TrainConfig:
     mt_confidence: float = 0.0
     anchor_weight: float = 0.0
     bn_recalibrate_crops: int = 0
+    bn_stats: Literal["all", "labelled"] = "all"
     miac_weight: float = 0.0
     piac_weight: float = 0.0
     rampup_steps: int = 500

@@ -14,6 +14,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,21 @@ def recalibrate_bn(net: torch.nn.Module, batches: Iterable[torch.Tensor]) -> Non
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     net.eval()
+
+
+@contextmanager
+def frozen_bn_stats(net: torch.nn.Module, frozen: bool = True):
+    """While ``frozen``, forward passes of ``net`` in training mode leave its BatchNorm running
+    statistics as they are (momentum 0); they still normalise with the batch's own statistics."""
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] if frozen else []
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
 
 
 def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -243,7 +259,8 @@ class Trainer:
         with torch.no_grad():
             t_out = self.teacher(weak_view(x, self.gen))
             t_out = {k: v.float() for k, v in t_out.items()}
-        s_out = self.student(strong_view(x, self.gen, cfg.strong_strength))
+        with frozen_bn_stats(self.student, cfg.bn_stats == "labelled"):
+            s_out = self.student(strong_view(x, self.gen, cfg.strong_strength))
         s_out = {k: v.float() for k, v in s_out.items()}
         parts = {}
         if "mt" in terms:
