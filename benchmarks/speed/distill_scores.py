@@ -73,7 +73,7 @@ def main() -> None:
         for precision, engine in variants:
             row = score(model, precision, engine, data)
             results[f"{row['hash']} {precision} {engine}"] = {**row, "date": time.strftime("%Y-%m-%d")}
-            print(f"{model} ({row['arch']}, {row['hash']}) {precision} {engine}: Kumar val AJI {row['kumar']['aji']:.4f}, "
+            print(f"{row['model']} ({row['arch']}, {row['hash']}) {precision} {engine}: Kumar val AJI {row['kumar']['aji']:.4f}, "
                   f"NuInsSeg val AJI {row['nuinsseg']['aji']:.4f}, CryoNuSeg val Dice {row['cryonuseg']['dice']:.4f} "
                   f"({row['seconds']} s)", flush=True)
             RESULTS.write_text(json.dumps(results, indent=1) + "\n")
