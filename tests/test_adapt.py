@@ -128,7 +128,7 @@ def test_adapt_tiles_end_to_end_with_lineage_and_no_absolute_paths(cohort, tmp_p
     assert "data: 0 labelled, 4 unlabelled, 0 validation tiles" in err and "piac=" in err and "miac=" in err
     model = load_checkpoint(out / "model.pt")
     lineage = model.meta["lineage"]
-    assert lineage["init"] == {"name": "start.pt", "hash": file_hash(cohort["model"])}
+    assert {k: lineage["init"][k] for k in ("name", "hash")} == {"name": "start.pt", "hash": file_hash(cohort["model"])}
     assert lineage["steps"] == 3 and lineage["method"] == "ircr"
     assert lineage["data"]["unlabelled_tiles"] == 4 and lineage["data"]["labelled_tiles"] == 0
     assert model.priors == load_checkpoint(cohort["model"]).priors and model.arch == "lite-s" and model.postprocess == POST
@@ -172,13 +172,29 @@ def test_default_method_is_ircr_with_priors_else_mean_teacher_with_a_one_line_no
     assert load_checkpoint(tmp_path / "bare" / "model.pt").meta["lineage"]["method"] == "ircr"
 
 
+def test_a_model_adapted_twice_keeps_the_whole_chain(cohort, tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run_cli(adapt_argv(cohort, first, 1, "--quiet"), capsys)[0] == 0
+    argv = adapt_argv(cohort, second, 1, "--quiet")
+    argv[argv.index(str(cohort["model"]))] = str(first / "model.pt")
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    once, twice = load_checkpoint(first / "model.pt"), load_checkpoint(second / "model.pt")
+    assert twice.meta["lineage"]["init"]["hash"] == file_hash(first / "model.pt")
+    assert twice.meta["lineage"]["init"]["lineage"] == once.meta["lineage"]  # back to start.pt
+    assert twice.meta["lineage"]["init"]["sources"] == once.meta["sources"]
+    assert twice.meta["lineage"]["init"]["lineage"]["init"]["hash"] == file_hash(cohort["model"])
+
+
 def test_adapt_takes_a_bundled_model_by_name(cohort, tmp_path, capsys):
     argv = adapt_argv(cohort, tmp_path / "by_name", 1, "--quiet")
     argv[argv.index(str(cohort["model"]))] = "lite-m"
     code, _, err = run_cli(argv, capsys)
     assert code == 0, err
     model, bundled = load_checkpoint(tmp_path / "by_name" / "model.pt"), load_checkpoint()
-    assert model.meta["lineage"]["init"] == {"name": "wsi_ircr/weights/ircr-monuseg-lite-m.pt", "hash": bundled.model_hash}
+    init = model.meta["lineage"]["init"]
+    assert {k: init[k] for k in ("name", "hash")} == {"name": "wsi_ircr/weights/ircr-monuseg-lite-m.pt", "hash": bundled.model_hash}
+    assert init["data"]["licence"] == bundled.meta["data"]["licence"]  # the start model's licence travels with the weights
     assert model.arch == bundled.arch
 
 
@@ -317,7 +333,8 @@ def test_adapt_on_the_sample_slide_from_the_bundled_model(tmp_path, capsys):
     bundled = load_checkpoint()
     assert model.arch == bundled.arch and model.mpp == bundled.mpp and model.postprocess == bundled.postprocess
     lineage = model.meta["lineage"]
-    assert lineage["init"] == {"name": "bundled:ircr-monuseg-lite-m.pt", "hash": bundled.model_hash}
+    assert {k: lineage["init"][k] for k in ("name", "hash")} == {"name": "bundled:ircr-monuseg-lite-m.pt", "hash": bundled.model_hash}
+    assert lineage["init"]["data"]["citation"] == bundled.meta["data"]["citation"] and "tiles" not in lineage["init"]["data"]
     assert lineage["data"]["unlabelled_slides"] == ["cmu-1-small-region"] and lineage["data"]["unlabelled_tiles"] == 2
     assert lineage["method"] == "ircr" and model.priors == bundled.priors  # the default: the bundled model carries priors
     assert not any(np.array_equal(model.model_state[k].numpy(), v.numpy()) for k, v in bundled.model_state.items()

@@ -437,15 +437,25 @@ def method_name(cfg: TrainConfig) -> str:
             ("mt", "miac", "piac"): "ircr"}.get(on, "+".join(on))
 
 
+def inherited_provenance(meta: dict) -> dict:
+    """A starting checkpoint's provenance an adapted model keeps: ``data`` (its data note's name,
+    licence and citation), ``sources`` and ``lineage``, each only where the checkpoint has it."""
+    note = {k: v for k, v in (meta.get("data") or {}).items() if k in ("name", "licence", "citation")}
+    kept = {"data": note, "sources": meta.get("sources"), "lineage": meta.get("lineage")}
+    return {k: v for k, v in kept.items() if v}
+
+
 def run_lineage(cfg: TrainConfig, start: Checkpoint, data: TrainData, base_dir: Path) -> dict:
     """What an adapted model came from: the starting model (``bundled:<file>`` or a portable
-    path, and its hash), the data (counts, slide names, mpp), the steps and the method."""
+    path, its hash, and what it was trained on: its data note with licence and citation, its
+    ``sources`` and its own lineage, so licences travel down a chain of adaptations), the data
+    (counts, slide names, mpp), the steps and the method."""
     from wsi_ircr.model.checkpoint import BUNDLED_NAME, portable_name
 
     name = f"{BUNDLED_INIT}:{BUNDLED_NAME}" if cfg.init == BUNDLED_INIT else portable_name(init_checkpoint_path(cfg.init, base_dir))
     slides = sorted({stem.split("@")[0] for stem in data.unlabelled.stems if "@" in stem})
     return {
-        "init": {"name": name, "hash": start.model_hash},
+        "init": {"name": name, "hash": start.model_hash, **inherited_provenance(start.meta)},
         "data": {"labelled_tiles": len(data.labelled), "unlabelled_tiles": len(data.unlabelled), "val_tiles": len(data.val),
                  "unlabelled_slides": slides, "tiles_mpp": cfg.data.mpp, "slide_mpp": cfg.data.slide_mpp},
         "steps": cfg.steps,
