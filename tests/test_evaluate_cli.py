@@ -198,6 +198,7 @@ def test_cli_end_to_end_with_a_checkpoint(tmp_path, capsys):
     assert list(data["per_image"]) == ["a", "b"]
     assert set(data["per_image"]["a"]) == {*METRIC_KEYS, "n_true", "n_pred"}
     assert data["model"]["hash"] == file_hash(model) and data["model"]["path"] == portable_name(model) == "tiny.pt"
+    assert data["model"]["weights_dtype"] == "float32"  # which stored weights were scored (float16 files exist)
     for stem in ("a", "b"):
         with Image.open(pred_dir / f"{stem}.png") as img:
             pred = np.array(img)

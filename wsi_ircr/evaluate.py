@@ -13,7 +13,7 @@ from wsi_ircr.errors import UserError
 from wsi_ircr.io.images import check_pair, read_image, read_label, write_label_png
 from wsi_ircr.metrics import METRIC_KEYS, mean_scores, score_instances
 
-_MODEL_KEYS = ("path", "hash", "arch", "mpp", "postprocess")
+_MODEL_KEYS = ("path", "hash", "arch", "mpp", "postprocess", "weights_dtype")
 
 
 class Segmenter(Protocol):
@@ -41,7 +41,7 @@ def evaluate_folder(
     map per image, ``<stem>.png``. ``progress``: called with one line per image.
 
     Returns ``{"mean": {metric: float}, "per_image": {stem: score_instances(...)},
-    "model": {"path", "hash", "arch", "mpp", "postprocess"}, "mpp": the tiles' mpp}``.
+    "model": {"path", "hash", "arch", "mpp", "postprocess", "weights_dtype"}, "mpp": the tiles' mpp}``.
     """
     if not pairs:
         raise ValueError("evaluate_folder needs at least one (stem, image, label) pair")
