@@ -14,7 +14,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -86,36 +86,38 @@ def optimiser_step(opt: torch.optim.Optimizer, sched, model: torch.nn.Module, lo
     sched.step()
 
 
+@contextmanager
+def bn_momentum(net: torch.nn.Module, momentum: float | None):
+    """Every BatchNorm of ``net`` updates its running statistics with ``momentum`` (0: not at all;
+    None: the cumulative average) inside the block, and with its own momentum after."""
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = momentum
+    try:
+        yield norms
+    finally:
+        for m, own in zip(norms, momenta):
+            m.momentum = own
+
+
 def recalibrate_bn(net: torch.nn.Module, batches: Iterable[torch.Tensor]) -> None:
     """Precise BatchNorm: every BatchNorm's running mean and variance of ``net`` become the
     plain average over ``batches`` (each float (N, 3, H, W)) seen in training mode, instead of
     the momentum average over the last training steps; ``net`` is left in eval mode."""
-    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    net.train()
-    for x in batches:
-        net(x)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
+    with bn_momentum(net, None) as norms:
+        for m in norms:
+            m.reset_running_stats()
+        net.train()
+        for x in batches:
+            net(x)
     net.eval()
 
 
-@contextmanager
 def frozen_bn_stats(net: torch.nn.Module, frozen: bool = True):
     """While ``frozen``, forward passes of ``net`` in training mode leave its BatchNorm running
     statistics as they are (momentum 0); they still normalise with the batch's own statistics."""
-    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] if frozen else []
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
+    return bn_momentum(net, 0.0) if frozen else nullcontext()
 
 
 def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
