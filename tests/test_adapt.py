@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train import SMALL, run_cli, tile, write_tiles
+from test_train import SMALL, ctrl_c_at, run_cli, tile, write_tiles
 
 from wsi_ircr.config import resolve_config
 from wsi_ircr.errors import UserError
@@ -254,22 +254,14 @@ def test_binary_labels_refuse_postprocess_tuning_on_validation_tiles():
     assert TrainConfig(data=DataConfig(labels_kind="binary"), tune_postprocess=True).selection_metric == "dice"
 
 
-def test_adapt_resume_continues_where_it_stopped(cohort, tmp_path, capsys, monkeypatch):
+def test_adapt_resume_continues_where_it_stopped(cohort, tmp_path, capsys):
     code, _, err = run_cli(adapt_argv(cohort, tmp_path / "full", 4), capsys)
     assert code == 0, err
-    real_step = Trainer.train_step
-
-    def interrupted(self):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
     out = tmp_path / "resumed"
-    code, _, err = run_cli(adapt_argv(cohort, out, 4), capsys)
+    with ctrl_c_at(3):
+        code, _, err = run_cli(adapt_argv(cohort, out, 4), capsys)
     assert code == 130 and not (out / "model.pt").exists()
     assert load_checkpoint(out / "last.pt").train_state["step"] == 2
-    monkeypatch.setattr(Trainer, "train_step", real_step)
     code, _, err = run_cli(adapt_argv(cohort, out, 4, "--resume"), capsys)
     assert code == 0, err
     assert "resuming from step 2" in err

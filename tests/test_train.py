@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,23 @@ from wsi_ircr.train.targets import hv_targets
 
 TILE = 96
 NUCLEUS, BACKGROUND = (90, 40, 130), (235, 190, 215)
+
+
+@contextmanager
+def ctrl_c_at(step: int):
+    """Inside the block, ``Trainer.train_step`` raises KeyboardInterrupt (Ctrl-C) when it starts ``step``."""
+    from wsi_ircr.train.loop import Trainer
+
+    real_step = Trainer.train_step
+
+    def interrupted(self):
+        if self.step == step:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "train_step", interrupted)
+        yield
 
 
 def tile(seed: int, size: int = TILE) -> tuple[np.ndarray, np.ndarray]:
@@ -294,8 +312,7 @@ def _history_steps(path: Path) -> list[int]:
     return [h["step"] for h in load_checkpoint(path).meta["metrics"]["history"]]
 
 
-def test_resume_after_interruption_equals_an_uninterrupted_run(dataset, tmp_path, capsys, monkeypatch):
-    from wsi_ircr.train.loop import Trainer
+def test_resume_after_interruption_equals_an_uninterrupted_run(dataset, tmp_path, capsys):
 
     def argv(out: Path, *extra: str) -> list[str]:
         return train_argv(dataset, out, 6, "--unlabelled", str(dataset["unlabelled"]), "--set", "tune_postprocess=false",
@@ -304,19 +321,11 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(dataset, tmp_path
     code, _, err = run_cli(argv(tmp_path / "full"), capsys)
     assert code == 0, err
 
-    real_step = Trainer.train_step
-
-    def interrupted(self):
-        if self.step == 3:  # Ctrl-C during step 4; last.pt holds step 2 (val_every=2)
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
     out = tmp_path / "resumed"
-    code, _, err = run_cli(argv(out), capsys)
+    with ctrl_c_at(3):  # during step 4; last.pt holds step 2 (val_every=2)
+        code, _, err = run_cli(argv(out), capsys)
     assert code == 130 and err.strip() == "error: interrupted"
     assert load_checkpoint(out / "last.pt").train_state["step"] == 2 and not (out / "model.pt").exists()
-    monkeypatch.setattr(Trainer, "train_step", real_step)
 
     code, _, err = run_cli(argv(out), capsys)  # neither --resume nor --overwrite
     assert code == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
@@ -335,22 +344,13 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(dataset, tmp_path
     assert _history_steps(tmp_path / "full" / "model.pt") == _history_steps(out / "model.pt") == [2, 4, 6]
 
 
-def test_a_resumed_run_adds_up_the_training_seconds_of_every_process(dataset, tmp_path, capsys, monkeypatch):
+def test_a_resumed_run_adds_up_the_training_seconds_of_every_process(dataset, tmp_path, capsys):
     from wsi_ircr.model.checkpoint import save_checkpoint
-    from wsi_ircr.train.loop import Trainer
 
     out = tmp_path / "run"
     argv = train_argv(dataset, out, 4, "--set", "tune_postprocess=false", "--set", "checkpoint_every=1", "--quiet")
-    real_step = Trainer.train_step
-
-    def interrupted(self):
-        if self.step == 2:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
-    assert run_cli(argv, capsys)[0] == 130
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    with ctrl_c_at(2):
+        assert run_cli(argv, capsys)[0] == 130
     last = load_checkpoint(out / "last.pt")
     assert last.train_state["step"] == 2 and last.train_state["seconds"] > 0
     last.train_state["seconds"] = 1e6  # as if the first process had trained for 11.6 days
