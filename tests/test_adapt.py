@@ -172,6 +172,15 @@ def test_default_method_is_ircr_with_priors_else_mean_teacher_with_a_one_line_no
     assert load_checkpoint(tmp_path / "bare" / "model.pt").meta["lineage"]["method"] == "ircr"
 
 
+def test_mt_piac_is_ircr_without_miac(cohort, tmp_path, capsys):
+    code, _, err = run_cli(adapt_argv(cohort, tmp_path / "mt_piac", 2, "--method", "mt_piac"), capsys)
+    assert code == 0, err
+    assert "piac=" in err and "miac=" not in err
+    adapted = load_checkpoint(tmp_path / "mt_piac" / "model.pt")
+    assert adapted.meta["lineage"]["method"] == "mt_piac"
+    assert adapted.meta["config"]["miac_weight"] == 0 and adapted.meta["config"]["piac_weight"] > 0
+
+
 def test_a_model_adapted_twice_keeps_the_whole_chain(cohort, tmp_path, capsys):
     first, second = tmp_path / "first", tmp_path / "second"
     assert run_cli(adapt_argv(cohort, first, 1, "--quiet"), capsys)[0] == 0

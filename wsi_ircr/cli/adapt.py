@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-METHODS = ("ircr", "mean_teacher", "supervised")
+METHODS = ("ircr", "mt_piac", "mean_teacher", "supervised")
 LABELS_KINDS = ("instances", "binary")
 
 
@@ -26,7 +26,8 @@ LABELS_KINDS = ("instances", "binary")
 @click.option("--model", "model", metavar="MODEL", default="bundled", show_default=True,
               help="Checkpoint to start from; it sets the architecture, mpp and post-processing.")
 @click.option("--method", type=click.Choice(METHODS),
-              help="ircr (Mean Teacher + MIAC + PIAC), mean_teacher, or supervised (the labelled tiles only); "
+              help="ircr (Mean Teacher + MIAC + PIAC), mt_piac (Mean Teacher + PIAC, IRCR without MIAC: two thirds "
+                   "of its cost), mean_teacher, or supervised (the labelled tiles only); "
                    "default: ircr (what won on validation, benchmarks/adapt.md), or mean_teacher when --model carries "
                    "no morphology priors for PIAC and no labelled instance tiles are given.")
 @click.option("--steps", type=int, help="Optimisation steps (default: the method's config, sized for ~30 min on 2 CPU cores).")
