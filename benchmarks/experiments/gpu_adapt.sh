@@ -2,12 +2,13 @@
 # The adaptation study's deciding rows (benchmarks/adapt.md) on one CUDA GPU, sized for 15 minutes
 # of one H100/H200: for each target (CoNSeP, NuInsSeg, CryoNuSeg) the bundled model zero-shot,
 # then for seeds 0, 1, 2 the rows that decide: 0 labels Mean Teacher vs IRCR, 2 labels supervised
-# fine-tune vs IRCR (CryoNuSeg's labels as binary masks), 160 steps each with the CPU study's
+# fine-tune vs IRCR (CryoNuSeg's labels as binary masks), then IRCR without MIAC (mt_piac, 0 labels:
+# the default's open question, adapt.md "Session 6"), 160 steps each with the CPU study's
 # settings (fp32, 4 + 4 crops of 128 px, EMA 0.995, validated every 40 steps; the `gpu` preset of
 # benchmarks/experiments/adapt.py). The 9 (target, seed) groups run side by side, one torch thread
 # each, and stop starting rows after MINUTES (default 8; a row in flight is cut at MINUTES + 3); finished rows are in
 # benchmarks/results/adapt-gpu.json (copied to $OUT with every log and the table); a run cut short
-# resumes on the next call. 36 rows + 3 zero-shot rows; not run yet (no GPU was lent).
+# resumes on the next call. 45 rows + 3 zero-shot rows; not run yet (no GPU was lent).
 #
 # Needs: a CUDA GPU; python3 with this repository's dependencies (torch, numpy, scipy,
 # scikit-image, pillow, pyyaml, click, ...); the three targets in scratch/gpu-shared/data
@@ -39,7 +40,8 @@ for target in $TARGETS; do
     skip=""
     [ "$seed" = 0 ] || skip="--skip-zero-shot"  # the seed-0 group scores the bundled model first
     cmd=(python3 -m benchmarks.experiments.adapt --preset gpu --threads 1 --target "$target" --until "$until" $skip
-         --rows "mean_teacher+ema995:0:$seed:160" "ircr+ema995:0:$seed:160" "supervised+ema995:2:$seed:160" "ircr+ema995:2:$seed:160")
+         --rows "mean_teacher+ema995:0:$seed:160" "ircr+ema995:0:$seed:160" "supervised+ema995:2:$seed:160" "ircr+ema995:2:$seed:160"
+                "mt_piac+ema995:0:$seed:160")
     if [ "$DRY_RUN" != 0 ]; then
       echo "${cmd[*]}"
     else
