@@ -55,6 +55,8 @@ VARIANTS = {  # study rows with settings the adapt configs do not have: name -> 
     "conf0.6": ["mt_confidence=0.6"],  # Mean Teacher term only where the teacher's |2p - 1| >= 0.6
     "bnre": ["bn_recalibrate_crops=64"],  # precise BatchNorm statistics of the shipped teacher (64 crops)
     "bnre+anchor0.1": ["bn_recalibrate_crops=64", "anchor_weight=0.1"],
+    "ema995+lr2.5e-4": ["ema_alpha=0.995", "lr=0.00025"],  # half the step size: less drift after the early peak?
+    "ema995+piac2": ["ema_alpha=0.995", "piac_weight=2"],  # twice the weight of the term that pays
     # the source's labelled data as an anchor (issue 20 item 2): the bundled model's own 30 MoNuSeg tiles as
     # data.extra, so every step also has a supervised term on them (path relative to the repository root)
     "ema995+src": ["ema_alpha=0.995", "data.extra=[{images: %s, labels: %s, mpp: 0.25}]"
