@@ -104,7 +104,9 @@ def use_threads(n: int) -> None:
 def parse_row(text: str) -> tuple[str, int, int, int]:
     """``METHOD:LABELLED:SEED:STEPS`` -> a plan row (exit 2 with the expected form when malformed)."""
     parts = text.split(":")
-    methods = set(METHOD_SETS) | {"ircr", "mean_teacher", "supervised"}
+    from wsi_ircr.cli.adapt import METHODS
+
+    methods = set(METHOD_SETS) | set(METHODS)
     if len(parts) != 4 or not all(p.isdigit() for p in parts[1:]) or parts[0].partition("+")[0] not in methods \
             or parts[0].partition("+")[2] not in VARIANTS:
         print(f"--rows {text}: expected METHOD[+VARIANT]:LABELLED:SEED:STEPS with METHOD in {sorted(methods)} "
@@ -114,8 +116,7 @@ def parse_row(text: str) -> tuple[str, int, int, int]:
 
 
 METHOD_SETS = {  # study rows that are not an adapt --method of their own
-    "mt_piac": ("ircr", ["miac_weight=0"]),  # ircr's config with one term off
-    "mt_miac": ("ircr", ["piac_weight=0"]),
+    "mt_miac": ("ircr", ["piac_weight=0"]),  # ircr's config with one term off (mt_piac has its own since session 6)
     "bn_only": ("mean_teacher", ["lr=1e-9"]),  # weights frozen in effect: only BatchNorm statistics adapt
 }
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}  # runs where wsi-ircr is not installed too
